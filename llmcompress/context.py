@@ -1,0 +1,178 @@
+"""What a stage sees while it runs: the recipe, the run folder, the original and current models, progress and caches.
+
+No global state: the pipeline builds one RunContext per run and hands it to each stage.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .utils.cache import cache_dir
+from .utils.io import atomic_dir, atomic_write_json, read_json, stable_hash
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How models run in this process; every report line carries these."""
+
+    device: str
+    threads: int
+    dtype: str
+    seed: int
+
+    @classmethod
+    def from_recipe(cls, recipe: "Recipe") -> "Runtime":
+        import torch
+
+        device = recipe.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        threads = recipe.threads or max(1, (os.cpu_count() or 2) // 2)
+        return cls(device=device, threads=threads, dtype=recipe.dtype, seed=recipe.seed)
+
+    def apply(self) -> None:
+        """Set torch threads and seeds (call before each stage so stages are reproducible on their own)."""
+        import numpy as np
+        import torch
+
+        torch.set_num_threads(self.threads)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        out = {"device": self.device, "threads": self.threads, "dtype": self.dtype, "seed": self.seed}
+        if self.device == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(0)
+        else:
+            import platform
+
+            out["cpu"] = platform.processor() or platform.machine()
+            out["cpu_count"] = os.cpu_count()
+        return out
+
+
+class ModelHandle:
+    """A model folder plus a lazily loaded in-memory copy. ``role`` is "original" or "compressed"."""
+
+    def __init__(self, role: str, path: Path, runtime: Runtime, meta: dict | None = None, load_kwargs: dict | None = None):
+        self.role = role
+        self.path = Path(path)
+        self.runtime = runtime
+        self.load_kwargs = load_kwargs or {}
+        from .models.loading import read_meta
+
+        self.meta = meta if meta is not None else read_meta(self.path)
+        self._loaded: tuple[Any, Any] | None = None
+
+    def load(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)``, loaded once and kept until ``release()``."""
+        if self._loaded is None:
+            from .models.loading import load_model
+
+            self._loaded = load_model(self.path, self.runtime.device, self.runtime.dtype, **self.load_kwargs)
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
+        import gc
+
+        gc.collect()
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the weight files on disk (what a user downloads, tokenizer and configs aside)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (file names, sizes, mtimes) plus how they load, for result caches."""
+        files = sorted(
+            (str(p.relative_to(self.path)), p.stat().st_size, int(p.stat().st_mtime))
+            for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + (".json",)
+        )
+        return stable_hash([files, self.meta.get("format"), self.runtime.dtype, self.runtime.device])
+
+    def describe(self) -> str:
+        return self.meta.get("method") or self.meta.get("source") or str(self.path)
+
+
+@dataclass
+class RunContext:
+    """Shared by all stages of one run."""
+
+    recipe: "Recipe"
+    run_dir: Path
+    runtime: Runtime
+    original: ModelHandle
+    current: ModelHandle
+    console: Any = None  # rich Console
+    progress: Any = None  # rich Progress (or None when quiet)
+    stage_index: int = 0
+    stage_dir: Path = field(default_factory=Path)
+    results: dict[int, Any] = field(default_factory=dict)  # stage index -> StageResult of earlier stages
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.log(message)
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+        """A progress bar for one long step: ``with ctx.task("eval", total=n) as advance: advance(1)``."""
+        if self.progress is None:
+            yield lambda *a, **k: None
+            return
+        tid = self.progress.add_task(description, total=total)
+
+        def advance(n: float = 1, description: str | None = None) -> None:
+            self.progress.update(tid, advance=n, **({"description": description} if description else {}))
+
+        try:
+            yield advance
+        finally:
+            self.progress.update(tid, completed=total or 0, visible=False)
+            self.progress.remove_task(tid)
+
+    @contextmanager
+    def new_model_dir(self) -> Iterator[Path]:
+        """A temporary folder to save the stage's model into; on success it becomes ``<stage dir>/model``."""
+        with atomic_dir(self.stage_dir / "model") as tmp:
+            yield tmp
+
+    def set_current(self, path: Path, loaded: tuple[Any, Any] | None = None) -> None:
+        """Make the folder ``path`` the model later stages work on (the "compressed" model of the report).
+
+        ``loaded``: the ``(model, tokenizer)`` already in memory for that folder, to save a reload.
+        """
+        if self.current.path == Path(path) and loaded is None:
+            return
+        if self.current is not self.original:
+            self.current.release()
+        self.current = ModelHandle("compressed", path, self.runtime)
+        self.current._loaded = loaded
+
+    def baseline(self, kind: str, config: Any, compute: Callable[[], dict]) -> dict:
+        """Results of the *original* model, cached across runs by (model fingerprint, kind, config, versions)."""
+        from .models.loading import versions
+
+        key = stable_hash([self.original.fingerprint(), kind, config, versions(), self.runtime.describe()])
+        path = cache_dir("baseline", f"{kind}-{key}.json")
+        if path.is_file():
+            try:
+                return read_json(path)
+            except ValueError:
+                path.unlink(missing_ok=True)  # a torn file from another writer: recompute
+        result = compute()
+        atomic_write_json(path, result)
+        return result

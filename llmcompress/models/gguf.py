@@ -1,0 +1,36 @@
+"""GGUF -> dense safetensors folder, cached under the user cache dir (transformers dequantizes GGUF on load)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import require
+from ..utils.cache import cache_dir
+from ..utils.io import atomic_dir, atomic_write_json, stable_hash
+
+
+def dense_from_gguf(gguf: Path, name: str | None = None, note: str | None = None) -> Path:
+    """Convert a GGUF file into a bf16 `save_pretrained` folder once; return the cached folder."""
+    gguf = Path(gguf)
+    st = gguf.stat()
+    key = stable_hash([str(gguf.resolve()), st.st_size, int(st.st_mtime)], 12)
+    target = cache_dir("models", f"{name or gguf.stem}-{key}")
+    if (target / "llmcompress.json").is_file():
+        return target
+    require("gguf", "all", "Loading a GGUF model")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_dir(target, replace=False) as tmp:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        if getattr(model, "hf_quantizer", None) is not None:
+            # The GGUF "quantizer" only marks the weights as dequantized; it must go before save_pretrained.
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(
+            tmp / "llmcompress.json",
+            {"format": "hf", "role": "original", "source": f"gguf:{gguf}", "note": note or f"dequantized from {gguf.name}"},
+        )
+    return target

@@ -1,0 +1,221 @@
+"""The runner: one recipe -> one run folder, stage by stage, resumable, with a report at the end.
+
+Run folder layout::
+
+    runs/<name>/
+      recipe.resolved.yaml     the recipe as validated (defaults filled in)
+      manifest.json            stage fingerprints and status
+      01-quantize/             one folder per stage: result.json (+ model/ when the stage changes the model)
+      02-evaluate/
+      report.json  report.md  plots/
+
+A stage counts as finished only when its ``result.json`` exists and its fingerprint (model + all stage configs up to
+it) matches; everything is written to a temporary name first and renamed, so a killed run never leaves an artifact
+that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import LLMCompressError
+from .recipe import Recipe, load_recipe
+from .stage import StageConfig, StageResult
+from .utils.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+
+RESULT = "result.json"
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything that can be checked before weights load: the model reference, extras, hardware."""
+    from .models import resolve_source
+    from .models.source import check_source
+
+    check_source(resolve_source(recipe.model, recipe.base_dir))
+    for i, stage in enumerate(recipe.stages):
+        try:
+            stage.preflight()
+        except LLMCompressError as e:
+            raise type(e)(f"{_where(recipe)}: stages[{i}] ({stage.kind}): {e}") from None
+
+
+def _where(recipe: Recipe) -> str:
+    return str(recipe.path) if recipe.path else f"recipe {recipe.name!r}"
+
+
+def stage_dir_name(index: int, stage: StageConfig) -> str:
+    return f"{index + 1:02d}-{stage.type}"
+
+
+def fingerprints(recipe: Recipe, threads: int) -> list[str]:
+    """One hash per stage over everything that can change its output: model, dtype, seed, threads, stages so far."""
+    head = [recipe.model.model_dump(), recipe.dtype, recipe.device, recipe.seed, threads]
+    configs = [s.model_dump(mode="json") for s in recipe.stages]
+    return [stable_hash(head + configs[: i + 1]) for i in range(len(configs))]
+
+
+def run_recipe(
+    recipe: Recipe | str | Path,
+    output: str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    fresh: bool = False,
+    console: Any = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run every stage of ``recipe`` into ``output`` (default ``runs/<name>``) and return the report dict.
+
+    Finished stages of an earlier run into the same folder are skipped (``fresh=True`` starts over).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise ValueError("overrides apply when loading: pass the recipe path, or call load_recipe(path, overrides)")
+    preflight(recipe)
+
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    run_dir = Path(output) if output else Path("runs") / recipe.name
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
+
+    with _progress(console, show_progress) as progress:
+        ctx = _make_context(recipe, run_dir, console, progress)
+        stages = _run_stages(ctx)
+    return _finish(ctx, stages)
+
+
+def _progress(console: Any, enabled: bool):
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    )
+
+
+def _make_context(recipe: Recipe, run_dir: Path, console: Any, progress: Any):
+    from .context import ModelHandle, RunContext, Runtime
+    from .models import resolve_source
+    from .models.source import materialize
+
+    runtime = Runtime.from_recipe(recipe)
+    runtime.apply()
+    source = resolve_source(recipe.model, recipe.base_dir)
+    console.log(f"model {source.describe()} ({runtime.device}, {runtime.dtype}, {runtime.threads} thread(s))")
+    t0 = time.perf_counter()
+    path = materialize(source)
+    if time.perf_counter() - t0 > 2:
+        console.log(f"prepared {path} in {time.perf_counter() - t0:.1f}s (cached for later runs)")
+    kwargs = {}
+    if source.kind == "hub":
+        kwargs = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    original = ModelHandle("original", path, runtime, load_kwargs=kwargs)
+    return RunContext(recipe=recipe, run_dir=run_dir, runtime=runtime, original=original, current=original,
+                      console=console, progress=progress)
+
+
+def _run_stages(ctx) -> list[dict]:
+    recipe = ctx.recipe
+    prints = fingerprints(recipe, ctx.runtime.threads)
+    manifest: dict[str, Any] = {"recipe": recipe.name, "stages": []}
+    stages: list[dict] = []
+    rerun_from_here = False
+    n = len(recipe.stages)
+    for i, stage in enumerate(recipe.stages):
+        ctx.stage_index = i
+        ctx.stage_dir = ctx.run_dir / stage_dir_name(i, stage)
+        done = None if rerun_from_here else _finished(ctx.stage_dir, prints[i])
+        header = f"[{i + 1}/{n}] {stage.label}"
+        if done is not None:
+            result, resumed = done, True
+            ctx.console.log(f"{header}: finished earlier, skipped (resume)")
+        else:
+            rerun_from_here = True
+            result, resumed = _run_one(ctx, stage, prints[i], header), False
+        if result.model_dir:
+            ctx.set_current(ctx.stage_dir / result.model_dir)
+        ctx.results[i] = result
+        entry = {"index": i, "dir": ctx.stage_dir.name, "config": stage.model_dump(mode="json"),
+                 "result": result.model_dump(mode="json"), "resumed": resumed}
+        stages.append(entry)
+        manifest["stages"].append({"index": i, "dir": ctx.stage_dir.name, "fingerprint": prints[i], "status": "done"})
+        atomic_write_json(ctx.run_dir / "manifest.json", manifest)
+    return stages
+
+
+def _finished(stage_dir: Path, fingerprint: str) -> StageResult | None:
+    f = stage_dir / RESULT
+    if not f.is_file():
+        return None
+    try:
+        saved = read_json(f)
+    except ValueError:
+        return None
+    if saved.get("fingerprint") != fingerprint:
+        return None
+    result = StageResult.model_validate(saved["result"])
+    if result.model_dir and not (stage_dir / result.model_dir).is_dir():
+        return None
+    return result
+
+
+def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> StageResult:
+    if ctx.stage_dir.exists():
+        shutil.rmtree(ctx.stage_dir)  # leftovers of a killed or outdated run: never trusted
+    ctx.stage_dir.mkdir(parents=True)
+    ctx.runtime.apply()
+    ctx.console.log(f"{header} ...")
+    t0 = time.perf_counter()
+    try:
+        result = stage.run(ctx)
+    except LLMCompressError as e:
+        msg = str(e)
+        prefix = f"{_where(ctx.recipe)}: stages[{ctx.stage_index}]"
+        raise type(e)(msg if msg.startswith(_where(ctx.recipe)) else f"{prefix} ({stage.kind}): {msg}") from None
+    result.seconds = round(time.perf_counter() - t0, 3)
+    atomic_write_json(ctx.stage_dir / RESULT, {"fingerprint": fingerprint, "config": stage.model_dump(mode="json"),
+                                               "result": result.model_dump(mode="json"),
+                                               "finished": _now()})
+    brief = ", ".join(f"{k} {v}" for k, v in result.summary.items())
+    ctx.console.log(f"{header}: done in {result.seconds:.1f}s" + (f" — {brief}" if brief else ""))
+    return result
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def environment(ctx) -> dict:
+    from .models.loading import versions
+
+    return {**ctx.runtime.describe(), "python": platform.python_version(), "platform": platform.platform(),
+            "versions": versions()}
+
+
+def _model_info(handle) -> dict:
+    return {"path": str(handle.path), "size_bytes": handle.size_bytes, "description": handle.describe(),
+            "meta": handle.meta}
+
+
+def _finish(ctx, stages: list[dict]) -> dict:
+    from .report import build_report, summary_table, write_report
+
+    report = build_report(recipe=ctx.recipe, environment={**environment(ctx), "finished": _now()}, stages=stages,
+                          original=_model_info(ctx.original), compressed=_model_info(ctx.current))
+    paths = write_report(ctx.run_dir, report)
+    ctx.console.print(summary_table(report))
+    ctx.console.print(f"report: {paths['markdown']}")
+    return report

@@ -1,0 +1,20 @@
+"""The quantize stage. Each method is one file: a public ``XxxConfig`` (a stage config with ``method: Literal[...]``)
+plus a private implementation, registered here by name. Adding a method = one new file + one line below."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from ..registry import Registry
+
+QUANTIZERS: Registry = Registry("quantization method")
+QUANTIZERS.register_lazy("rtn", "llmcompress.quant.rtn:RTNConfig")
+QUANTIZERS.register_lazy("bnb-nf4", "llmcompress.quant.bnb:BnbNF4Config")
+QUANTIZERS.register_lazy("bnb-fp4", "llmcompress.quant.bnb:BnbFP4Config")
+QUANTIZERS.register_lazy("bnb-int8", "llmcompress.quant.bnb:BnbInt8Config")
+
+QuantizeStage = Annotated[
+    Union[tuple(QUANTIZERS.get(name) for name in QUANTIZERS.names())], Field(discriminator="method")
+]

@@ -1,0 +1,73 @@
+"""What every quantization method shares: the stage fields, layer skipping, and the save-and-report step."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from ..stage import StageConfig, StageResult
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+
+class QuantizeConfig(StageConfig):
+    """Base of all quantization methods (``type: quantize``)."""
+
+    type: Literal["quantize"] = "quantize"
+    method: str
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Linear layers left unquantized: exact module names, or regexes matched against the full name.",
+    )
+
+    changes_model: ClassVar[bool] = True
+    #: Nominal bits per weight of quantized layers (for reports).
+    nominal_bits: ClassVar[float] = 16
+
+    @field_validator("skip")
+    @classmethod
+    def _valid_regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"`{pattern}` is not a valid regex ({e}); escape special characters") from None
+        return v
+
+    def skips(self, module_name: str) -> bool:
+        return any(module_name == p or module_name.split(".")[-1] == p or re.fullmatch(p, module_name) for p in self.skip)
+
+    def bits_per_weight(self) -> float:
+        """Nominal bits of a quantized weight (before scales and zero points)."""
+        return float(getattr(self, "bits", self.nominal_bits))
+
+    def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
+        """Return ``(model, tokenizer, info)``; the model is saved by ``run``. Implemented by each method."""
+        raise NotImplementedError
+
+    def run(self, ctx: "RunContext") -> StageResult:
+        from ..models.loading import param_bytes, save_model
+
+        t0 = time.perf_counter()
+        with ctx.task(f"quantize {self.method}", total=None):
+            model, tokenizer, info = self.quantize(ctx)
+        seconds = time.perf_counter() - t0
+        meta = {"method": self.method, "config": self.model_dump(mode="json"), "source": ctx.original.describe()}
+        meta.update(info.pop("meta", {}))
+        with ctx.task("save quantized model"), ctx.new_model_dir() as tmp:
+            save_model(model, tokenizer, tmp, meta)
+        ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))  # next stages reuse it in memory
+        data = {
+            "method": self.method,
+            "bits": self.bits_per_weight(),
+            "quantize_seconds": round(seconds, 3),
+            "param_bytes": param_bytes(model),
+            "size_bytes": ctx.current.size_bytes,
+            **info,
+        }
+        summary = {"method": self.method, "time": f"{seconds:.1f}s", "size": f"{data['size_bytes'] / 2**20:.1f} MiB"}
+        return StageResult(type="quantize", label=self.label, model_dir="model", data=data, summary=summary)

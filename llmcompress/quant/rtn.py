@@ -1,0 +1,210 @@
+"""Round-to-nearest weight-only quantization: the honest baseline every smarter method must beat.
+
+    - {type: quantize, method: rtn, bits: 4, group_size: 64}
+
+Per group of ``group_size`` input weights: min/max (asymmetric) or absmax (symmetric) scale, round, clamp. Weights are
+stored packed (``32 // bits`` values per int32), so the size on disk is real. The kernel is a reference one
+(dequantize, then matmul): rtn is here for quality, not speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
+
+from ..errors import RecipeError
+from .base import QuantizeConfig
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+
+class RTNConfig(QuantizeConfig):
+    """Round-to-nearest weight-only, the baseline: ``{type: quantize, method: rtn, bits: 4, group_size: 64}``."""
+
+    method: Literal["rtn"] = "rtn"
+    bits: int = Field(4, description="Bits per weight, 2..8.")
+    group_size: int = Field(64, description="Weights sharing one scale; -1 = one scale per output row.")
+    symmetric: bool = Field(False, description="absmax scale and no zero point (else min/max with a zero point).")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError("must be between 2 and 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be a positive divisor of the layers' input width (e.g. 64, 128), or -1")
+        return v
+
+    def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
+        import copy
+
+        model, tokenizer = ctx.current.load()
+        model = copy.deepcopy(model)  # the original stays untouched for comparison
+        names = quantize_rtn_(model, self, where=f"stages[{ctx.stage_index}] (quantize rtn)")
+        meta = {"format": "rtn", "rtn": {"bits": self.bits, "group_size": self.group_size,
+                                          "symmetric": self.symmetric, "modules": names}}
+        return model, tokenizer, {"quantized_modules": len(names), "meta": meta}
+
+
+def quantize_rtn_(model, cfg: RTNConfig, where: str = "rtn") -> list[str]:
+    """Replace every ``nn.Linear`` not skipped by an RTNLinear, in place. Returns the replaced module names."""
+    import torch
+
+    rtn_linear = __getattr__("RTNLinear")
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not cfg.skips(n)]
+    for name, lin in targets:
+        gs = lin.in_features if cfg.group_size == -1 else cfg.group_size
+        if lin.in_features % gs:
+            raise RecipeError(
+                f"{where}: group_size {cfg.group_size} does not divide the input width {lin.in_features} of `{name}`. "
+                f"Fix: use a divisor of {lin.in_features} (e.g. 64) or -1."
+            )
+        _set(model, name, rtn_linear.from_linear(lin, cfg.bits, gs, cfg.symmetric))
+    if any(n == "lm_head" for n, _ in targets) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # lm_head now has its own (quantized) weights
+    return [n for n, _ in targets]
+
+
+def _set(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _make_rtn_linear():
+    import torch
+    import torch.nn.functional as F
+
+    class RTNLinear(torch.nn.Module):
+        """Packed int weights + per-group scale/zero. ``qweight``: (out, in // (32 // bits)) int32."""
+
+        def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                     bias: bool, dtype=torch.bfloat16):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+            per_word = 32 // bits
+            words = -(-in_features // per_word)
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
+            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+            self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+        @classmethod
+        def from_linear(cls, lin: torch.nn.Linear, bits: int, group_size: int, symmetric: bool) -> "RTNLinear":
+            w = lin.weight.detach().float()
+            out_f, in_f = w.shape
+            g = w.reshape(out_f, in_f // group_size, group_size)
+            qmax = 2**bits - 1
+            if symmetric:
+                scale = g.abs().amax(-1).clamp(min=1e-8) / (qmax // 2)
+                zero = torch.full_like(scale, (qmax + 1) // 2)
+            else:
+                lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+                scale = ((hi - lo) / qmax).clamp(min=1e-8)
+                zero = (-lo / scale).round().clamp(0, qmax)
+            q = (g / scale[..., None] + zero[..., None]).round().clamp(0, qmax).to(torch.int32)
+            m = cls(in_f, out_f, bits, group_size, symmetric, lin.bias is not None, dtype=lin.weight.dtype)
+            m.qweight.copy_(_pack(q.reshape(out_f, in_f), bits))
+            m.scales.copy_(scale.to(m.scales.dtype))
+            m.zeros.copy_(zero.to(torch.uint8))
+            if lin.bias is not None:
+                m.bias.data.copy_(lin.bias.detach())
+            return m.to(lin.weight.device)
+
+        def dequantize(self) -> torch.Tensor:
+            q = _unpack(self.qweight, self.bits, self.in_features).float()
+            q = q.reshape(self.out_features, -1, self.group_size)
+            w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+            return w.reshape(self.out_features, self.in_features).to(self.scales.dtype)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+        def extra_repr(self) -> str:
+            return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+    return RTNLinear
+
+
+def _pack(q, bits: int):
+    """(rows, n) ints in [0, 2**bits) -> (rows, ceil(n / (32 // bits))) int32."""
+    import torch
+
+    per_word = 32 // bits
+    rows, n = q.shape
+    pad = (-n) % per_word
+    q = torch.nn.functional.pad(q, (0, pad)).reshape(rows, -1, per_word).to(torch.int64)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=q.device) * bits
+    words = (q << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack(words, bits: int, n: int):
+    import torch
+
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
+    q = (words[..., None] >> shifts) & (2**bits - 1)
+    return q.reshape(words.shape[0], -1)[:, :n]
+
+
+_RTN_CLASS = None
+
+
+def __getattr__(name: str):
+    # RTNLinear subclasses torch.nn.Module; build it on first use so importing this file stays torch-free.
+    global _RTN_CLASS
+    if name == "RTNLinear":
+        if _RTN_CLASS is None:
+            _RTN_CLASS = _make_rtn_linear()
+        return _RTN_CLASS
+    raise AttributeError(name)
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
+    """Rebuild an rtn folder: the architecture from config.json, RTNLinear where the metadata says, then the weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.loading import read_meta, torch_dtype
+
+    path = Path(path)
+    info = read_meta(path)["rtn"]
+    config = AutoConfig.from_pretrained(path)
+    with _no_init():  # weights come from the checkpoint; skip the random init
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    cls = __getattr__("RTNLinear")
+    for name in info["modules"]:
+        lin = model.get_submodule(name)
+        _set(model, name, cls(lin.in_features, lin.out_features, info["bits"],
+                              lin.in_features if info["group_size"] == -1 else info["group_size"],
+                              info["symmetric"], lin.bias is not None, dtype=torch_dtype(dtype)))
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise RuntimeError(f"{path}: weights missing from the rtn checkpoint: {missing[:5]}")
+    return model.to(device).eval()

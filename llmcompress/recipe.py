@@ -1,0 +1,256 @@
+"""Recipe schema and loading: YAML -> validated, frozen pydantic models, with errors that name the place and the fix.
+
+A recipe::
+
+    name: quickstart
+    model: smollm2-135m          # builtin name | HF id | local folder | .gguf file
+    dtype: bfloat16
+    stages:
+      - {type: quantize, method: bnb-nf4}
+      - {type: evaluate, tasks: [pydoc_ppl, pydoc_cloze]}
+      - {type: benchmark}
+
+Relative paths in a recipe are relative to the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+from .registry import did_you_mean
+from .stage import STAGES, StageConfig
+
+
+class ModelSpec(BaseModel):
+    """Where the model comes from. A bare string in the recipe is shorthand for ``{source: <string>}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="Builtin name (see `llmcompress ls`), HF hub id, local folder or .gguf file.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder or hub repo.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust it.")
+
+
+def _stage_union() -> Any:
+    members = [STAGES.get(name) for name in STAGES.names()]
+    return Annotated[Union[tuple(members)], Field(discriminator="type")]
+
+
+Stage = _stage_union()
+
+
+class Recipe(BaseModel):
+    """A named model plus the list of stages to run on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the default run folder is runs/<name>.")
+    model: ModelSpec
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of the original model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    seed: int = Field(0, description="Seeds python, numpy and torch before every stage.")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; default: half the cores (1 on a 2-core box, where 2 ran 4-10x slower)."
+    )
+    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
+
+    _path: Path | None = PrivateAttr(None)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_stage_order(self) -> "Recipe":
+        quantized_by = None
+        for i, stage in enumerate(self.stages):
+            if stage.type == "quantize":
+                if quantized_by is not None:
+                    raise ValueError(
+                        f"stages[{i}] (quantize) would quantize a model that stages[{quantized_by}] already quantized. "
+                        "Fix: keep one quantize stage (to compare methods, write one recipe per method or a sweep)."
+                    )
+                quantized_by = i
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        """The file this recipe was read from (None when built in Python)."""
+        return self._path
+
+    @property
+    def base_dir(self) -> Path:
+        return self._path.parent if self._path else Path.cwd()
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with a message naming the file, stage and fix."""
+    where = "recipe"
+    path = None
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        where = str(source)
+        if not path.is_file():
+            raise RecipeError(f"{where}: no such recipe file. Fix: check the path (try `llmcompress ls` for examples).")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{where}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with `name`, `model` and `stages`, got {type(raw).__name__}.")
+    for item in overrides or []:
+        apply_override(raw, item, where)
+    _precheck_stages(raw, where)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, raw, where)) from None
+    recipe._path = path.resolve() if path else None
+    return recipe
+
+
+def apply_override(raw: dict, item: str, where: str = "recipe") -> None:
+    """Apply one ``dotted.path=value`` override (value parsed as YAML) to the raw recipe dict, in place."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.bits=4")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _step(node, part, parts[: depth + 1], item)
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, parts, item)
+        node[idx] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"--set {item!r}: `{'.'.join(parts[:-1])}` is a value, not a mapping or list.")
+
+
+def _step(node: Any, part: str, so_far: list[str], item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, so_far, item)]
+    if isinstance(node, dict):
+        if part not in node:
+            node[part] = {}
+        return node[part]
+    raise RecipeError(f"--set {item!r}: `{'.'.join(so_far[:-1])}` is a value, not a mapping or list.")
+
+
+def _index(node: list, part: str, so_far: list[str], item: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise RecipeError(
+            f"--set {item!r}: `{'.'.join(so_far)}` is not an index of a list with {len(node)} items "
+            f"(use 0..{len(node) - 1})."
+        )
+    return int(part)
+
+
+def _stage_where(where: str, i: int, stage: Any) -> str:
+    t = stage.get("type") if isinstance(stage, dict) else None
+    return f"{where}: stages[{i}]" + (f" ({t})" if t else "")
+
+
+def _precheck_stages(raw: dict, where: str) -> None:
+    """Did-you-mean errors for unknown stage types and methods (pydantic's union errors are unreadable)."""
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return  # pydantic reports it
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise RecipeError(f"{where}: stages[{i}] must be a mapping with a `type:` key, got {stage!r}.")
+        t = stage.get("type")
+        if t is None:
+            raise RecipeError(f"{where}: stages[{i}] has no `type:`. Choices: {', '.join(STAGES.names())}.")
+        if t not in STAGES:
+            raise RecipeError(
+                f"{where}: stages[{i}]: unknown stage type `{t}`.{did_you_mean(str(t), STAGES.names())} "
+                f"Choices: {', '.join(STAGES.names())}."
+            )
+        registry = _method_registry(t)
+        if registry is not None:
+            m = stage.get("method")
+            if m is None or m not in registry:
+                got = f"unknown method `{m}`." if m is not None else "no `method:` given."
+                hint = did_you_mean(str(m), registry.names()) if m is not None else ""
+                raise RecipeError(
+                    f"{_stage_where(where, i, stage)}: {got}{hint} Choices: {', '.join(registry.names())}."
+                )
+
+
+def _method_registry(stage_type: str):
+    """The method registry of a stage type that has one (quantize), else None."""
+    if stage_type == "quantize":
+        from .quant import QUANTIZERS
+
+        return QUANTIZERS
+    return None
+
+
+def _stage_class(stage: Any) -> type[StageConfig] | None:
+    if not isinstance(stage, dict) or stage.get("type") not in STAGES:
+        return None
+    registry = _method_registry(stage["type"])
+    if registry is not None:
+        return registry.get(stage["method"]) if stage.get("method") in registry else None
+    return STAGES.get(stage["type"])
+
+
+def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
+    """Turn pydantic's errors into lines like ``x.yaml: stages[1] (quantize): `bits` must be ..., got 5``."""
+    lines = []
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    for e in err.errors():
+        loc = list(e["loc"])
+        prefix = where + ":"
+        cls: type[BaseModel] = Recipe
+        if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int) and loc[1] < len(stages):
+            i = loc[1]
+            stage = stages[i]
+            prefix = _stage_where(where, i, stage) + ":"
+            cls = _stage_class(stage) or Recipe
+            # Drop the discriminator tags pydantic puts into the location of union members.
+            loc = [p for p in loc[2:] if p not in (stage.get("type"), stage.get("method"))]
+        field = ".".join(str(p) for p in loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = sorted(cls.model_fields)
+            name = str(loc[-1]) if loc else field
+            lines.append(
+                f"{prefix} unknown key `{name}`.{did_you_mean(name, allowed)} Allowed keys: {', '.join(allowed)}."
+            )
+            continue
+        if e["type"] == "missing":
+            lines.append(f"{prefix} `{field}` is required.")
+            continue
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        got = f", got {e['input']!r}" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
+        lines.append(f"{prefix} `{field}`: {msg}{got}." if field else f"{prefix} {msg}")
+    return "\n".join(lines)

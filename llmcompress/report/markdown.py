@@ -1,0 +1,187 @@
+"""``report.md``: the human report. Every table is followed by the conditions it was measured under."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import metrics as M
+
+_BETTER = {"lower": "lower is better", "higher": "higher is better", None: ""}
+
+
+def render_markdown(report: dict, plots: list[str] | None = None) -> str:
+    """The whole report as Markdown; ``plots`` are paths relative to the run folder (embedded as images)."""
+    sections = [
+        _title(report),
+        _stages(report),
+        _size(report),
+        _quality(report),
+        _kl(report),
+        _bench(report, "speed", "Speed"),
+        _bench(report, "memory", "Memory"),
+        _plots(plots or []),
+        _notes(report),
+        _environment(report),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _title(report: dict) -> str:
+    orig, comp = report["models"]["original"], report["models"]["compressed"]
+    lines = [f"# {report['name']}: original vs compressed", "", f"**{report['headline']}**", ""]
+    lines.append(f"- Original: {_model_line(orig)}")
+    if report["same_model"]:
+        lines.append("- Compressed: the same model (no stage changed it)")
+    else:
+        lines.append(f"- Compressed: {_model_line(comp)}" + (f" by {report['method']}" if report.get("method") else ""))
+    env = report["environment"]
+    when = [f"started {env['started']}" if env.get("started") else "",
+            f"{env['seconds']:.1f} s in all" if M.is_number(env.get("seconds")) else ""]
+    if any(when):
+        lines.append(f"- Run: {', '.join(w for w in when if w)}")
+    return "\n".join(lines)
+
+
+def _model_line(model: dict) -> str:
+    desc = model.get("description") or model.get("path") or "?"
+    path = f" (`{model['path']}`)" if model.get("path") and model.get("path") != desc else ""
+    return f"{desc}{path}, {M.fmt_bytes(model.get('size_bytes'))} on disk"
+
+
+def _stages(report: dict) -> str:
+    rows = []
+    for s in report["stages"]:
+        settings = _kv({k: v for k, v in s["config"].items() if k not in ("type", "name")})
+        time = f"{s['seconds']:.1f} s" if M.is_number(s.get("seconds")) else "—"
+        if s["resumed"]:
+            time += " (resumed)"
+        rows.append([str(s["index"] + 1), s["label"], s["type"], settings or "defaults", _kv(s["summary"]) or "—", time])
+    return "## What was done\n\n" + _table(["#", "stage", "type", "settings", "result", "time"], rows)
+
+
+def _size(report: dict) -> str:
+    size = report["comparison"]["size"]
+    rows = [["size on disk", M.fmt_bytes(size["original_bytes"]), M.fmt_bytes(size["compressed_bytes"]),
+             size.get("change", "—")]]
+    bench = report["comparison"].get("bench") or {}
+    entry = (bench.get("figures") or {}).get("param_bytes")
+    if entry:
+        rows.append(["weights in memory", M.fmt_bytes(entry["original"]), M.fmt_bytes(entry["compressed"]), entry["change"]])
+    note = "Size on disk: the weight files of each model folder (lower is better)."
+    if entry:
+        note += f" Weights in memory: parameters and buffers once loaded ({M.describe_conditions(bench['measured_with'])})."
+    return "## Size\n\n" + _table(["", "original", "compressed", "change"], rows) + f"\n\n*{note}*"
+
+
+def _quality(report: dict) -> str:
+    cmp = report["comparison"].get("eval")
+    if cmp is None:
+        return "## Quality\n\nNot measured (no evaluate stage)."
+    orig, comp = report["models"]["original"]["eval"], report["models"]["compressed"]["eval"]
+    rows, details = [], []
+    for task in list(orig) + [t for t in comp if t not in orig]:
+        o, c = orig.get(task) or {}, comp.get(task) or {}
+        for metric in list(o) + [m for m in c if m not in o]:
+            value = o.get(metric, c.get(metric))
+            if not M.is_score(metric, value):
+                if not metric.split(",")[0].endswith("_stderr") and value is not None:
+                    details.append(f"{task} {metric}={value}")
+                continue
+            entry = cmp["metrics"].get(task, {}).get(metric, {})
+            rows.append([task, metric, _BETTER[M.direction(metric)], _with_se(o, metric), _with_se(c, metric),
+                         entry.get("change", "—")])
+    text = "## Quality\n\n" + _table(["task", "metric", "direction", "original", "compressed", "change"], rows)
+    cond = M.describe_conditions(cmp["measured_with"]) + (f"; {', '.join(dict.fromkeys(details))}" if details else "")
+    return text + f"\n\n*Measured with: {cond}. Perplexity change is relative (%); accuracy change in points.*"
+
+
+def _with_se(metrics: dict, metric: str) -> str:
+    value = metrics.get(metric)
+    if not M.is_number(value):
+        return "—"
+    name, sep, flt = metric.partition(",")
+    se = metrics.get(f"{name}_stderr{sep}{flt}")
+    return f"{M.fmt_number(value)} ± {M.fmt_number(se)}" if M.is_number(se) else M.fmt_number(value)
+
+
+def _kl(report: dict) -> str:
+    kl = report["comparison"].get("kl")
+    if not kl:
+        return ""
+    rows = [[name, _BETTER[e["better"]], M.fmt_number(e["value"])] for name, e in kl["metrics"].items()]
+    tokens = report["models"]["compressed"]["kl"].get("tokens")
+    over = f" over {tokens:,} tokens" if M.is_number(tokens) else ""
+    return ("### Divergence from the original\n\n"
+            + _table(["figure", "direction", "compressed vs original"], rows)
+            + f"\n\n*KL(original ‖ compressed) of next-token distributions{over}; top-1 agreement = share of positions "
+              f"where both models pick the same token. Measured with: {M.describe_conditions(kl['measured_with'])}.*")
+
+
+def _bench(report: dict, group: str, title: str) -> str:
+    bench = report["comparison"].get("bench")
+    if bench is None:
+        return f"## {title}\n\nNot measured (no benchmark stage)." if group == "speed" else ""
+    rows = []
+    for fig, e in bench["figures"].items():
+        if M.bench_group(fig) != group or fig == "param_bytes":  # param_bytes sits in the Size table
+            continue
+        rows.append([M.bench_label(fig), _BETTER[e["better"]], M.fmt_value(fig, e["original"]),
+                     M.fmt_value(fig, e["compressed"]), e["change"]])
+    if not rows:
+        return ""
+    return (f"## {title}\n\n" + _table(["figure", "direction", "original", "compressed", "change"], rows)
+            + f"\n\n*Measured with: {M.describe_conditions(bench['measured_with'])}.*")
+
+
+def _plots(plots: list[str]) -> str:
+    if not plots:
+        return ""
+    return "## Plots\n\n" + "\n\n".join(f"![{p.rsplit('/', 1)[-1].rsplit('.', 1)[0]}]({p})" for p in plots)
+
+
+def _notes(report: dict) -> str:
+    if not report["notes"]:
+        return ""
+    return "## Notes\n\n" + "\n".join(f"- {n}" for n in report["notes"])
+
+
+def _environment(report: dict) -> str:
+    env = report["environment"]
+    lines = ["## Environment", ""]
+    for key in ("device", "gpu", "cpu", "cpu_count", "threads", "dtype", "seed", "python"):
+        if env.get(key) is not None:
+            lines.append(f"- {key}: {env[key]}")
+    if env.get("versions"):
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    lines += ["", "Recipe:", "", "```json", json.dumps(report["recipe"], indent=2), "```"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _kv(d: dict[str, Any], limit: int = 120) -> str:
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, (list, tuple)):
+            v = "/".join(str(x) for x in v)
+        elif isinstance(v, dict):
+            v = json.dumps(v, separators=(",", ":"))
+        parts.append(f"{k}={v}")
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Stage configs and results. A stage is a pydantic config (validated when the recipe loads) with a ``run(ctx)`` method.
+
+Every stage type is registered here once, lazily, so that reading a recipe never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .context import RunContext
+
+STAGES: Registry = Registry("stage type")
+STAGES.register_lazy("quantize", "llmcompress.quant:QuantizeStage")
+STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
+STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage. Subclasses set ``type: Literal[...]`` and implement ``run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="Optional label shown in progress and reports.")
+
+    #: True when the stage changes the model; its output model is saved in the stage folder.
+    changes_model: ClassVar[bool] = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def kind(self) -> str:
+        method = getattr(self, "method", None)
+        return f"{self.type}:{method}" if method else self.type  # type: ignore[attr-defined]
+
+    def preflight(self) -> None:
+        """Cheap checks before any weights load (installed extras, hardware). Raise RecipeError/MissingExtraError."""
+
+    def run(self, ctx: "RunContext") -> "StageResult":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class StageResult(BaseModel):
+    """What a finished stage leaves in ``<stage dir>/result.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    label: str
+    seconds: float = 0.0
+    #: Folder (relative to the stage folder) holding the model this stage produced, if any.
+    model_dir: str | None = None
+    #: Stage-specific figures. evaluate/benchmark: {"original": {...}, "compressed": {...}, "settings": {...}}.
+    data: dict[str, Any] = Field(default_factory=dict)
+    #: One line per figure for the end-of-run summary table.
+    summary: dict[str, Any] = Field(default_factory=dict)

