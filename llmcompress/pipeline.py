@@ -36,12 +36,22 @@ def preflight(recipe: Recipe) -> None:
     from .models import resolve_source
     from .models.source import check_source
 
-    check_source(resolve_source(recipe.model, recipe.base_dir))
+    try:
+        check_source(resolve_source(recipe.model, recipe.base_dir))
+    except LLMCompressError as e:
+        raise _located(e, _where(recipe)) from None
     for i, stage in enumerate(recipe.stages):
         try:
             stage.preflight()
         except LLMCompressError as e:
-            raise type(e)(f"{_where(recipe)}: stages[{i}] ({stage.kind}): {e}") from None
+            raise _located(e, f"{_where(recipe)}: stages[{i}] ({stage.kind})") from None
+
+
+def _located(e: LLMCompressError, where: str) -> LLMCompressError:
+    """Prefix the error with the place (recipe file, stage) unless it already names it. Stages do not say where."""
+    if not str(e).startswith(where.split(":")[0]):
+        e.args = (f"{where}: {e}",)
+    return e
 
 
 def _where(recipe: Recipe) -> str:
@@ -87,10 +97,11 @@ def run_recipe(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
 
+    started, t0 = _now(), time.perf_counter()
     with _progress(console, show_progress) as progress:
         ctx = _make_context(recipe, run_dir, console, progress)
         stages = _run_stages(ctx)
-    return _finish(ctx, stages)
+    return _finish(ctx, stages, {"started": started, "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def _progress(console: Any, enabled: bool):
@@ -148,7 +159,7 @@ def _run_stages(ctx) -> list[dict]:
         if result.model_dir:
             ctx.set_current(ctx.stage_dir / result.model_dir)
         ctx.results[i] = result
-        entry = {"index": i, "dir": ctx.stage_dir.name, "config": stage.model_dump(mode="json"),
+        entry = {"index": i, "dir": ctx.stage_dir.name, "config": stage.model_dump(mode="json", exclude_none=True),
                  "result": result.model_dump(mode="json"), "resumed": resumed}
         stages.append(entry)
         manifest["stages"].append({"index": i, "dir": ctx.stage_dir.name, "fingerprint": prints[i], "status": "done"})
@@ -182,9 +193,7 @@ def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> StageRes
     try:
         result = stage.run(ctx)
     except LLMCompressError as e:
-        msg = str(e)
-        prefix = f"{_where(ctx.recipe)}: stages[{ctx.stage_index}]"
-        raise type(e)(msg if msg.startswith(_where(ctx.recipe)) else f"{prefix} ({stage.kind}): {msg}") from None
+        raise _located(e, f"{_where(ctx.recipe)}: stages[{ctx.stage_index}] ({stage.kind})") from None
     result.seconds = round(time.perf_counter() - t0, 3)
     atomic_write_json(ctx.stage_dir / RESULT, {"fingerprint": fingerprint, "config": stage.model_dump(mode="json"),
                                                "result": result.model_dump(mode="json"),
@@ -210,10 +219,11 @@ def _model_info(handle) -> dict:
             "meta": handle.meta}
 
 
-def _finish(ctx, stages: list[dict]) -> dict:
+def _finish(ctx, stages: list[dict], timing: dict) -> dict:
     from .report import build_report, summary_table, write_report
 
-    report = build_report(recipe=ctx.recipe, environment={**environment(ctx), "finished": _now()}, stages=stages,
+    env = {**environment(ctx), **timing, "finished": _now()}
+    report = build_report(recipe=ctx.recipe, environment=env, stages=stages,
                           original=_model_info(ctx.original), compressed=_model_info(ctx.current))
     paths = write_report(ctx.run_dir, report)
     ctx.console.print(summary_table(report))

@@ -1,21 +1,212 @@
-"""The evaluate stage (skeleton: fields fixed, run() to be implemented)."""
+"""The evaluate stage: lm-eval tasks, sliding-window perplexity and KL divergence, original vs compressed."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..stage import StageConfig, StageResult
+from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
-    from ..context import RunContext
+    from ..context import ModelHandle, RunContext
+    from .perplexity import Windows
+
+#: Bump when a change here changes the figures, so cached original results are recomputed.
+EVAL_VERSION = 1
+_RESERVED = ("perplexity", "kl")  # keys beside the task names in each model's results
 
 
 class EvaluateStage(StageConfig):
+    """Evaluate the current model against the original: lm-eval tasks, perplexity and KL divergence.
+
+    The original's results are cached across runs (same model, settings and versions), so a recipe sweep pays for
+    them once. Defaults take about half a minute per model for SmolLM2-135M on one CPU thread.
+
+    ```yaml
+    - type: evaluate
+      tasks: [pydoc_ppl, pydoc_cloze]   # local tasks in evals/; with hub access any lm-eval task
+      limit: 100                        # items per task; null = all
+      num_fewshot: 0
+      batch_size: 8
+      perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 4096}  # null to skip
+      kl: true                          # KL(original || compressed) on the perplexity windows
+    ```
+    """
+
     type: Literal["evaluate"] = "evaluate"
-    tasks: list[str] = Field(default_factory=lambda: ["pydoc_ppl", "pydoc_cloze"])
-    limit: int | None = Field(None, ge=1)
+    tasks: list[str] = Field(
+        default_factory=lambda: ["pydoc_ppl", "pydoc_cloze"],
+        description="lm-eval task names: local tasks in evals/ (offline), or with hub access any lm-eval task. "
+        "May be empty to measure perplexity only.",
+    )
+    limit: int | None = Field(
+        100, ge=1, description="Items per task (the first N of each task's test split; data files are shuffled). "
+        "null = all items (pydoc_ppl: 120, pydoc_cloze: 250), about 2-3x the time of the default.",
+    )
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples per item (perplexity tasks always use 0).")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    perplexity: PerplexityConfig | None = Field(
+        default_factory=PerplexityConfig,
+        description="Sliding-window perplexity on a corpus (default: 4096 tokens of Python's docs); null to skip.",
+    )
+    kl: bool = Field(
+        True, description="KL(original || compressed) and top-1 agreement on the perplexity windows "
+        "(needs `perplexity`; both models in memory)."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, v: list[str]) -> list[str]:
+        seen = set()
+        for name in v:
+            if name in _RESERVED:
+                raise ValueError(f"a task may not be named `{name}` (a reserved result key)")
+            if name in seen:
+                raise ValueError(f"task `{name}` is listed twice")
+            seen.add(name)
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "EvaluateStage":
+        if not self.tasks and self.perplexity is None:
+            raise ValueError("nothing to evaluate: `tasks` is empty and `perplexity` is null. Fix: set either")
+        return self
+
+    def preflight(self) -> None:
+        """lm-eval installed; every task known and, for hub tasks, the hub reachable (fails in <= 2 s)."""
+        if self.tasks:
+            from ..errors import require
+            from .harness import check_tasks
+
+            require("lm_eval", "eval", "The evaluate stage")
+            check_tasks(self.tasks, where=f"stages (evaluate{': ' + self.name if self.name else ''})")
+
+    # -----------------------------------------------------------------------------------------------------------------
 
     def run(self, ctx: "RunContext") -> StageResult:
-        raise NotImplementedError
+        t0 = time.perf_counter()
+        self.preflight()
+        text = self._corpus_text(ctx)  # file errors surface before any weights load
+        settings = self._settings(ctx, text)
+        windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models
+        computed: list[str] = []
+
+        def compute_original() -> dict:
+            computed.append("original")
+            return self._evaluate(ctx, ctx.original, text, windows)
+
+        t = time.perf_counter()
+        key = {**{k: v for k, v in settings.items() if k != "notes"}, "version": EVAL_VERSION}
+        original = ctx.baseline("evaluate", key, compute_original)
+        timing = {"original_s": round(time.perf_counter() - t, 3), "original_cached": not computed}
+        same = ctx.current is ctx.original
+        if same:
+            compressed = dict(original)
+            settings["notes"].append("no earlier stage changed the model: `compressed` repeats the original's figures")
+        else:
+            t = time.perf_counter()
+            compressed = self._evaluate(ctx, ctx.current, text, windows, reference=ctx.original)
+            timing["compressed_s"] = round(time.perf_counter() - t, 3)
+        if not computed:
+            ctx.log("evaluate: original results reused from the cache")
+        data = {"settings": settings, "original": original, "compressed": compressed, "timing": timing}
+        return StageResult(type="evaluate", label=self.label, seconds=time.perf_counter() - t0, data=data,
+                           summary=summarize(original, compressed, same=same))
+
+    def _settings(self, ctx: "RunContext", text: str | None) -> dict[str, Any]:
+        """How the figures were measured; all but ``notes`` also key the cache of the original's results."""
+        from .harness import tasks_fingerprint
+        from .perplexity import text_fingerprint
+
+        notes = []
+        if self.kl and self.perplexity is None:
+            notes.append("KL skipped: it is computed on the perplexity windows and `perplexity` is null")
+        return {
+            "tasks": list(self.tasks),
+            "limit": self.limit,
+            "num_fewshot": self.num_fewshot,
+            "batch_size": self.batch_size,
+            "tasks_fingerprint": tasks_fingerprint(self.tasks) if self.tasks else None,
+            "perplexity": self.perplexity.model_dump() if self.perplexity else None,
+            "corpus_fingerprint": text_fingerprint(text) if text is not None else None,
+            "kl": self.kl and self.perplexity is not None,
+            "backend": "transformers; tasks through lm-eval HFLM",
+            "python": sys.version.split()[0],
+            **ctx.runtime.describe(),
+            "notes": notes,
+        }
+
+    def _corpus_text(self, ctx: "RunContext") -> str | None:
+        from .perplexity import load_corpus
+
+        return load_corpus(self.perplexity.corpus, ctx.recipe.base_dir) if self.perplexity else None
+
+    def _evaluate(
+        self, ctx: "RunContext", handle: "ModelHandle", text: str | None, windows: dict, reference: "ModelHandle | None" = None
+    ) -> dict[str, Any]:
+        """Tasks, then perplexity (and KL against ``reference`` when given) for one model."""
+        from .harness import run_tasks
+        from .perplexity import check_context, make_windows, perplexity
+
+        model, tokenizer = handle.load()
+        n_windows = 0
+        if text is not None:
+            check_context(model, self.perplexity)
+            if "w" not in windows:
+                windows["w"] = make_windows(tokenizer, text, self.perplexity)
+            n_windows = len(windows["w"].spans)
+        out: dict[str, Any] = {}
+        with ctx.task(f"evaluate {handle.role}", total=len(self.tasks) + n_windows) as advance:
+            if self.tasks:
+                out.update(run_tasks(model, tokenizer, self.tasks, self.limit, self.num_fewshot, self.batch_size, advance))
+            if text is None:
+                return out
+            if reference is not None and self.kl:
+                from .kl import compare
+
+                result = compare(reference.load()[0], model, windows["w"], advance)
+                out["perplexity"], out["kl"] = result.perplexity, result.kl
+            else:
+                out["perplexity"] = perplexity(model, windows["w"], advance)
+        return out
+
+
+def primary_metrics(results: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """One headline metric per task: its first metric that is not a stderr or a count."""
+    out = {}
+    for task, metrics in results.items():
+        if task in _RESERVED or not isinstance(metrics, dict):
+            continue
+        for name, value in metrics.items():
+            if not name.endswith("_stderr") and "_stderr," not in name and name != "sample_len":
+                out[task] = (name, value)
+                break
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
+
+
+def _change(a: float, b: float) -> str:
+    return f"{_fmt(a)} -> {_fmt(b)} ({(b - a) / a * 100:+.1f}%)" if a else f"{_fmt(a)} -> {_fmt(b)}"
+
+
+def summarize(original: dict, compressed: dict, same: bool) -> dict[str, str]:
+    """Short strings for the run summary: each task's headline metric, perplexity and KL, original -> compressed."""
+    fmt: Callable[[float, float], str] = (lambda a, b: f"{_fmt(a)} (original only)") if same else _change
+    out = {}
+    comp = primary_metrics(compressed)
+    for task, (metric, value) in primary_metrics(original).items():
+        if task in comp:
+            out[f"{task} {metric}"] = fmt(value, comp[task][1])
+    if "perplexity" in original and "perplexity" in compressed:
+        out["perplexity"] = fmt(original["perplexity"]["perplexity"], compressed["perplexity"]["perplexity"])
+    if "kl" in compressed:
+        kl = compressed["kl"]
+        out["KL"] = f"mean {kl['kl_mean']:.4f} nats, p95 {kl['kl_p95']:.4f}; top-1 agree {kl['top1_agreement']:.1%}"
+    return out

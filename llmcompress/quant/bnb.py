@@ -32,7 +32,7 @@ class _BnbConfig(QuantizeConfig):
         source = ctx.current
         if source.meta.get("format", "hf") != "hf" or source.meta.get("method"):
             raise RecipeError(
-                f"stages[{ctx.stage_index}] ({self.kind}): bitsandbytes quantizes a dense model while loading it, "
+                f"bitsandbytes quantizes a dense model while loading it, "
                 f"but the model here is already `{source.describe()}`. Fix: put this stage first."
             )
         cfg = self.bnb_config(torch_dtype(ctx.runtime.dtype))

@@ -48,13 +48,13 @@ class RTNConfig(QuantizeConfig):
 
         model, tokenizer = ctx.current.load()
         model = copy.deepcopy(model)  # the original stays untouched for comparison
-        names = quantize_rtn_(model, self, where=f"stages[{ctx.stage_index}] (quantize rtn)")
+        names = quantize_rtn_(model, self)
         meta = {"format": "rtn", "rtn": {"bits": self.bits, "group_size": self.group_size,
                                           "symmetric": self.symmetric, "modules": names}}
         return model, tokenizer, {"quantized_modules": len(names), "meta": meta}
 
 
-def quantize_rtn_(model, cfg: RTNConfig, where: str = "rtn") -> list[str]:
+def quantize_rtn_(model, cfg: RTNConfig) -> list[str]:
     """Replace every ``nn.Linear`` not skipped by an RTNLinear, in place. Returns the replaced module names."""
     import torch
 
@@ -64,7 +64,7 @@ def quantize_rtn_(model, cfg: RTNConfig, where: str = "rtn") -> list[str]:
         gs = lin.in_features if cfg.group_size == -1 else cfg.group_size
         if lin.in_features % gs:
             raise RecipeError(
-                f"{where}: group_size {cfg.group_size} does not divide the input width {lin.in_features} of `{name}`. "
+                f"group_size {cfg.group_size} does not divide the input width {lin.in_features} of `{name}`. "
                 f"Fix: use a divisor of {lin.in_features} (e.g. 64) or -1."
             )
         _set(model, name, rtn_linear.from_linear(lin, cfg.bits, gs, cfg.symmetric))

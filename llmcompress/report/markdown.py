@@ -38,10 +38,13 @@ def _title(report: dict) -> str:
     if report["same_model"]:
         lines.append("- Compressed: the same model (no stage changed it)")
     else:
-        lines.append(f"- Compressed: {_model_line(comp)}" + (f" by {report['method']}" if report.get("method") else ""))
+        method = report.get("method")
+        by = f" (made by {method})" if method and method != comp.get("description") else ""
+        lines.append(f"- Compressed{by}: {_model_line(comp)}")
     env = report["environment"]
     when = [f"started {env['started']}" if env.get("started") else "",
-            f"{env['seconds']:.1f} s in all" if M.is_number(env.get("seconds")) else ""]
+            f"{env['seconds']:.1f} s in all" if M.is_number(env.get("seconds")) else "",
+            f"finished {env['finished']}" if env.get("finished") else ""]
     if any(when):
         lines.append(f"- Run: {', '.join(w for w in when if w)}")
     return "\n".join(lines)
@@ -56,7 +59,7 @@ def _model_line(model: dict) -> str:
 def _stages(report: dict) -> str:
     rows = []
     for s in report["stages"]:
-        settings = _kv({k: v for k, v in s["config"].items() if k not in ("type", "name")})
+        settings = _kv({k: v for k, v in s["config"].items() if k not in ("type", "name") and v is not None})
         time = f"{s['seconds']:.1f} s" if M.is_number(s.get("seconds")) else "—"
         if s["resumed"]:
             time += " (resumed)"
@@ -153,7 +156,7 @@ def _notes(report: dict) -> str:
 def _environment(report: dict) -> str:
     env = report["environment"]
     lines = ["## Environment", ""]
-    for key in ("device", "gpu", "cpu", "cpu_count", "threads", "dtype", "seed", "python"):
+    for key in ("device", "gpu", "cpu", "cpu_count", "threads", "dtype", "seed", "python", "platform"):
         if env.get(key) is not None:
             lines.append(f"- {key}: {env[key]}")
     if env.get("versions"):

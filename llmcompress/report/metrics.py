@@ -183,7 +183,7 @@ def change_text(name: str, entry: dict) -> str:
     if "speedup" in entry:
         return speed_words(entry["speedup"])
     if name.endswith("_bytes") and entry.get("ratio"):
-        return size_words(1 / entry["ratio"])
+        return size_words(1 / entry["ratio"], memory=bench_group(name) == "memory")
     if entry.get("unit") == "points":
         text = f"{entry['delta'] * 100:+.1f} pts"
         return text + (" (within noise)" if entry.get("within_noise") else "")
@@ -198,11 +198,12 @@ def speed_words(speedup: float) -> str:
     return f"{fmt_ratio(speedup)} faster" if speedup > 1 else f"{fmt_ratio(1 / speedup)} slower"
 
 
-def size_words(shrink: float) -> str:
-    """``shrink`` = original / compressed."""
+def size_words(shrink: float, memory: bool = False) -> str:
+    """``shrink`` = original / compressed; sizes get smaller/larger, memory less/more."""
     if abs(shrink - 1) < SIZE_TOLERANCE:
-        return "same size"
-    return f"{fmt_ratio(shrink)} smaller" if shrink > 1 else f"{fmt_ratio(1 / shrink)} larger"
+        return "same memory" if memory else "same size"
+    less, more = ("less", "more") if memory else ("smaller", "larger")
+    return f"{fmt_ratio(shrink)} {less}" if shrink > 1 else f"{fmt_ratio(1 / shrink)} {more}"
 
 
 def short_dtype(dtype: Any) -> str:

@@ -54,7 +54,7 @@ def _panel(title, better, change, groups, original, compressed, errors=None) -> 
 def caption(report: dict) -> str:
     """Where each panel's numbers come from."""
     cmp = report["comparison"]
-    parts = []
+    parts = ["Size: weight files on disk (MiB = 2^20 bytes)."] if cmp["size"].get("shrink") else []
     if cmp.get("bench"):
         parts.append(f"Speed: {M.describe_conditions(cmp['bench']['measured_with'])}.")
     if cmp.get("eval"):
@@ -76,21 +76,19 @@ def plot_tradeoff(report: dict, path: Path) -> Path | None:
     n = len(panels)
     width = max(7.0, 3.4 * n)
     text = textwrap.fill(caption(report), width=int(width * 15))
-    lines = text.count("\n") + 1
-    fig = Figure(figsize=(width, 4.4 + 0.18 * lines), dpi=110)
+    title = textwrap.fill(report["headline"].split(" — ")[0], width=int(width * 8.5))  # room for the legend
+    bottom_in = 0.3 + 0.15 * (text.count("\n") + 1)  # inches taken by the caption
+    top_in = 0.1 + 0.2 * (title.count("\n") + 1)  # ... and by the title
+    fig = Figure(figsize=(width, 3.9 + bottom_in + top_in), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
     handles = [_draw(ax, panel, report["same_model"]) for ax, panel in zip(axes, panels)][0]
     fig.legend(handles, ["original", "compressed"], loc="upper right", ncol=2, frameon=False, fontsize=9)
-    fig.suptitle(_title(report), x=0.01, ha="left", fontsize=11, fontweight="bold")
+    fig.suptitle(title, x=0.01, y=0.99, ha="left", va="top", fontsize=11, fontweight="bold")
     fig.text(0.01, 0.01, text, fontsize=7.5, va="bottom", ha="left", color="#444444")
-    fig.tight_layout(rect=(0, (0.3 + 0.15 * lines) / fig.get_figheight(), 1, 0.93))
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom_in / height, 1, 1 - top_in / height))
     return _save(fig, Path(path))
-
-
-def _title(report: dict) -> str:
-    head = report["headline"].split(" — ")[0]
-    return textwrap.shorten(head, width=110, placeholder="…")
 
 
 def _draw(ax, panel: dict, same_model: bool) -> tuple:

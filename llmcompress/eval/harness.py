@@ -1,0 +1,322 @@
+"""lm-eval tasks on an in-memory model: the local tasks in ``evals/`` (offline) or, with hub access, any lm-eval task.
+
+Local task YAMLs name their data files relative to their own folder; lm-eval (through ``datasets``) would read them
+relative to the working directory, so each run indexes a rendered copy: one small overlay YAML per task that includes
+the original by absolute path and makes its ``data_files`` absolute. The TaskManager is built once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import re
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import yaml
+
+from ..errors import RecipeError
+from ..registry import did_you_mean
+
+EVALS_ENV = "LLMCOMPRESS_EVALS"
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = {"1", "true", "yes", "on"}
+#: Bootstrap draws for the stderr of metrics that have no closed form (lm-eval's default, 100k, takes minutes).
+BOOTSTRAP_ITERS = 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local tasks
+
+
+def evals_dir() -> Path:
+    """The folder of local task YAMLs: ``$LLMCOMPRESS_EVALS``, else ``evals/`` beside the package."""
+    env = os.environ.get(EVALS_ENV)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            raise RecipeError(f"{EVALS_ENV}={env}: no such folder. Fix: point it to a folder of lm-eval task YAMLs.")
+        return path
+    import llmcompress
+
+    return Path(llmcompress.__file__).resolve().parents[1] / "evals"
+
+
+class _TagTolerantLoader(yaml.SafeLoader):
+    """Safe YAML that reads lm-eval's ``!function`` tags as plain strings (we only look at names and data paths)."""
+
+
+_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_scalar(node))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        cfg = yaml.load(path.read_text(), Loader=_TagTolerantLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e}). Fix: correct the task file.") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _task_yamls(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*.yaml")):
+        if not any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
+            yield path
+
+
+def local_tasks(root: Path | None = None) -> dict[str, Path]:
+    """Task (and group) names defined in the evals folder -> their YAML file."""
+    root = root or evals_dir()
+    out: dict[str, Path] = {}
+    if not root.is_dir():
+        return out
+    for path in _task_yamls(root):
+        cfg = _read_yaml(path)
+        name = cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group")
+        if isinstance(name, str):
+            out[name] = path
+    return out
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """Make the relative file paths in a ``data_files`` value (str | list | dict) absolute against ``base``."""
+    if isinstance(value, str):
+        return value if "://" in value or Path(value).is_absolute() else str((base / value).resolve())
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute(v, base) for k, v in value.items()}
+    return value
+
+
+def _overlay(path: Path) -> dict:
+    """The rendered YAML for one task file: include the original, with data paths made absolute."""
+    cfg = _read_yaml(path)
+    out: dict[str, Any] = {"include": str(path)}
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and "data_files" in kwargs:
+        out["dataset_kwargs"] = {**kwargs, "data_files": _absolute(kwargs["data_files"], path.parent)}
+    ds = cfg.get("dataset_path")
+    if isinstance(ds, str) and not Path(ds).is_absolute() and (path.parent / ds).exists():
+        out["dataset_path"] = str((path.parent / ds).resolve())  # a local dataset folder
+    return out
+
+
+def tasks_fingerprint(tasks: Sequence[str], root: Path | None = None) -> str:
+    """Hash of the local task files and their data (so cached results go stale when the data is rebuilt)."""
+    local = local_tasks(root)
+    h = hashlib.sha256()
+    for name in sorted(set(tasks) & set(local)):
+        path = local[name]
+        h.update(name.encode() + path.read_bytes())
+        for data in _data_files(path):
+            h.update(data.read_bytes() if data.is_file() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def _data_files(path: Path) -> list[Path]:
+    files = _overlay(path).get("dataset_kwargs", {}).get("data_files")
+    flat: list[str] = []
+    stack = [files]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            flat.append(v)
+        elif isinstance(v, list):
+            stack += v
+        elif isinstance(v, dict):
+            stack += list(v.values())
+    return [Path(f) for f in sorted(flat) if "://" not in f]
+
+
+def render_include_dir(root: Path | None = None) -> Path:
+    """Write overlay YAMLs for every local task into a cache folder keyed by their content; return the folder."""
+    from ..utils.cache import cache_dir
+    from ..utils.io import atomic_dir, stable_hash
+
+    root = root or evals_dir()
+    overlays = {name: _overlay(path) for name, path in local_tasks(root).items()}
+    target = cache_dir("evals-rendered", stable_hash([str(root), overlays], 12))
+    if target.is_dir():
+        return target
+    with atomic_dir(target, replace=False) as tmp:
+        for name, overlay in overlays.items():
+            safe = re.sub(r"[^\w.-]", "_", name)
+            (tmp / f"{safe}.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task names and hub access
+
+
+def hub_offline_reason() -> str | None:
+    """Why lm-eval's built-in tasks cannot fetch data now (an offline variable, or no connection in 2 s), else None."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var]} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    return _unreachable(host, port)
+
+
+@functools.lru_cache(maxsize=8)
+def _unreachable(host: str, port: int, timeout: float = 2.0) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.__class__.__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_task_names() -> frozenset[str]:
+    """Names of lm-eval's built-in tasks, groups and tags, read from its YAML files by a quick text scan (~1 s).
+
+    Only used to word errors; the TaskManager's index is the authority when the hub is reachable.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    root = Path(next(iter(spec.submodule_search_locations))) / "tasks"
+    pattern = re.compile(r"^(?:task|group|tag):\s*([\w.\-]+)\s*$", re.M)
+    names: set[str] = set()
+    for path in root.rglob("*.yaml"):
+        names.update(pattern.findall(path.read_text(errors="ignore")))
+    return frozenset(names)
+
+
+def check_tasks(tasks: Sequence[str], where: str = "evaluate") -> None:
+    """Fail at once, before any model loads, on unknown task names and on hub-only tasks while offline."""
+    local = local_tasks()
+    others = [t for t in tasks if t not in local]
+    if not others:
+        return
+    local_list = ", ".join(sorted(local)) or f"none (no task YAMLs in {evals_dir()})"
+    reason = hub_offline_reason()
+    builtin = builtin_task_names()
+    for name in others:
+        if name in builtin and reason is None:
+            continue
+        if name in builtin:
+            raise RecipeError(
+                f"{where}: `{name}` is an lm-eval task whose data comes from the Hugging Face hub, which is offline "
+                f"({reason}). Fix: use a local task ({local_list}), add a task YAML with local data to {evals_dir()}, "
+                "or run where the hub is reachable (and unset the offline variables)."
+            )
+        hint = did_you_mean(name, sorted(local)) or did_you_mean(name, sorted(builtin))
+        raise RecipeError(
+            f"{where}: unknown task `{name}`.{hint} Local tasks: {local_list}. "
+            "With hub access any lm-eval task name works (see `lm_eval ls tasks`)."
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str, include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(tasks: Sequence[str]):
+    """A TaskManager that knows ``tasks``: local ones only (fast), or lm-eval's too (~12 s once per process)."""
+    local = local_tasks()
+    include_defaults = any(t not in local for t in tasks)
+    return _task_manager(str(render_include_dir()), include_defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def clean_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{task: {"acc,none": 0.4, "alias": ..}}`` -> ``{task: {"acc": 0.4}}``: finite numbers only, ",none" dropped."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        clean = {}
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            clean[key[: -len(",none")] if key.endswith(",none") else key] = float(value)
+        out[task] = clean
+    return out
+
+
+@contextmanager
+def _lean_lm_eval(quiet: bool) -> Iterator[None]:
+    """Skip what lm-eval adds to every result that we record ourselves, and keep its output off our progress bars.
+
+    ``add_env_info`` runs ``pip list`` and friends (~1.3 s a call); ``get_git_commit_hash`` runs ``git describe`` in the
+    working directory (printing "fatal: not a git repository" outside one). When ``quiet``, lm-eval's tqdm bars and
+    warnings go to a buffer, replayed on stderr if the evaluation fails.
+    """
+    import io
+    import logging
+    import sys
+    from contextlib import ExitStack, redirect_stderr
+    from unittest import mock
+
+    import lm_eval.evaluator as evaluator
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    buffer = io.StringIO()
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(evaluator, "add_env_info", lambda results: None))
+        stack.enter_context(mock.patch.object(evaluator, "get_git_commit_hash", lambda: None))
+        logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+        if quiet:
+            stack.enter_context(redirect_stderr(buffer))
+        try:
+            yield
+        except BaseException:
+            sys.__stderr__.write(buffer.getvalue()[-4000:])
+            raise
+        finally:
+            logger.setLevel(level)
+
+
+def run_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    progress: Callable[..., None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate a loaded model on lm-eval tasks; returns ``{task: {metric: value}}`` (e.g. ``{"acc": .41}``).
+
+    Args:
+        model, tokenizer: an in-memory transformers model and its tokenizer.
+        tasks: local task names (``evals/``) or, with hub access, any lm-eval task.
+        limit: items per task (the first N of its test split); None for all.
+        num_fewshot: few-shot examples per item (tasks that fix it to 0, like perplexity, keep 0).
+        batch_size: lm-eval batch size.
+        progress: called with 1 after each task (our progress bar); lm-eval's own output is hidden when given.
+    """
+    check_tasks(tasks)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(tasks)
+    out: dict[str, dict[str, float]] = {}
+    with _lean_lm_eval(quiet=progress is not None):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        for task in tasks:  # one at a time, so the progress bar moves per task
+            res = simple_evaluate(
+                lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+            )
+            out.update(clean_results(res["results"]))
+            if progress is not None:
+                progress(1)
+    return out

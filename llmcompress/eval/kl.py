@@ -1,0 +1,49 @@
+"""KL(P_original || P_compressed) of the next-token distributions, per token, on the perplexity windows.
+
+Both models run window by window, so at most one window's logits per model are held at a time. Per-token KL in
+nats; ``top1_agreement`` is the share of positions where both models' most likely next token is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .perplexity import Windows, nll_sum, summarize, window_logprobs
+
+
+@dataclass
+class Comparison:
+    """KL figures, plus the compressed model's perplexity, which the same pass gets for free."""
+
+    kl: dict[str, Any]
+    perplexity: dict[str, Any]
+
+
+def compare(original: Any, compressed: Any, windows: Windows, progress: Callable[..., None] | None = None) -> Comparison:
+    """Run both models over ``windows``: KL(P_original || P_compressed) stats and the compressed model's perplexity."""
+    import torch
+
+    kls, agree, total_nll = [], 0, 0.0
+    for (lp, targets), (lq, _) in zip(window_logprobs(original, windows), window_logprobs(compressed, windows)):
+        lq = lq.to(lp.device)
+        kls.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).cpu())  # (n,); clamp: float error can go below 0
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        total_nll += nll_sum(lq, targets.to(lq.device))
+        del lp, lq
+        if progress is not None:
+            progress(1)
+    per_token = torch.cat(kls).double()
+    kl = {
+        "kl_mean": per_token.mean().item(),
+        "kl_p95": torch.quantile(per_token, 0.95).item(),
+        "kl_max": per_token.max().item(),
+        "top1_agreement": agree / len(per_token),
+        "tokens": len(per_token),
+    }
+    return Comparison(kl=kl, perplexity=summarize(total_nll, windows.scored, windows.corpus))
+
+
+def kl_divergence(original: Any, compressed: Any, windows: Windows, progress: Callable[..., None] | None = None) -> dict:
+    """``{"kl_mean", "kl_p95", "kl_max", "top1_agreement", "tokens"}``: KL(P_original || P_compressed), nats per token."""
+    return compare(original, compressed, windows, progress).kl
