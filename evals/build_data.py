@@ -3,7 +3,8 @@
 Deterministic for a given Python version (fixed seed; the topics text ships with Python and is PSF licensed).
 Run ``python evals/build_data.py`` and commit the files it writes; ``MANIFEST.json`` records how they were made.
 
-- ``pydoc_ppl.jsonl``: ``{"topic", "text"}`` passages of about 1,200 characters, for rolling perplexity.
+- ``pydoc_ppl.jsonl``: ``{"topic", "text"}`` passages of 700-1,200 characters (~200 tokens), for rolling perplexity;
+  short, so that lm-eval's batches stay small on CPU.
 - ``pydoc_cloze.jsonl``: ``{"topic", "context", "choices", "label"}``: which of 4 sentences truly follows the context?
   The 3 distractors are sentences of similar length from other topics. ``pydoc_cloze_shots.jsonl``: a few more items
   of the same kind, used only as few-shot examples.
@@ -19,8 +20,8 @@ import sys
 from pathlib import Path
 
 SEED = 1234
-PPL_DOCS = 120          # passages in pydoc_ppl (the stage's `limit` takes the first N)
-PPL_CHARS = 1200        # target passage length; passages end at a paragraph boundary
+PPL_DOCS = 150          # passages in pydoc_ppl (the stage's `limit` takes the first N)
+PPL_CHARS = (700, 1200)  # passages end at the first paragraph boundary past 700 characters; longer ones are dropped
 CLOZE_ITEMS = 250       # items in pydoc_cloze (test split)
 CLOZE_SHOTS = 16        # separate items for few-shot examples (train split), never scored
 CONTEXT_SENTENCES = 3   # at most this many sentences before the target
@@ -67,17 +68,18 @@ def sentences(par: str) -> list[str]:
 
 
 def ppl_docs(tops: dict[str, str], rng: random.Random) -> list[dict]:
-    """Passages of whole paragraphs (code included: it is part of the real text), about PPL_CHARS long."""
+    """Passages of whole paragraphs (code included: it is part of the real text), PPL_CHARS long."""
+    lo, hi = PPL_CHARS
     docs = []
     for name, text in tops.items():
         chunk: list[str] = []
         for par in paragraphs(text):
             chunk.append(par)
-            if sum(len(c) for c in chunk) >= PPL_CHARS:
-                docs.append({"topic": name, "text": "\n\n".join(chunk)})
+            size = sum(len(c) + 2 for c in chunk) - 2
+            if size >= lo:
+                if size <= hi:
+                    docs.append({"topic": name, "text": "\n\n".join(chunk)})
                 chunk = []
-        if chunk and sum(len(c) for c in chunk) >= PPL_CHARS // 3:
-            docs.append({"topic": name, "text": "\n\n".join(chunk)})
     rng.shuffle(docs)
     return docs[:PPL_DOCS]
 

@@ -175,48 +175,39 @@ def _unreachable(host: str, port: int, timeout: float = 2.0) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def builtin_task_names() -> frozenset[str]:
-    """Names of lm-eval's built-in tasks, groups and tags, read from its YAML files by a quick text scan (~1 s).
-
-    Only used to word errors; the TaskManager's index is the authority when the hub is reachable.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return frozenset()
-    root = Path(next(iter(spec.submodule_search_locations))) / "tasks"
-    pattern = re.compile(r"^(?:task|group|tag):\s*([\w.\-]+)\s*$", re.M)
-    names: set[str] = set()
-    for path in root.rglob("*.yaml"):
-        names.update(pattern.findall(path.read_text(errors="ignore")))
-    return frozenset(names)
-
-
 def check_tasks(tasks: Sequence[str], where: str = "evaluate") -> None:
-    """Fail at once, before any model loads, on unknown task names and on hub-only tasks while offline."""
-    local = local_tasks()
+    """Fail at once, before any model loads, on unknown task names and on hub tasks while the hub is offline.
+
+    Local names are checked against ``evals/``; other names need the hub, so offline they fail here in <= 2 s.
+    Online, lm-eval's full index (built once, ~12 s) is the authority.
+    """
+    local = sorted(local_tasks())
     others = [t for t in tasks if t not in local]
     if not others:
         return
-    local_list = ", ".join(sorted(local)) or f"none (no task YAMLs in {evals_dir()})"
-    reason = hub_offline_reason()
-    builtin = builtin_task_names()
-    for name in others:
-        if name in builtin and reason is None:
-            continue
-        if name in builtin:
-            raise RecipeError(
-                f"{where}: `{name}` is an lm-eval task whose data comes from the Hugging Face hub, which is offline "
-                f"({reason}). Fix: use a local task ({local_list}), add a task YAML with local data to {evals_dir()}, "
-                "or run where the hub is reachable (and unset the offline variables)."
-            )
-        hint = did_you_mean(name, sorted(local)) or did_you_mean(name, sorted(builtin))
-        raise RecipeError(
-            f"{where}: unknown task `{name}`.{hint} Local tasks: {local_list}. "
+    local_list = ", ".join(local) or f"none (no task YAMLs in {evals_dir()})"
+
+    def unknown(name: str, choices: list[str]) -> RecipeError:
+        return RecipeError(
+            f"{where}: unknown task `{name}`.{did_you_mean(name, choices)} Local tasks: {local_list}. "
             "With hub access any lm-eval task name works (see `lm_eval ls tasks`)."
         )
+
+    for name in others:
+        if did_you_mean(name, local):  # a typo of a local task, not a hub task
+            raise unknown(name, local)
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise RecipeError(
+            f"{where}: `{others[0]}` is not a local task (local tasks: {local_list}), and lm-eval's own tasks "
+            f"download their data from the Hugging Face hub, which is offline ({reason}). Fix: use a local task, "
+            f"add a task YAML with local data to {evals_dir()}, or run where the hub is reachable "
+            "(with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset)."
+        )
+    known = set(task_manager(tasks).all_tasks)
+    for name in others:
+        if name not in known:
+            raise unknown(name, sorted(known | set(local)))
 
 
 @functools.lru_cache(maxsize=4)

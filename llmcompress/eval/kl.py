@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import LLMCompressError
 from .perplexity import Windows, nll_sum, summarize, window_logprobs
 
 
@@ -26,6 +27,11 @@ def compare(original: Any, compressed: Any, windows: Windows, progress: Callable
 
     kls, agree, total_nll = [], 0, 0.0
     for (lp, targets), (lq, _) in zip(window_logprobs(original, windows), window_logprobs(compressed, windows)):
+        if lp.shape[-1] != lq.shape[-1]:
+            raise LLMCompressError(
+                f"KL: the models' vocabularies differ ({lp.shape[-1]} vs {lq.shape[-1]} logits), so their next-token "
+                "distributions cannot be compared. Fix: compress without resizing the vocabulary, or set `kl: false`."
+            )
         lq = lq.to(lp.device)
         kls.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).cpu())  # (n,); clamp: float error can go below 0
         agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()

@@ -47,7 +47,7 @@ class PerplexityConfig(BaseModel):
     )
     ctx_len: int = Field(512, ge=2, description="Tokens per window.")
     stride: int = Field(256, ge=1, description="Tokens between window starts; each window scores only its new tokens.")
-    max_tokens: int = Field(4096, ge=2, description="Score at most this many tokens from the start of the corpus.")
+    max_tokens: int = Field(2048, ge=2, description="Score at most this many tokens from the start of the corpus.")
 
     @field_validator("corpus")
     @classmethod

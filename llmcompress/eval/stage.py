@@ -29,10 +29,10 @@ class EvaluateStage(StageConfig):
     ```yaml
     - type: evaluate
       tasks: [pydoc_ppl, pydoc_cloze]   # local tasks in evals/; with hub access any lm-eval task
-      limit: 100                        # items per task; null = all
+      limit: 16                         # items per task; null = all
       num_fewshot: 0
       batch_size: 8
-      perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 4096}  # null to skip
+      perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 2048}  # null to skip
       kl: true                          # KL(original || compressed) on the perplexity windows
     ```
     """
@@ -44,14 +44,14 @@ class EvaluateStage(StageConfig):
         "May be empty to measure perplexity only.",
     )
     limit: int | None = Field(
-        100, ge=1, description="Items per task (the first N of each task's test split; data files are shuffled). "
-        "null = all items (pydoc_ppl: 120, pydoc_cloze: 250), about 2-3x the time of the default.",
+        16, ge=1, description="Items per task (the first N of each task's test split; data files are shuffled). "
+        "null = all items (pydoc_ppl: 150, pydoc_cloze: 250).",
     )
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples per item (perplexity tasks always use 0).")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     perplexity: PerplexityConfig | None = Field(
         default_factory=PerplexityConfig,
-        description="Sliding-window perplexity on a corpus (default: 4096 tokens of Python's docs); null to skip.",
+        description="Sliding-window perplexity on a corpus (default: 2048 tokens of Python's docs); null to skip.",
     )
     kl: bool = Field(
         True, description="KL(original || compressed) and top-1 agreement on the perplexity windows "
@@ -93,25 +93,26 @@ class EvaluateStage(StageConfig):
         text = self._corpus_text(ctx)  # file errors surface before any weights load
         settings = self._settings(ctx, text)
         windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models
-        computed: list[str] = []
+        timing: dict[str, dict[str, Any]] = {"original": {"cached": True}}
 
         def compute_original() -> dict:
-            computed.append("original")
-            return self._evaluate(ctx, ctx.original, text, windows)
+            timing["original"]["cached"] = False
+            return self._evaluate(ctx, ctx.original, text, windows, timing["original"])
 
         t = time.perf_counter()
         key = {**{k: v for k, v in settings.items() if k != "notes"}, "version": EVAL_VERSION}
         original = ctx.baseline("evaluate", key, compute_original)
-        timing = {"original_s": round(time.perf_counter() - t, 3), "original_cached": not computed}
+        timing["original"]["seconds"] = round(time.perf_counter() - t, 3)
         same = ctx.current is ctx.original
         if same:
             compressed = dict(original)
             settings["notes"].append("no earlier stage changed the model: `compressed` repeats the original's figures")
         else:
             t = time.perf_counter()
-            compressed = self._evaluate(ctx, ctx.current, text, windows, reference=ctx.original)
-            timing["compressed_s"] = round(time.perf_counter() - t, 3)
-        if not computed:
+            timing["compressed"] = {}
+            compressed = self._evaluate(ctx, ctx.current, text, windows, timing["compressed"], reference=ctx.original)
+            timing["compressed"]["seconds"] = round(time.perf_counter() - t, 3)
+        if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
         data = {"settings": settings, "original": original, "compressed": compressed, "timing": timing}
         return StageResult(type="evaluate", label=self.label, seconds=time.perf_counter() - t0, data=data,
@@ -146,9 +147,15 @@ class EvaluateStage(StageConfig):
         return load_corpus(self.perplexity.corpus, ctx.recipe.base_dir) if self.perplexity else None
 
     def _evaluate(
-        self, ctx: "RunContext", handle: "ModelHandle", text: str | None, windows: dict, reference: "ModelHandle | None" = None
+        self,
+        ctx: "RunContext",
+        handle: "ModelHandle",
+        text: str | None,
+        windows: dict,
+        timing: dict,
+        reference: "ModelHandle | None" = None,
     ) -> dict[str, Any]:
-        """Tasks, then perplexity (and KL against ``reference`` when given) for one model."""
+        """Tasks, then perplexity (and KL against ``reference`` when given) for one model; seconds go to ``timing``."""
         from .harness import run_tasks
         from .perplexity import check_context, make_windows, perplexity
 
@@ -161,17 +168,22 @@ class EvaluateStage(StageConfig):
             n_windows = len(windows["w"].spans)
         out: dict[str, Any] = {}
         with ctx.task(f"evaluate {handle.role}", total=len(self.tasks) + n_windows) as advance:
+            t = time.perf_counter()
             if self.tasks:
                 out.update(run_tasks(model, tokenizer, self.tasks, self.limit, self.num_fewshot, self.batch_size, advance))
+                timing["tasks_s"] = round(time.perf_counter() - t, 3)
             if text is None:
                 return out
+            t = time.perf_counter()
             if reference is not None and self.kl:
                 from .kl import compare
 
                 result = compare(reference.load()[0], model, windows["w"], advance)
                 out["perplexity"], out["kl"] = result.perplexity, result.kl
+                timing["perplexity_kl_s"] = round(time.perf_counter() - t, 3)
             else:
                 out["perplexity"] = perplexity(model, windows["w"], advance)
+                timing["perplexity_s"] = round(time.perf_counter() - t, 3)
         return out
 
 

@@ -153,8 +153,9 @@ def _comparison(models: dict, evaluate: dict | None, benchmark: dict | None) -> 
     out["bench"] = None
     if benchmark is not None:
         figures = {}
+        ratios = (benchmark.get("data") or {}).get("ratios") or {}
         for fig in orig["bench"]:
-            entry = M.compare_bench(fig, orig["bench"].get(fig), comp["bench"].get(fig))
+            entry = M.compare_bench(fig, orig["bench"].get(fig), comp["bench"].get(fig), ratios.get(fig))
             if entry is not None:
                 figures[fig] = entry
         out["bench"] = {"measured_with": orig["measured_with"]["bench"], "figures": figures}

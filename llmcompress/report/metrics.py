@@ -25,6 +25,9 @@ _BENCH_LABELS = {
     "size_bytes": "size on disk",
     "param_bytes": "weights in memory",
     "peak_rss_bytes": "peak RSS memory",
+    "peak_rss_model_bytes": "peak RSS (model)",
+    "rss_load_bytes": "RSS after load",
+    "peak_gpu_bytes": "peak GPU memory",
     "load_s": "load time",
     "ttft_ms": "time to first token",
     "prefill_tok_s": "prefill tokens/s",
@@ -157,15 +160,20 @@ def compare(
     return entry
 
 
-def compare_bench(figure: str, original: Any, compressed: Any) -> dict | None:
+def compare_bench(figure: str, original: Any, compressed: Any, ratio: float | None = None) -> dict | None:
     """A comparison entry for a benchmark figure, plus ``ratio`` (compressed / original) and, for timings,
-    ``speedup`` (how many times faster the compressed model is; < 1 means slower)."""
+    ``speedup`` (how many times faster the compressed model is; < 1 means slower).
+
+    ``ratio``: the stage's own ratio when it has one (the median of per-round paired ratios, which cancels drift on
+    a noisy machine better than a ratio of medians); otherwise the quotient of the two figures.
+    """
     entry = compare(figure, original, compressed, points=False)
     if entry is None:
         return None
-    entry["ratio"] = compressed / original if original else None
+    entry["ratio"] = ratio if is_number(ratio) else (compressed / original if original else None)
     if bench_group(figure) == "speed" and original and compressed:
-        entry["speedup"] = compressed / original if entry["better"] == "higher" else original / compressed
+        r = entry["ratio"]
+        entry["speedup"] = r if entry["better"] == "higher" else 1 / r
     entry["change"] = change_text(figure, entry)
     return entry
 

@@ -1,0 +1,132 @@
+"""Load time and memory of one model, measured in a fresh Python process so models never share a high-water mark.
+
+    python -m llmcompress.bench.memory <folder> --device cpu --dtype bfloat16 --threads 1
+
+The child imports torch and transformers, records its RSS (the base), loads the model (timed), records RSS again,
+runs one short greedy generate, and prints one JSON line. Peak RSS is the kernel's high-water mark of the child's own
+address space (``VmHWM``): ``ru_maxrss`` is not used on Linux because a child started by fork/vfork + exec inherits
+the parent's peak there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import LLMCompressError
+
+MODULE = "llmcompress.bench.memory"
+
+
+def measure_memory(
+    path: str | Path, device: str = "cpu", dtype: str = "bfloat16", threads: int = 1,
+    prompt_tokens: int = 16, new_tokens: int = 4, timeout_s: float = 900,
+) -> dict[str, Any]:
+    """Run the probe in a fresh process; return its JSON. Raises LLMCompressError naming the folder and the fix."""
+    cmd = [sys.executable, "-m", MODULE, str(path), "--device", device, "--dtype", dtype, "--threads", str(threads),
+           "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise LLMCompressError(
+            f"benchmark: the memory probe of `{path}` ran over {timeout_s:.0f} s. "
+            f"Fix: run `{' '.join(cmd[1:])}` by hand to see where it hangs, or set `memory: false`."
+        ) from None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:]) or "(no output)"
+        raise LLMCompressError(
+            f"benchmark: the memory probe of `{path}` failed (exit {proc.returncode}):\n{tail}\n"
+            f"Fix: check that the folder loads with llmcompress.models.loading.load_model, "
+            f"or set `memory: false` to skip this measurement."
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise LLMCompressError(
+            f"benchmark: the memory probe of `{path}` printed no JSON (stdout: {proc.stdout[-300:]!r})."
+        ) from None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set (since its exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def probe(path: str | Path, device: str, dtype: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Load ``path`` in this process and measure it. Meant for a fresh process (``python -m``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the base RSS
+
+    from ..models.loading import load_model
+    from .hf import HFBackend
+
+    torch.set_num_threads(threads)
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(path, device, dtype)
+    load_s = time.perf_counter() - t0
+    after_load = rss_bytes()
+    backend = HFBackend(model, tokenizer, device)
+    timing = backend.generate(backend.prompts(1, prompt_tokens), new_tokens)
+    peak = peak_rss_bytes()
+    out = {
+        "path": str(path), "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+        "load_s": round(load_s, 4), "rss_base_bytes": base, "rss_load_bytes": after_load, "peak_rss_bytes": peak,
+        "generate": {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                     "total_s": round(timing.total_s, 4)},
+    }
+    if device == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a model folder (save_pretrained layout, or one llmcompress wrote)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=4)
+    args = parser.parse_args(argv)
+    path = Path(args.path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        print(f"{MODULE}: `{path}` {what}. Fix: pass a model folder written by save_pretrained.", file=sys.stderr)
+        return 2
+    if args.threads < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
+        print(f"{MODULE}: --threads and --prompt-tokens must be >= 1 and --new-tokens >= 2.", file=sys.stderr)
+        return 2
+    result = probe(path, args.device, args.dtype, args.threads, args.prompt_tokens, args.new_tokens)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

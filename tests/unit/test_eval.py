@@ -1,0 +1,266 @@
+"""The evaluate stage on the tiny random llama: lm-eval local tasks, perplexity, KL, errors and the baseline cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("lm_eval")
+
+from llmcompress.errors import RecipeError  # noqa: E402
+from llmcompress.eval import harness  # noqa: E402
+from llmcompress.eval.perplexity import PerplexityConfig, load_corpus, make_windows, perplexity  # noqa: E402
+from llmcompress.eval.stage import EvaluateStage  # noqa: E402
+
+SMALL_PPL = {"ctx_len": 128, "stride": 64, "max_tokens": 384}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from llmcompress.models.loading import load_model
+
+    return load_model(tiny_model_dir, "cpu", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def perturbed_dir(tiny, tmp_path_factory) -> Path:
+    """A copy of the tiny model with noise on every weight: a stand-in for a compressed model."""
+    import copy
+
+    import torch
+
+    model, tok = tiny
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
+    path = tmp_path_factory.mktemp("perturbed")
+    noisy.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "llmcompress.json").write_text(json.dumps({"format": "hf", "method": "noise"}))
+    return path
+
+
+# --- config -----------------------------------------------------------------------------------------------------------
+
+
+def test_docstring_yaml_sample_validates(tiny_model_dir):
+    from llmcompress.recipe import load_recipe
+
+    sample = re.search(r"```yaml\n(.*?)```", EvaluateStage.__doc__, re.S).group(1)
+    recipe = load_recipe({"name": "doc", "model": str(tiny_model_dir), "stages": yaml.safe_load(sample)})
+    stage = recipe.stages[0]
+    assert isinstance(stage, EvaluateStage)
+    assert stage == EvaluateStage()  # the sample shows the defaults
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"perplexity": {"ctx_len": 128, "stride": 256}}, "must be <= `ctx_len`"),
+        ({"perplexity": {"corpus": "builtin:pydocs"}}, "Did you mean `builtin:pydoc`"),
+        ({"perplexity": {"corpus": "notes.md"}}, ".txt file or a .jsonl"),
+        ({"tasks": [], "perplexity": None}, "nothing to evaluate"),
+        ({"tasks": ["pydoc_ppl", "pydoc_ppl"]}, "listed twice"),
+        ({"limt": 5}, "Did you mean `limit`"),
+    ],
+)
+def test_bad_config_names_the_fix(tiny_model_dir, stage, message):
+    from llmcompress.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe({"name": "x", "model": str(tiny_model_dir), "stages": [{"type": "evaluate", **stage}]})
+
+
+# --- perplexity and KL ------------------------------------------------------------------------------------------------
+
+
+def test_windows_score_every_token_once(tiny):
+    _, tok = tiny
+    cfg = PerplexityConfig(ctx_len=100, stride=30, max_tokens=1000)
+    w = make_windows(tok, load_corpus("builtin:pydoc"), cfg)
+    assert len(w.ids) == 1000 and w.scored == 999
+    ends = 1
+    for begin, end, first in w.spans:
+        assert first == ends and end - begin <= 100
+        assert first - begin >= 100 - 30 or begin == 0  # context of at least ctx_len - stride
+        ends = end
+    assert ends == 1000
+
+
+def test_random_model_perplexity_is_near_vocab_size(tiny):
+    model, tok = tiny
+    w = make_windows(tok, load_corpus("builtin:pydoc"), PerplexityConfig(**SMALL_PPL))
+    res = perplexity(model, w)
+    assert res["tokens"] == SMALL_PPL["max_tokens"] - 1 and res["corpus"] == "builtin:pydoc"
+    vocab = model.config.vocab_size
+    assert vocab / 2 < res["perplexity"] < vocab * 2, res
+
+
+def test_kl_is_zero_against_itself_and_positive_against_a_perturbed_copy(tiny, perturbed_dir):
+    from llmcompress.eval.kl import compare
+    from llmcompress.models.loading import load_model
+
+    model, tok = tiny
+    w = make_windows(tok, load_corpus("builtin:pydoc"), PerplexityConfig(**SMALL_PPL))
+    same = compare(model, model, w)
+    assert same.kl["kl_max"] < 1e-6 and same.kl["top1_agreement"] == 1.0
+    assert same.kl["tokens"] == w.scored
+
+    noisy, _ = load_model(perturbed_dir, "cpu", "bfloat16")
+    diff = compare(model, noisy, w)
+    assert diff.kl["kl_mean"] > 1e-3 and diff.kl["kl_p95"] >= diff.kl["kl_mean"] * 0.5
+    assert diff.kl["kl_max"] >= diff.kl["kl_p95"] and diff.kl["top1_agreement"] < 1.0
+    # The same pass yields the compressed model's perplexity, equal to a direct measurement.
+    assert math.isclose(diff.perplexity["perplexity"], perplexity(noisy, w)["perplexity"], rel_tol=1e-4)
+
+
+def test_corpus_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    assert load_corpus("a.txt", tmp_path) == "hello world"
+    assert load_corpus(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    with pytest.raises(RecipeError, match=r"c\.jsonl:2: no string `text` field"):
+        load_corpus("c.jsonl", tmp_path)
+    with pytest.raises(RecipeError, match="no such file"):
+        load_corpus("missing.txt", tmp_path)
+
+
+# --- lm-eval tasks ----------------------------------------------------------------------------------------------------
+
+
+def test_local_tasks_run_from_another_cwd(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data_files are relative to evals/, not to the working directory
+    model, tok = tiny
+    res = harness.run_tasks(model, tok, ["pydoc_ppl", "pydoc_cloze"], limit=4, batch_size=4)
+    ppl, cloze = res["pydoc_ppl"], res["pydoc_cloze"]
+    assert ppl["word_perplexity"] > 1 and ppl["byte_perplexity"] > 1 and ppl["bits_per_byte"] > 0
+    assert 0 <= cloze["acc"] <= 1 and 0 <= cloze["acc_norm"] <= 1 and "acc_stderr" in cloze
+    assert all(isinstance(v, float) and "," not in k for m in res.values() for k, v in m.items())
+
+
+def test_evals_folder_from_env(tmp_path, monkeypatch):
+    (tmp_path / "sub" / "data").mkdir(parents=True)
+    (tmp_path / "sub" / "data" / "d.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "sub" / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs: {data_files: {test: data/d.jsonl}}\n"
+        "process_docs: !function utils.process\n"
+    )
+    monkeypatch.setenv(harness.EVALS_ENV, str(tmp_path))
+    assert list(harness.local_tasks()) == ["mine"]
+    rendered = yaml.safe_load((harness.render_include_dir() / "mine.yaml").read_text())
+    assert rendered["include"] == str(tmp_path / "sub" / "mine.yaml")
+    assert rendered["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "sub" / "data" / "d.jsonl")
+
+
+def test_unknown_task_says_did_you_mean():
+    with pytest.raises(RecipeError) as e:
+        harness.check_tasks(["pydoc_clze"])
+    assert "unknown task `pydoc_clze`" in str(e.value) and "Did you mean `pydoc_cloze`" in str(e.value)
+    assert "pydoc_ppl" in str(e.value)  # the list of local tasks
+
+
+def test_hub_task_while_offline_fails_at_once(tiny, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model, tok = tiny
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"`hellaswag` is not a local task .* hub, which is offline \(HF_"):
+        harness.run_tasks(model, tok, ["hellaswag"])
+    assert time.perf_counter() - t0 < 5
+
+
+def test_unreachable_hub_is_detected_quickly(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t0 = time.perf_counter()
+    reason = harness.hub_offline_reason()
+    assert reason and "127.0.0.1:9 cannot be reached" in reason and time.perf_counter() - t0 < 3
+    with pytest.raises(RecipeError, match="cannot be reached"):
+        harness.check_tasks(["arc_easy"])
+
+
+def test_online_names_are_checked_against_lm_evals_index(monkeypatch):
+    class FakeManager:
+        all_tasks = ["hellaswag", "arc_easy"]
+
+    monkeypatch.setattr(harness, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(harness, "task_manager", lambda tasks: FakeManager())
+    harness.check_tasks(["hellaswag", "pydoc_ppl"])
+    with pytest.raises(RecipeError, match="unknown task `helaswag`. Did you mean `hellaswag`"):
+        harness.check_tasks(["helaswag"])
+
+
+def test_clean_results():
+    raw = {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": "t", "em,strict": 1, "x,none": float("nan")}}
+    assert harness.clean_results(raw) == {"t": {"acc": 0.5, "em,strict": 1.0}}
+
+
+# --- the stage --------------------------------------------------------------------------------------------------------
+
+
+def _stage(**kw) -> dict:
+    return {"type": "evaluate", "limit": 3, "batch_size": 4, "perplexity": SMALL_PPL, **kw}
+
+
+def test_stage_layout_and_original_cache(make_ctx, perturbed_dir, monkeypatch):
+    calls = []
+    real = harness.run_tasks
+    monkeypatch.setattr(harness, "run_tasks", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+
+    ctx = make_ctx(stages=[_stage(limit=2)], compressed=perturbed_dir)
+    stage = ctx.recipe.stages[0]
+    first = stage.run(ctx)
+    assert len(calls) == 2 and first.data["timing"]["original"]["cached"] is False
+    data = first.data
+    assert set(data) == {"settings", "original", "compressed", "timing"}
+    s = data["settings"]
+    assert s["tasks"] == ["pydoc_ppl", "pydoc_cloze"] and s["limit"] == 2 and s["num_fewshot"] == 0
+    assert s["batch_size"] == 4 and s["perplexity"]["ctx_len"] == 128 and s["threads"] == 1 and s["device"] == "cpu"
+    for role in ("original", "compressed"):
+        assert 0 <= data[role]["pydoc_cloze"]["acc"] <= 1 and data[role]["pydoc_ppl"]["word_perplexity"] > 1
+        assert data[role]["perplexity"]["tokens"] == SMALL_PPL["max_tokens"] - 1
+    assert "kl" not in data["original"] and data["compressed"]["kl"]["kl_mean"] > 0
+    assert data["original"]["perplexity"] != data["compressed"]["perplexity"]
+    assert {"pydoc_cloze acc", "perplexity", "KL"} <= set(first.summary)
+    json.dumps(first.model_dump())  # result.json must serialize
+
+    calls.clear()
+    second = stage.run(ctx)  # the original's figures come from the cache: lm-eval runs for the compressed model only
+    assert calls == [ctx.current.load()[0]] and second.data["timing"]["original"]["cached"] is True
+    assert second.data["original"] == data["original"]
+
+
+def test_stage_without_compression_reports_the_same_numbers(make_ctx):
+    ctx = make_ctx(stages=[_stage(tasks=["pydoc_cloze"])])
+    res = ctx.recipe.stages[0].run(ctx)
+    assert res.data["original"] == res.data["compressed"] and "kl" not in res.data["compressed"]
+    assert any("repeats the original" in n for n in res.data["settings"]["notes"])
+    assert res.summary["pydoc_cloze acc"].endswith("(original only)")
+
+
+def test_stage_notes_that_kl_needs_perplexity(make_ctx, perturbed_dir):
+    ctx = make_ctx(stages=[{"type": "evaluate", "tasks": ["pydoc_cloze"], "limit": 2, "perplexity": None}],
+                   compressed=perturbed_dir)
+    res = ctx.recipe.stages[0].run(ctx)
+    assert "perplexity" not in res.data["compressed"] and "kl" not in res.data["compressed"]
+    assert res.data["settings"]["kl"] is False
+    assert any(n.startswith("KL skipped") for n in res.data["settings"]["notes"])
