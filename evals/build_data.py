@@ -125,15 +125,12 @@ def main(out: Path = Path(__file__).resolve().parent / "data") -> None:
     ppl = ppl_docs(tops, random.Random(SEED))
     cloze = cloze_items(tops, random.Random(SEED + 1))
     cloze, shots = cloze[:CLOZE_ITEMS], cloze[CLOZE_ITEMS:]
+    files = {"pydoc_ppl.jsonl": ppl, "pydoc_cloze.jsonl": cloze, "pydoc_cloze_shots.jsonl": shots}
     manifest = {
         "source": "pydoc_data.topics (Python's reference documentation; PSF license)",
         "python": sys.version.split()[0],
         "seed": SEED,
-        "files": {
-            "pydoc_ppl.jsonl": {"rows": len(ppl), "sha256": write_jsonl(out / "pydoc_ppl.jsonl", ppl)},
-            "pydoc_cloze.jsonl": {"rows": len(cloze), "sha256": write_jsonl(out / "pydoc_cloze.jsonl", cloze)},
-            "pydoc_cloze_shots.jsonl": {"rows": len(shots), "sha256": write_jsonl(out / "pydoc_cloze_shots.jsonl", shots)},
-        },
+        "files": {name: {"rows": len(rows), "sha256": write_jsonl(out / name, rows)} for name, rows in files.items()},
     }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))

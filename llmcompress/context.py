@@ -21,6 +21,19 @@ if TYPE_CHECKING:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them torch emulates bf16 matmuls on CPU, far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def auto_dtype(device: str) -> str:
+    return "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How models run in this process; every report line carries these."""
@@ -38,7 +51,8 @@ class Runtime:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         threads = recipe.threads or max(1, (os.cpu_count() or 2) // 2)
-        return cls(device=device, threads=threads, dtype=recipe.dtype, seed=recipe.seed)
+        dtype = recipe.dtype if recipe.dtype != "auto" else auto_dtype(device)
+        return cls(device=device, threads=threads, dtype=dtype, seed=recipe.seed)
 
     def apply(self) -> None:
         """Set torch threads and seeds (call before each stage so stages are reproducible on their own)."""

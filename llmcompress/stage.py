@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 STAGES: Registry = Registry("stage type")
 STAGES.register_lazy("quantize", "llmcompress.quant:QuantizeStage")
+STAGES.register_lazy("prune", "llmcompress.prune:PruneStage")
 STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
 STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
 

@@ -41,13 +41,16 @@ def tiny_model_dir() -> Path:
 @pytest.fixture
 def make_ctx(tmp_path, tiny_model_dir):
     """Build a RunContext on the tiny model: ``ctx = make_ctx(stages=[...])``; ctx.current is the original."""
-    from llmcompress.context import ModelHandle, RunContext, Runtime
+    from llmcompress.context import ModelHandle, RunContext, Runtime, auto_dtype
     from llmcompress.recipe import load_recipe
 
     def make(stages: list[dict] | None = None, compressed: Path | None = None, **recipe_kw) -> RunContext:
-        raw = {"name": "t", "model": str(tiny_model_dir), "threads": 1, "stages": stages or [{"type": "evaluate"}], **recipe_kw}
+        # bf16 unless a test asks otherwise: tiny models are fast either way, and saved folders compare bit for bit.
+        raw = {"name": "t", "model": str(tiny_model_dir), "threads": 1, "dtype": "bfloat16",
+               "stages": stages or [{"type": "evaluate"}], **recipe_kw}
         recipe = load_recipe(raw)
-        runtime = Runtime(device="cpu", threads=1, dtype=recipe.dtype, seed=recipe.seed)
+        dtype = auto_dtype("cpu") if recipe.dtype == "auto" else recipe.dtype
+        runtime = Runtime(device="cpu", threads=1, dtype=dtype, seed=recipe.seed)
         runtime.apply()
         original = ModelHandle("original", tiny_model_dir, runtime)
         current = ModelHandle("compressed", compressed, runtime) if compressed else original

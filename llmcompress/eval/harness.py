@@ -1,153 +1,27 @@
 """lm-eval tasks on an in-memory model: the local tasks in ``evals/`` (offline) or, with hub access, any lm-eval task.
 
-Local task YAMLs name their data files relative to their own folder; lm-eval (through ``datasets``) would read them
-relative to the working directory, so each run indexes a rendered copy: one small overlay YAML per task that includes
-the original by absolute path and makes its ``data_files`` absolute. The TaskManager is built once per process.
+Offline, a task that is not local fails at once (no minutes of hub retries). The TaskManager is built once per process:
+over the rendered local tasks only (fast), or with lm-eval's own tasks too (~12 s) when a hub task is asked for.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
-import re
 import socket
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
-import yaml
-
 from ..errors import RecipeError
 from ..registry import did_you_mean
+from .tasks import evals_dir, local_tasks, render_include_dir
 
-EVALS_ENV = "LLMCOMPRESS_EVALS"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
 #: Bootstrap draws for the stderr of metrics that have no closed form (lm-eval's default, 100k, takes minutes).
 BOOTSTRAP_ITERS = 1000
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Local tasks
-
-
-def evals_dir() -> Path:
-    """The folder of local task YAMLs: ``$LLMCOMPRESS_EVALS``, else ``evals/`` beside the package."""
-    env = os.environ.get(EVALS_ENV)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not path.is_dir():
-            raise RecipeError(f"{EVALS_ENV}={env}: no such folder. Fix: point it to a folder of lm-eval task YAMLs.")
-        return path
-    import llmcompress
-
-    return Path(llmcompress.__file__).resolve().parents[1] / "evals"
-
-
-class _TagTolerantLoader(yaml.SafeLoader):
-    """Safe YAML that reads lm-eval's ``!function`` tags as plain strings (we only look at names and data paths)."""
-
-
-_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_scalar(node))
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        cfg = yaml.load(path.read_text(), Loader=_TagTolerantLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e}). Fix: correct the task file.") from None
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def _task_yamls(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*.yaml")):
-        if not any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
-            yield path
-
-
-def local_tasks(root: Path | None = None) -> dict[str, Path]:
-    """Task (and group) names defined in the evals folder -> their YAML file."""
-    root = root or evals_dir()
-    out: dict[str, Path] = {}
-    if not root.is_dir():
-        return out
-    for path in _task_yamls(root):
-        cfg = _read_yaml(path)
-        name = cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group")
-        if isinstance(name, str):
-            out[name] = path
-    return out
-
-
-def _absolute(value: Any, base: Path) -> Any:
-    """Make the relative file paths in a ``data_files`` value (str | list | dict) absolute against ``base``."""
-    if isinstance(value, str):
-        return value if "://" in value or Path(value).is_absolute() else str((base / value).resolve())
-    if isinstance(value, list):
-        return [_absolute(v, base) for v in value]
-    if isinstance(value, dict):
-        return {k: _absolute(v, base) for k, v in value.items()}
-    return value
-
-
-def _overlay(path: Path) -> dict:
-    """The rendered YAML for one task file: include the original, with data paths made absolute."""
-    cfg = _read_yaml(path)
-    out: dict[str, Any] = {"include": str(path)}
-    kwargs = cfg.get("dataset_kwargs")
-    if isinstance(kwargs, dict) and "data_files" in kwargs:
-        out["dataset_kwargs"] = {**kwargs, "data_files": _absolute(kwargs["data_files"], path.parent)}
-    ds = cfg.get("dataset_path")
-    if isinstance(ds, str) and not Path(ds).is_absolute() and (path.parent / ds).exists():
-        out["dataset_path"] = str((path.parent / ds).resolve())  # a local dataset folder
-    return out
-
-
-def tasks_fingerprint(tasks: Sequence[str], root: Path | None = None) -> str:
-    """Hash of the local task files and their data (so cached results go stale when the data is rebuilt)."""
-    local = local_tasks(root)
-    h = hashlib.sha256()
-    for name in sorted(set(tasks) & set(local)):
-        path = local[name]
-        h.update(name.encode() + path.read_bytes())
-        for data in _data_files(path):
-            h.update(data.read_bytes() if data.is_file() else b"missing")
-    return h.hexdigest()[:16]
-
-
-def _data_files(path: Path) -> list[Path]:
-    files = _overlay(path).get("dataset_kwargs", {}).get("data_files")
-    flat: list[str] = []
-    stack = [files]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            flat.append(v)
-        elif isinstance(v, list):
-            stack += v
-        elif isinstance(v, dict):
-            stack += list(v.values())
-    return [Path(f) for f in sorted(flat) if "://" not in f]
-
-
-def render_include_dir(root: Path | None = None) -> Path:
-    """Write overlay YAMLs for every local task into a cache folder keyed by their content; return the folder."""
-    from ..utils.cache import cache_dir
-    from ..utils.io import atomic_dir, stable_hash
-
-    root = root or evals_dir()
-    overlays = {name: _overlay(path) for name, path in local_tasks(root).items()}
-    target = cache_dir("evals-rendered", stable_hash([str(root), overlays], 12))
-    if target.is_dir():
-        return target
-    with atomic_dir(target, replace=False) as tmp:
-        for name, overlay in overlays.items():
-            safe = re.sub(r"[^\w.-]", "_", name)
-            (tmp / f"{safe}.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
-    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,11 +67,11 @@ def check_tasks(tasks: Sequence[str], where: str = "evaluate") -> None:
             "With hub access any lm-eval task name works (see `lm_eval ls tasks`)."
         )
 
-    for name in others:
-        if did_you_mean(name, local):  # a typo of a local task, not a hub task
-            raise unknown(name, local)
     reason = hub_offline_reason()
     if reason is not None:
+        for name in others:
+            if did_you_mean(name, local):  # most likely a typo of a local task
+                raise unknown(name, local)
         raise RecipeError(
             f"{where}: `{others[0]}` is not a local task (local tasks: {local_list}), and lm-eval's own tasks "
             f"download their data from the Hugging Face hub, which is offline ({reason}). Fix: use a local task, "
@@ -229,14 +103,18 @@ def task_manager(tasks: Sequence[str]):
 
 
 def clean_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``{task: {"acc,none": 0.4, "alias": ..}}`` -> ``{task: {"acc": 0.4}}``: finite numbers only, ",none" dropped."""
+    """``{task: {"acc,none": 0.4, "alias": ..}}`` -> ``{task: {"acc": 0.4}}``: finite numbers only, ",none" dropped.
+
+    lm-eval's ``sample_len`` (items scored) becomes ``samples``, the name reports treat as a count, not a score.
+    """
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results.items():
         clean = {}
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            clean[key[: -len(",none")] if key.endswith(",none") else key] = float(value)
+            key = key[: -len(",none")] if key.endswith(",none") else key
+            clean["samples" if key == "sample_len" else key] = float(value)
         out[task] = clean
     return out
 

@@ -21,7 +21,10 @@ class Comparison:
     perplexity: dict[str, Any]
 
 
-def compare(original: Any, compressed: Any, windows: Windows, progress: Callable[..., None] | None = None) -> Comparison:
+Progress = Callable[..., None]
+
+
+def compare(original: Any, compressed: Any, windows: Windows, progress: Progress | None = None) -> Comparison:
     """Run both models over ``windows``: KL(P_original || P_compressed) stats and the compressed model's perplexity."""
     import torch
 
@@ -50,6 +53,6 @@ def compare(original: Any, compressed: Any, windows: Windows, progress: Callable
     return Comparison(kl=kl, perplexity=summarize(total_nll, windows.scored, windows.corpus))
 
 
-def kl_divergence(original: Any, compressed: Any, windows: Windows, progress: Callable[..., None] | None = None) -> dict:
-    """``{"kl_mean", "kl_p95", "kl_max", "top1_agreement", "tokens"}``: KL(P_original || P_compressed), nats per token."""
+def kl_divergence(original: Any, compressed: Any, windows: Windows, progress: Progress | None = None) -> dict:
+    """``{"kl_mean", "kl_p95", "kl_max", "top1_agreement", "tokens"}``: KL(P_original || P_compressed) in nats/token."""
     return compare(original, compressed, windows, progress).kl

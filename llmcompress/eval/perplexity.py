@@ -56,7 +56,8 @@ class PerplexityConfig(BaseModel):
             name = v[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_CORPORA:
                 choices = [BUILTIN_PREFIX + n for n in BUILTIN_CORPORA]
-                raise ValueError(f"unknown corpus `{v}`.{did_you_mean(v, choices)} Builtin corpora: {', '.join(choices)}")
+                hint = did_you_mean(v, choices)
+                raise ValueError(f"unknown corpus `{v}`.{hint} Builtin corpora: {', '.join(choices)}")
         elif not v.endswith((".txt", ".jsonl")):
             raise ValueError(f"corpus `{v}` must be `builtin:pydoc`, a .txt file or a .jsonl file with a `text` field")
         return v

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -15,7 +14,7 @@ if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext
 
 #: Bump when a change here changes the figures, so cached original results are recomputed.
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 _RESERVED = ("perplexity", "kl")  # keys beside the task names in each model's results
 
 
@@ -116,13 +115,18 @@ class EvaluateStage(StageConfig):
             timing["compressed"]["seconds"] = round(time.perf_counter() - t, 3)
         if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
+        if not settings["notes"]:
+            del settings["notes"]
         data = {"settings": settings, "original": original, "compressed": compressed, "timing": timing}
         return StageResult(type="evaluate", label=self.label, seconds=time.perf_counter() - t0, data=data,
                            summary=summarize(original, compressed, same=same))
 
     def _settings(self, ctx: "RunContext", text: str | None) -> dict[str, Any]:
-        """How the figures were measured; all but ``notes`` also key the cache of the original's results."""
-        from .harness import tasks_fingerprint
+        """How the figures were measured; all but ``notes`` also key the cache of the original's results.
+
+        The fingerprints identify the task data and the corpus text (which varies with the Python version).
+        """
+        from .tasks import tasks_fingerprint
         from .perplexity import text_fingerprint
 
         notes = []
@@ -137,8 +141,7 @@ class EvaluateStage(StageConfig):
             "perplexity": self.perplexity.model_dump() if self.perplexity else None,
             "corpus_fingerprint": text_fingerprint(text) if text is not None else None,
             "kl": self.kl and self.perplexity is not None,
-            "backend": "transformers; tasks through lm-eval HFLM",
-            "python": sys.version.split()[0],
+            "backend": "hf",  # transformers forward passes; tasks through lm-eval's HFLM
             **ctx.runtime.describe(),
             "notes": notes,
         }
@@ -172,7 +175,8 @@ class EvaluateStage(StageConfig):
         with ctx.task(f"evaluate {handle.role}", total=len(self.tasks) + n_windows) as advance:
             t = time.perf_counter()
             if self.tasks:
-                out.update(run_tasks(model, tokenizer, self.tasks, self.limit, self.num_fewshot, self.batch_size, advance))
+                args = (self.tasks, self.limit, self.num_fewshot, self.batch_size)
+                out.update(run_tasks(model, tokenizer, *args, progress=advance))
                 timing["tasks_s"] = round(time.perf_counter() - t, 3)
             if text is None:
                 return out
@@ -196,7 +200,7 @@ def primary_metrics(results: dict[str, Any]) -> dict[str, tuple[str, float]]:
         if task in _RESERVED or not isinstance(metrics, dict):
             continue
         for name, value in metrics.items():
-            if not name.endswith("_stderr") and "_stderr," not in name and name != "sample_len":
+            if not name.endswith("_stderr") and "_stderr," not in name and name != "samples":
                 out[task] = (name, value)
                 break
     return out

@@ -17,6 +17,8 @@ META = "llmcompress.json"
 FORMATS: Registry = Registry("saved model format")
 FORMATS.register_lazy("hf", "llmcompress.models.loading:_load_hf")
 FORMATS.register_lazy("rtn", "llmcompress.quant.rtn:load_rtn")
+FORMATS.register_lazy("hqq", "llmcompress.quant.hqq:load_hqq")
+FORMATS.register_lazy("torchao", "llmcompress.quant.torchao:load_torchao")
 
 
 def torch_dtype(name: str):

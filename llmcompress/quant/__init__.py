@@ -14,6 +14,11 @@ QUANTIZERS.register_lazy("rtn", "llmcompress.quant.rtn:RTNConfig")
 QUANTIZERS.register_lazy("bnb-nf4", "llmcompress.quant.bnb:BnbNF4Config")
 QUANTIZERS.register_lazy("bnb-fp4", "llmcompress.quant.bnb:BnbFP4Config")
 QUANTIZERS.register_lazy("bnb-int8", "llmcompress.quant.bnb:BnbInt8Config")
+QUANTIZERS.register_lazy("gptq", "llmcompress.quant.gptq:GPTQConfig")
+QUANTIZERS.register_lazy("hqq", "llmcompress.quant.hqq:HQQConfig")
+QUANTIZERS.register_lazy("torchao-int8wo", "llmcompress.quant.torchao:TorchaoInt8WeightOnlyConfig")
+QUANTIZERS.register_lazy("torchao-int8dq", "llmcompress.quant.torchao:TorchaoInt8DynamicConfig")
+QUANTIZERS.register_lazy("torchao-int4wo", "llmcompress.quant.torchao:TorchaoInt4WeightOnlyConfig")
 
 QuantizeStage = Annotated[
     Union[tuple(QUANTIZERS.get(name) for name in QUANTIZERS.names())], Field(discriminator="method")

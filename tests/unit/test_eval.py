@@ -14,7 +14,7 @@ import yaml
 pytest.importorskip("lm_eval")
 
 from llmcompress.errors import RecipeError  # noqa: E402
-from llmcompress.eval import harness  # noqa: E402
+from llmcompress.eval import harness, tasks  # noqa: E402
 from llmcompress.eval.perplexity import PerplexityConfig, load_corpus, make_windows, perplexity  # noqa: E402
 from llmcompress.eval.stage import EvaluateStage  # noqa: E402
 
@@ -157,18 +157,35 @@ def test_local_tasks_run_from_another_cwd(tiny, tmp_path, monkeypatch):
     assert all(isinstance(v, float) and "," not in k for m in res.values() for k, v in m.items())
 
 
-def test_evals_folder_from_env(tmp_path, monkeypatch):
-    (tmp_path / "sub" / "data").mkdir(parents=True)
-    (tmp_path / "sub" / "data" / "d.jsonl").write_text('{"text": "x"}\n')
-    (tmp_path / "sub" / "mine.yaml").write_text(
-        "task: mine\ndataset_path: json\ndataset_kwargs: {data_files: {test: data/d.jsonl}}\n"
-        "process_docs: !function utils.process\n"
+def test_cloze_few_shot_examples_come_from_their_own_split(tiny):
+    model, tok = tiny
+    task = harness.task_manager(["pydoc_cloze"]).load(["pydoc_cloze"])["tasks"]["pydoc_cloze"]
+    assert len(task.fewshot_docs()) == 16 and len(task.test_docs()) == 250
+    res = harness.run_tasks(model, tok, ["pydoc_cloze"], limit=2, num_fewshot=2)
+    assert res["pydoc_cloze"]["samples"] == 2
+
+
+def test_evals_folder_from_env_with_includes_and_functions(tiny, tmp_path, monkeypatch):
+    """A user's task folder: a template holding the data path, a `!function` helper, run from another CWD."""
+    sub = tmp_path / "evals" / "sub"
+    (sub / "data").mkdir(parents=True)
+    (sub / "data" / "d.jsonl").write_text('{"text": "The assert statement."}\n{"text": "A class definition."}\n')
+    (sub / "_template.yaml").write_text(
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: data/d.jsonl}}\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list: [{metric: byte_perplexity}]\n"
     )
-    monkeypatch.setenv(harness.EVALS_ENV, str(tmp_path))
-    assert list(harness.local_tasks()) == ["mine"]
-    rendered = yaml.safe_load((harness.render_include_dir() / "mine.yaml").read_text())
-    assert rendered["include"] == str(tmp_path / "sub" / "mine.yaml")
-    assert rendered["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "sub" / "data" / "d.jsonl")
+    (sub / "mine.yaml").write_text("include: _template.yaml\ntask: mine\nprocess_docs: !function utils.keep\n")
+    (sub / "utils.py").write_text("def keep(ds):\n    return ds\n")
+    monkeypatch.setenv(tasks.EVALS_ENV, str(tmp_path / "evals"))
+    monkeypatch.chdir(tmp_path)
+    assert list(tasks.local_tasks()) == ["mine"]
+    rendered = yaml.safe_load((tasks.render_include_dir() / "mine.yaml").read_text())
+    assert rendered["include"] == str(sub / "mine.yaml")
+    assert rendered["dataset_kwargs"]["data_files"]["test"] == str(sub / "data" / "d.jsonl")
+    model, tok = tiny
+    res = harness.run_tasks(model, tok, ["mine"])
+    assert res["mine"]["byte_perplexity"] > 1 and res["mine"]["samples"] == 2
 
 
 def test_unknown_task_says_did_you_mean():
@@ -210,8 +227,9 @@ def test_online_names_are_checked_against_lm_evals_index(monkeypatch):
 
 
 def test_clean_results():
-    raw = {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": "t", "em,strict": 1, "x,none": float("nan")}}
-    assert harness.clean_results(raw) == {"t": {"acc": 0.5, "em,strict": 1.0}}
+    raw = {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": "t", "em,strict": 1, "x,none": float("nan"),
+                 "sample_len": 4}}
+    assert harness.clean_results(raw) == {"t": {"acc": 0.5, "em,strict": 1.0, "samples": 4.0}}
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
@@ -235,6 +253,7 @@ def test_stage_layout_and_original_cache(make_ctx, perturbed_dir, monkeypatch):
     s = data["settings"]
     assert s["tasks"] == ["pydoc_ppl", "pydoc_cloze"] and s["limit"] == 2 and s["num_fewshot"] == 0
     assert s["batch_size"] == 4 and s["perplexity"]["ctx_len"] == 128 and s["threads"] == 1 and s["device"] == "cpu"
+    assert s["kl"] is True and "notes" not in s and s["corpus_fingerprint"] and s["tasks_fingerprint"]
     for role in ("original", "compressed"):
         assert 0 <= data[role]["pydoc_cloze"]["acc"] <= 1 and data[role]["pydoc_ppl"]["word_perplexity"] > 1
         assert data[role]["perplexity"]["tokens"] == SMALL_PPL["max_tokens"] - 1

@@ -11,8 +11,9 @@ BASE = {"name": "t", "model": "tiny-random-llama", "stages": [{"type": "quantize
 
 
 def recipe(**changes):
-    raw = {**BASE, **changes}
-    return raw
+    import copy
+
+    return copy.deepcopy({**BASE, **changes})
 
 
 def error_of(raw, overrides=None) -> str:
@@ -24,7 +25,7 @@ def error_of(raw, overrides=None) -> str:
 def test_valid_recipe_fills_defaults_and_is_frozen():
     r = load_recipe(recipe())
     assert r.model.source == "tiny-random-llama"
-    assert r.dtype == "bfloat16" and r.seed == 0
+    assert r.dtype == "auto" and r.seed == 0
     q = r.stages[0]
     assert (q.method, q.bits, q.group_size, q.skip) == ("rtn", 4, 64, ["lm_head"])
     with pytest.raises(Exception):
@@ -116,3 +117,16 @@ def test_recipe_dir_is_base_for_paths(tmp_path):
     r = load_recipe(f)
     assert r.resolve_path("data/x.txt") == tmp_path / "data" / "x.txt"
     assert "model:" in r.to_yaml() and "stages:" in r.to_yaml()
+
+
+def test_auto_dtype_resolves_to_what_the_hardware_runs_fast(monkeypatch):
+    from llmcompress import context
+    from llmcompress.context import Runtime, auto_dtype
+
+    assert auto_dtype("cuda") == "bfloat16"
+    monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: False)
+    assert auto_dtype("cpu") == "float32"
+    assert Runtime.from_recipe(load_recipe(recipe(device="cpu"))).dtype == "float32"
+    assert Runtime.from_recipe(load_recipe(recipe(device="cpu", dtype="bfloat16"))).dtype == "bfloat16"
+    monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: True)
+    assert auto_dtype("cpu") == "bfloat16"

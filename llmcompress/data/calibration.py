@@ -1,0 +1,251 @@
+"""Calibration data: the text a method runs through the model to see real activations (GPTQ, AWQ, Wanda, SmoothQuant).
+
+    calibration: {source: builtin:pydoc, samples: 16, seq_len: 256, seed: 0, skip_tokens: 4096}
+
+A source is read as documents (strings), the documents are joined and tokenized once, the first ``skip_tokens`` are
+dropped, the rest is cut into non-overlapping windows of ``seq_len`` tokens, and ``samples`` of those windows are drawn at random (seeded): the
+recipe of the GPTQ paper (random segments of a corpus), so every sample is exactly ``seq_len`` tokens and needs no
+padding. ``load_calibration`` returns them as one ``(samples, seq_len)`` int64 tensor; ``to_records`` turns that into
+the ``[{"input_ids", "attention_mask"}]`` rows that gptqmodel and ``datasets.Dataset.from_list`` take.
+
+Sources:
+- ``builtin:pydoc``: Python's reference documentation (``pydoc_data.topics``, ~120k SmolLM2 tokens), on every Python.
+  The default evaluation reads the same documentation, so a method calibrated on it is evaluated in-domain
+  (``skip_tokens`` keeps clear of the perplexity windows, not of the lm-eval tasks' passages); for an
+  out-of-domain check evaluate on another corpus as well (``perplexity: {corpus: my.txt}``).
+- ``path/to/file.txt``: the whole file is one document.
+- ``path/to/file.jsonl``: one JSON object per line, with a ``text`` string, or ``messages`` (a chat, rendered with the
+  tokenizer's chat template), or ``prompt`` + ``response`` (rendered as a two-turn chat).
+- ``hf:<dataset>[:<config>]``: rows of the ``train`` split of a hub dataset, streamed (read until there is text for
+  about twice the tokens needed), with the same fields as .jsonl. Only with hub access; offline it fails at once.
+
+Paths are relative to the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import RecipeError, require
+from ..registry import did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_PREFIX = "builtin:"
+HF_PREFIX = "hf:"
+FILE_SUFFIXES = (".txt", ".jsonl")
+#: Characters of hub text read per token needed (tokens average ~4 characters of English: about 2x the need).
+_HF_CHARS_PER_TOKEN = 8
+
+
+def _pydoc_topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]  # joined, the same text as `llmcompress.models.tiny.corpus_text()`
+
+
+#: ``builtin:<name>`` -> documents. pydoc: Python's reference documentation (PSF license), one document per topic.
+BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"pydoc": _pydoc_topics}
+
+
+class CalibrationConfig(BaseModel):
+    """Which text, and how much of it, a method calibrates on (``calibration:`` in a stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        "builtin:pydoc",
+        description="`builtin:pydoc` (Python's reference docs), a .txt file, a .jsonl file (`text`, `messages` or "
+        "`prompt` + `response` per line; relative to the recipe), or `hf:<dataset>[:<config>]` (needs hub access).",
+    )
+    samples: int = Field(16, ge=1, description="Number of token windows.")
+    seq_len: int = Field(256, ge=8, description="Tokens per window.")
+    seed: int = Field(0, description="Seeds which windows are drawn.")
+    skip_tokens: int = Field(
+        4096, ge=0, description="Tokens at the start of the source never used, so that calibration stays clear of the "
+        "evaluate stage's perplexity windows (the first 2,048 tokens of builtin:pydoc by default).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v.startswith(BUILTIN_PREFIX):
+            name = v[len(BUILTIN_PREFIX):]
+            if name not in BUILTIN_SOURCES:
+                choices = [BUILTIN_PREFIX + n for n in BUILTIN_SOURCES]
+                raise ValueError(f"unknown source `{v}`.{did_you_mean(v, choices)} Builtin sources: {', '.join(choices)}")
+        elif v.startswith(HF_PREFIX):
+            name, _, config = v[len(HF_PREFIX):].partition(":")
+            if not name.strip() or (":" in v[len(HF_PREFIX):] and not config.strip()):
+                raise ValueError(f"`{v}` is not `hf:<dataset>` or `hf:<dataset>:<config>` (e.g. `hf:allenai/c4:en`)")
+        elif not v.endswith(FILE_SUFFIXES):
+            raise ValueError(
+                f"source `{v}` must be `builtin:pydoc`, a .txt file, a .jsonl file or `hf:<dataset>[:<config>]`"
+            )
+        return v
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the calibration set holds (``samples * seq_len``)."""
+        return self.samples * self.seq_len
+
+    def resolve(self, base_dir: Path | None) -> Path:
+        """The file of a file source, relative to ``base_dir`` (the recipe's folder)."""
+        path = Path(self.source).expanduser()
+        return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+
+
+def _where(cfg: CalibrationConfig) -> str:
+    return f"calibration.source `{cfg.source}`"
+
+
+def check_calibration(cfg: CalibrationConfig, base_dir: Path | None = None) -> None:
+    """Cheap checks before any weights load: the file exists and is not empty, or the hub is reachable.
+
+    With ``base_dir=None`` a relative path cannot be placed yet, and is left to ``load_calibration``.
+    """
+    if cfg.source.startswith(BUILTIN_PREFIX):
+        return
+    if cfg.source.startswith(HF_PREFIX):
+        from ..utils.net import hub_reachable
+
+        require("datasets", "eval", f"{_where(cfg)}")
+        if not hub_reachable():
+            raise RecipeError(
+                f"{_where(cfg)} needs the Hugging Face hub, which is not reachable from here (or HF_HUB_OFFLINE / "
+                f"HF_DATASETS_OFFLINE is set). Fix: use `builtin:pydoc` or a local .txt / .jsonl file."
+            )
+        return
+    if base_dir is None and not Path(cfg.source).expanduser().is_absolute():
+        return
+    path = cfg.resolve(base_dir)
+    if not path.is_file():
+        raise RecipeError(
+            f"{_where(cfg)}: no such file `{path}`. Fix: check the path (relative to the recipe's folder), "
+            f"or use `builtin:pydoc`."
+        )
+    if path.stat().st_size == 0:
+        raise RecipeError(f"{_where(cfg)}: `{path}` is empty. Fix: point to a file with text in it.")
+
+
+def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None, tokenizer: Any = None) -> list[str]:
+    """The source as a list of documents. ``tokenizer`` renders chat rows with its chat template (else plain lines)."""
+    check_calibration(cfg, base_dir)
+    if cfg.source.startswith(BUILTIN_PREFIX):
+        docs = BUILTIN_SOURCES[cfg.source[len(BUILTIN_PREFIX):]]()
+    elif cfg.source.startswith(HF_PREFIX):
+        docs = _hf_texts(cfg, tokenizer)
+    else:
+        path = cfg.resolve(base_dir)
+        if path.suffix == ".txt":
+            docs = [path.read_text(encoding="utf-8")]
+        else:
+            docs = _jsonl_texts(path, tokenizer)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        where = cfg.resolve(base_dir) if cfg.source.endswith(FILE_SUFFIXES) else cfg.source
+        raise RecipeError(f"{_where(cfg)}: `{where}` has no text. Fix: point to a source with text in it.")
+    return docs
+
+
+def load_calibration(cfg: CalibrationConfig, tokenizer: Any, base_dir: Path | None = None) -> "torch.Tensor":
+    """``samples`` random windows of ``seq_len`` tokens from the source: an int64 tensor ``(samples, seq_len)``.
+
+    Deterministic for a given source, tokenizer and seed. Raises RecipeError when the source is too short.
+    """
+    import torch
+
+    docs = read_calibration_texts(cfg, base_dir, tokenizer)
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"][cfg.skip_tokens:]  # (T,)
+    windows = len(ids) // cfg.seq_len
+    if windows < cfg.samples:
+        where = cfg.resolve(base_dir) if cfg.source.endswith(FILE_SUFFIXES) else cfg.source
+        raise RecipeError(
+            f"{_where(cfg)}: `{where}` has {len(ids):,} tokens after skip_tokens={cfg.skip_tokens}, which make "
+            f"{windows} windows of seq_len {cfg.seq_len}, but samples={cfg.samples} needs {cfg.tokens:,} tokens. "
+            f"Fix: add text, or lower `samples`, `seq_len` or `skip_tokens`."
+        )
+    picked = sorted(random.Random(cfg.seed).sample(range(windows), cfg.samples))
+    stream = torch.tensor(ids[: windows * cfg.seq_len], dtype=torch.long).view(windows, cfg.seq_len)
+    return stream[picked].contiguous()  # (samples, seq_len)
+
+
+def to_records(ids: "torch.Tensor") -> list[dict[str, list[int]]]:
+    """``(N, L)`` token ids -> ``[{"input_ids": [...], "attention_mask": [1, ...]}]`` (gptqmodel, datasets)."""
+    return [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows -> text
+
+
+def _row_text(row: Any, tokenizer: Any) -> str | None:
+    """A .jsonl / dataset row as text, or None when it has none of the known fields."""
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    messages = row.get("messages")
+    if messages is None and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    if isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        return _render_chat(messages, tokenizer)
+    return None
+
+
+def _render_chat(messages: list[dict], tokenizer: Any) -> str:
+    """With the model's chat template when it has one (how the model sees chats), else ``role: content`` lines."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+_ROW_FIX = ('Fix: write lines like {"text": "..."}, {"messages": [{"role": "user", "content": "..."}, ...]} '
+            'or {"prompt": "...", "response": "..."}.')
+
+
+def _jsonl_texts(path: Path, tokenizer: Any) -> list[str]:
+    texts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+        text = _row_text(row, tokenizer)
+        if text is None:
+            keys = ", ".join(f"`{k}`" for k in row) if isinstance(row, dict) else type(row).__name__
+            raise RecipeError(f"{path}:{i}: no `text`, `messages` or `prompt` + `response` (got {keys}). {_ROW_FIX}")
+        texts.append(text)
+    return texts
+
+
+def _hf_texts(cfg: CalibrationConfig, tokenizer: Any) -> list[str]:
+    from datasets import load_dataset
+
+    name, _, config = cfg.source[len(HF_PREFIX):].partition(":")
+    try:
+        rows = load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
+        raise RecipeError(f"{_where(cfg)}: could not open the dataset ({type(e).__name__}: {e}). "
+                          f"Fix: check the dataset name and config on the hub.") from None
+    texts, chars, need = [], 0, cfg.tokens * _HF_CHARS_PER_TOKEN
+    for i, row in enumerate(rows):
+        text = _row_text(row, tokenizer)
+        if text is None:
+            raise RecipeError(f"{_where(cfg)}: row {i} has no `text`, `messages` or `prompt` + `response` "
+                              f"(columns: {', '.join(row)}). Fix: pick a text dataset.")
+        texts.append(text)
+        chars += len(text)
+        if chars >= need:
+            break
+    return texts

@@ -1,0 +1,16 @@
+"""The prune stage. Each method is one file: a public ``XxxConfig`` (a stage config with ``method: Literal[...]``)
+plus a private implementation, registered here by name. Adding a method = one new file + one line below."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from ..registry import Registry
+
+PRUNERS: Registry = Registry("pruning method")
+PRUNERS.register_lazy("magnitude", "llmcompress.prune.magnitude:MagnitudeConfig")
+PRUNERS.register_lazy("wanda", "llmcompress.prune.wanda:WandaConfig")
+
+PruneStage = Annotated[Union[tuple(PRUNERS.get(name) for name in PRUNERS.names())], Field(discriminator="method")]

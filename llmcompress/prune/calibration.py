@@ -1,0 +1,222 @@
+"""Calibration text for methods that look at activations (Wanda; SparseGPT later), and the layer-by-layer pass that
+feeds each decoder layer the outputs of the already-pruned layers before it (as in the Wanda and SparseGPT code).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..context import RunContext
+
+#: Samples per forward pass while calibrating (activations of 8 x seq_len tokens are small at these sizes).
+BATCH = 8
+
+
+class CalibrationConfig(BaseModel):
+    """Which text the activations come from (``calibration:`` in a wanda stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = Field(
+        "builtin:pydoc",
+        description="`builtin:pydoc` (Python's reference docs), or a .txt file, or a .jsonl file with a `text` field "
+        "(relative to the recipe).",
+    )
+    samples: int = Field(
+        32, ge=1, description="Windows of text. The paper used 128 x 2048 tokens and found Wanda robust to far fewer; "
+        "32 x 256 keeps the calibration of a 135M model on one CPU thread short.",
+    )
+    seq_len: int = Field(256, ge=2, description="Tokens per window.")
+    skip_tokens: int = Field(
+        4096, ge=0, description="Tokens at the start of the corpus never used, so that calibration stays clear of the "
+        "evaluate stage's perplexity windows (the first 2,048 tokens by default).",
+    )
+
+    @field_validator("corpus")
+    @classmethod
+    def _known_corpus(cls, v: str) -> str:
+        from ..eval.perplexity import BUILTIN_CORPORA, BUILTIN_PREFIX
+        from ..registry import did_you_mean
+
+        if v.startswith(BUILTIN_PREFIX):
+            if v[len(BUILTIN_PREFIX):] not in BUILTIN_CORPORA:
+                choices = [BUILTIN_PREFIX + n for n in BUILTIN_CORPORA]
+                raise ValueError(
+                    f"unknown corpus `{v}`.{did_you_mean(v, choices)} Builtin corpora: {', '.join(choices)}"
+                )
+        elif not v.endswith((".txt", ".jsonl")):
+            raise ValueError(f"corpus `{v}` must be `builtin:pydoc`, a .txt file or a .jsonl file with a `text` field")
+        return v
+
+
+def calibration_ids(tokenizer: Any, cfg: CalibrationConfig, ctx: "RunContext") -> "torch.Tensor":
+    """``(samples, seq_len)`` token ids: distinct non-overlapping windows after ``skip_tokens``, drawn with the recipe's
+    seed (the same windows on every run)."""
+    import torch
+
+    from ..eval.perplexity import BUILTIN_PREFIX, load_corpus
+
+    corpus = cfg.corpus
+    if not corpus.startswith(BUILTIN_PREFIX):
+        path = ctx.recipe.resolve_path(corpus)
+        if not path.is_file():
+            raise RecipeError(
+                f"calibration.corpus: no such file `{path}`. Fix: check the path (relative to the recipe)."
+            )
+        corpus = str(path)
+    try:
+        text = load_corpus(corpus)
+    except RecipeError as e:
+        raise RecipeError(str(e).replace("perplexity.corpus", "calibration.corpus")) from None
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)[cfg.skip_tokens:]
+    available = len(ids) // cfg.seq_len
+    if available < cfg.samples:
+        raise RecipeError(
+            f"calibration: `{cfg.corpus}` has {len(ids)} tokens after skip_tokens={cfg.skip_tokens}, enough for "
+            f"{available} windows of {cfg.seq_len}, not samples={cfg.samples}. "
+            "Fix: lower `samples`, `seq_len` or `skip_tokens`, or use a longer corpus."
+        )
+    gen = torch.Generator().manual_seed(ctx.recipe.seed)
+    starts = torch.randperm(available, generator=gen)[: cfg.samples].sort().values * cfg.seq_len
+    return torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are in hand."""
+
+
+def decoder_layers(model) -> tuple[str, Any]:
+    """``(name, ModuleList)`` of the model's decoder layers: the ModuleList of ``num_hidden_layers`` blocks that hold
+    linear layers (``model.layers`` in llama-style models)."""
+    import torch
+
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod) and (n is None or len(mod) == n)
+             and any(isinstance(x, torch.nn.Linear) for x in mod[0].modules())]
+    if not found:
+        raise RecipeError(
+            f"could not find the decoder layers of `{type(model).__name__}` (a ModuleList of {n} blocks) to calibrate "
+            "layer by layer. Fix: use `method: magnitude`, which needs no calibration."
+        )
+    return max(found, key=lambda nm: len(nm[1]))
+
+
+def _as_float32(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_as_float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _as_float32(v) for k, v in obj.items()}
+    return obj
+
+
+def first_layer_inputs(model, layer, ids: "torch.Tensor") -> list[tuple["torch.Tensor", dict]]:
+    """Run the model up to ``layer`` on ``ids`` in batches of BATCH; return each batch's ``(hidden, kwargs)`` there."""
+    import torch
+
+    device = next(model.parameters()).device
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in ids.split(BATCH):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _call(layer, hidden: "torch.Tensor", kwargs: dict) -> "torch.Tensor":
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def input_norms_sq(modules: dict[str, Any], run: Callable[[], None]) -> dict[str, "torch.Tensor"]:
+    """Sum over calibration tokens of x_j^2 for each input channel j of each module, while ``run()`` runs."""
+    import torch
+
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for n, m in modules.items()}
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, module.in_features).double()  # (tokens, in)
+            sums[name] += (x * x).sum(0)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def layer_by_layer(
+    model,
+    ids: "torch.Tensor",
+    targets: dict[str, Any],
+    prune_layer: Callable[[dict[str, Any], dict[str, "torch.Tensor"]], dict[str, "torch.Tensor"]],
+    advance: Callable[..., None] = lambda *a, **k: None,
+) -> None:
+    """Prune the decoder layers one after another, each seeing the outputs of the already-pruned layers before it.
+
+    For each layer, ``prune_layer(modules, norms_sq)`` gets the layer's targets (name -> nn.Linear of ``model``) and
+    their input statistics on the calibration windows (see ``input_norms_sq``), prunes them in place and returns
+    name -> mask (True = pruned); the layer's outputs are then recomputed with that pruning for the next layer.
+    The passes run on a float32 copy of each layer: bf16 matmuls on CPUs without native bf16 are ~6x slower, and
+    float32 statistics are more exact.
+    """
+    import copy
+
+    import torch
+
+    list_name, layers = decoder_layers(model)
+    batches = [(_as_float32(h), _as_float32(kw)) for h, kw in first_layer_inputs(model, layers[0], ids)]
+    for i, layer in enumerate(layers):
+        prefix = f"{list_name}.{i}."
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        work = copy.deepcopy(layer).float()
+        work_mods = {n: work.get_submodule(n[len(prefix):]) for n in mine}
+        norms = input_norms_sq(work_mods, lambda: [_call(work, h, kw) for h, kw in batches])
+        masks = prune_layer(mine, norms)
+        with torch.no_grad():
+            for n, mask in masks.items():
+                work_mods[n].weight.masked_fill_(mask.to(work_mods[n].weight.device), 0)
+            batches = [(_call(work, h, kw), kw) for h, kw in batches]
+        del work
+        advance(1)
+
+
+def outside_layers_norms(model, ids: "torch.Tensor", modules: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """Input statistics of targets outside the decoder layers (an unskipped lm_head), from full forward passes."""
+    device = next(model.parameters()).device
+
+    def run() -> None:
+        for batch in ids.split(BATCH):
+            model(input_ids=batch.to(device), use_cache=False)
+
+    return input_norms_sq(modules, run)

@@ -1,0 +1,165 @@
+"""HQQ (Half-Quadratic Quantization): calibration-free weight-only quantization with hqq's own ``HQQLinear``.
+
+    - {type: quantize, method: hqq, bits: 4, group_size: 64}
+
+Why ``HQQLinear`` directly: transformers' ``HqqConfig`` path is broken upstream (``from_pretrained(...,
+quantization_config=HqqConfig(...))`` raises ``NotImplementedError: QuantizationMethod.HQQ is not available yet``
+in transformers 5.17), so every ``nn.Linear`` not skipped is swapped for an ``HQQLinear`` here.
+
+Saved folder: ``config.json``, the tokenizer, ``model.safetensors`` holding HQQLinear's encoded state dict (packed
+``W_q`` plus per-group ``scale``/``zero`` and its settings encoded as small tensors), and ``llmcompress.json``
+``{"format": "hqq", "hqq": {..., "modules": [...]}}``. Plain ``from_pretrained`` cannot rebuild HQQLinear layers;
+``llmcompress.models.loading.load_model`` can (``load_hqq``: ``HQQLinear(None, None, initialize=False)`` per listed
+module, then ``load_state_dict``).
+
+Pitfalls: ``HQQLinear`` places its tensors on the ``device`` it is built with (hqq's default is "cuda") and its
+``.to()``/``.cpu()`` are no-ops, so the device is always passed explicitly and ``model.to(...)`` never moves these
+layers. On CPU hqq's PYTORCH backend dequantizes each weight on every forward: HQQ saves memory, not time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
+
+from ..errors import RecipeError, require
+from .base import QuantizeConfig
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+
+class HQQConfig(QuantizeConfig):
+    """HQQ weight-only, no calibration data: ``{type: quantize, method: hqq, bits: 4, group_size: 64}``."""
+
+    method: Literal["hqq"] = "hqq"
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(
+        64, description="Weights sharing one scale and zero: a multiple of 8 dividing every layer's width along `axis`."
+    )
+    axis: Literal[0, 1] = Field(
+        1, description="1: groups run along the input width (as rtn/gptq); 0: along the output width."
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < 8 or v % 8:
+            raise ValueError(f"must be a positive multiple of 8 (hqq packs groups of 8), e.g. 64, got {v}")
+        return v
+
+    def preflight(self) -> None:
+        require("hqq", "hqq", f"Method `{self.method}`")
+
+    def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
+        import copy
+        import time
+
+        from ..models.loading import torch_dtype
+
+        t0 = time.perf_counter()
+        import hqq.core.quantize  # noqa: F401  (~10 s on a busy 2-core box: reported apart from the quantize time)
+
+        import_seconds = time.perf_counter() - t0
+        model, tokenizer = ctx.current.load()
+        model = copy.deepcopy(model)  # the original stays untouched for comparison
+        names, skipped = quantize_hqq_(model, self, ctx.runtime.device, torch_dtype(ctx.runtime.dtype))
+        from importlib.metadata import version
+
+        meta = {"format": "hqq", "hqq": {"bits": self.bits, "group_size": self.group_size, "axis": self.axis,
+                                          "modules": names, "hqq_version": version("hqq")}}
+        return model, tokenizer, {"quantized_modules": len(names), "skipped_modules": skipped,
+                                  "param_bytes": hqq_param_bytes(model),
+                                  "import_seconds": round(import_seconds, 3), "meta": meta}
+
+
+def quantize_hqq_(model, cfg: HQQConfig, device: str, compute_dtype) -> tuple[list[str], list[str]]:
+    """Swap every ``nn.Linear`` not skipped for an ``HQQLinear``, in place. Returns (quantized, skipped) names.
+
+    All layer widths are checked before any layer is quantized, so a bad ``group_size`` fails at once.
+    """
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [(n, m) for n, m in linears if not cfg.skips(n)]
+    skipped = [n for n, _ in linears if cfg.skips(n)]
+    if not targets:
+        raise RecipeError(
+            f"hqq found no `nn.Linear` layer to quantize ({len(linears)} linear layers, skip={cfg.skip}). "
+            "Fix: loosen `skip`, or put this stage before any other quantize stage."
+        )
+    for name, lin in targets:
+        width, what = (lin.in_features, "input") if cfg.axis == 1 else (lin.out_features, "output")
+        if width % cfg.group_size:
+            raise RecipeError(
+                f"group_size {cfg.group_size} does not divide the {what} width {width} of `{name}` (axis {cfg.axis}). "
+                f"Fix: use a multiple of 8 that divides {width} (e.g. 64 for SmolLM2's 576), or add `{name}` to `skip`."
+            )
+    qcfg = BaseQuantizeConfig(nbits=cfg.bits, group_size=cfg.group_size, axis=cfg.axis)
+    for name, lin in targets:
+        _set(model, name, HQQLinear(lin, qcfg, del_orig=True, compute_dtype=compute_dtype, device=device))
+    if any(n == "lm_head" for n, _ in targets) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # lm_head now has its own (quantized) weights
+    return [n for n, _ in targets], skipped
+
+
+def hqq_param_bytes(model) -> int:
+    """Bytes of the model's tensors, counting what HQQLinear keeps outside parameters (scale/zero in ``meta``)."""
+    import torch
+    from hqq.core.quantize import HQQLinear
+
+    from ..models.loading import param_bytes
+
+    total = param_bytes(model)  # W_q is a Parameter; the rest of HQQLinear's tensors are plain attributes
+    for m in model.modules():
+        if isinstance(m, HQQLinear):
+            extra = [v for v in (m.meta or {}).values() if isinstance(v, torch.Tensor)]
+            if isinstance(m.bias, torch.Tensor) and not isinstance(m.bias, torch.nn.Parameter):
+                extra.append(m.bias)
+            total += sum(t.numel() * t.element_size() for t in extra)
+    return total
+
+
+def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
+    """Rebuild an hqq folder: the architecture from config.json, empty HQQLinear where the metadata says, weights."""
+    import torch
+    from hqq.core.quantize import HQQLinear
+    from safetensors.torch import load_file
+
+    from ..models.loading import read_meta, torch_dtype
+
+    path = Path(path)
+    info = read_meta(path)["hqq"]
+    model = empty_model(path, torch_dtype(dtype))
+    for name in info["modules"]:
+        _set(model, name, HQQLinear(None, None, compute_dtype=torch_dtype(dtype), device=device, initialize=False))
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    result = model.load_state_dict(state, strict=False, assign=True)  # HQQLinear places its tensors on `device`
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        model.tie_weights()
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing:
+        raise RuntimeError(f"{path}: weights missing from the hqq checkpoint: {missing[:5]}")
+    return model.to(device).eval()  # moves the rest; HQQLinear's tensors are already on `device`
+
+
+def empty_model(path: Path, dtype):
+    """The architecture of ``path``/config.json with parameters on the meta device: no memory and no random init
+    (a bf16 skeleton would raise the load's peak memory by the dense model's size). Buffers (rotary tables) stay
+    real. Attach weights with ``load_state_dict(..., assign=True)``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+
+
+def _set(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
