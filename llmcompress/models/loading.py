@@ -3,6 +3,7 @@ so a folder alone tells how it was made and how to load it."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,57 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
     return model, tokenizer
 
 
-def save_model(model, tokenizer, path: Path, meta: dict) -> None:
-    """``save_pretrained`` plus our metadata. Call inside ``atomic_dir`` so a killed save leaves nothing behind."""
+def save_model(model, tokenizer, path: Path, meta: dict, storage_dtype: str | None = None) -> None:
+    """``save_pretrained`` plus our metadata. Call inside ``atomic_dir`` so a killed save leaves nothing behind.
+
+    ``storage_dtype``: write the model's unquantized floating tensors (embeddings, norms, skipped layers, scales) in
+    this dtype — the original's on-disk dtype — so a model run in fp32 is not saved, and sized, at twice its bf16 size.
+    The in-memory model keeps the values it would have after a reload.
+    """
     path = Path(path)
-    model.save_pretrained(path)
+    with _stored_as(model, storage_dtype):
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     atomic_write_json(path / META, {"format": "hf", **meta, "versions": versions()})
+
+
+@contextmanager
+def _stored_as(model, dtype_name: str | None):
+    import torch
+
+    if dtype_name is None:
+        yield
+        return
+    target = torch_dtype(dtype_name)
+    changed = []
+    # Only the parameters of plain layers (embeddings, norms, unquantized Linear): quantized layers keep their own
+    # fp32 internals (bnb absmax/SCB, scales), and non-persistent buffers (rotary inv_freq) are recomputed on load.
+    plain = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    for module in model.modules():
+        if type(module) not in plain and not type(module).__name__.endswith("RMSNorm"):
+            continue
+        for t in module.parameters(recurse=False):
+            if t.dtype == torch.float32 and target != torch.float32:
+                t.data = t.data.to(target)
+                changed.append(t)
+    old_cfg = getattr(model.config, "dtype", None)
+    model.config.dtype = target if changed else old_cfg
+    try:
+        yield
+    finally:
+        for t in changed:  # round-tripped through the storage dtype: exactly what a reload will see
+            t.data = t.data.to(torch.float32)
+        model.config.dtype = old_cfg
+
+
+def storage_dtype_of(folder: Path) -> str | None:
+    """The dtype a model folder stores its weights in (config.json), if it is one we can cast to."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    conf = read_json(cfg)
+    name = conf.get("dtype") or conf.get("torch_dtype")
+    return name if name in ("bfloat16", "float16", "float32") else None
 
 
 def versions() -> dict[str, str]:

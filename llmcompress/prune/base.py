@@ -1,15 +1,18 @@
 """What every pruning method shares: the stage fields (sparsity or N:M pattern, skip), which weights to zero given a
 score, the refusal to prune quantized weights, and the save-and-report step.
 
-Pruned weights are zeros in an ordinary dense checkpoint: transformers, vLLM and lm-eval load it as it is, and the
-size on disk does not shrink (a sparse kernel or format would be needed for that).
+Pruned weights are zeros in an ordinary dense ``save_pretrained`` checkpoint, stored in the source's dtype: whatever
+loads the source loads it, and the size on disk does not shrink (that would take a sparse format and kernels).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -141,7 +144,8 @@ class PruneConfig(StageConfig):
         meta = {"method": self.method, "stage": "prune", "config": self.model_dump(mode="json"),
                 "source": ctx.current.describe(), "sparsity": stats["pruned_layers"],
                 "note": f"pruned ({self.describe()}); the zeros are stored dense, so the size on disk does not shrink"}
-        with ctx.task("save pruned model"), ctx.new_model_dir() as tmp:
+        saved_dtype = checkpoint_dtype(ctx.current.path)
+        with ctx.task("save pruned model"), ctx.new_model_dir() as tmp, stored_as(model, saved_dtype):
             save_model(model, tokenizer, tmp, meta)
         ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))
         data = {
@@ -151,6 +155,7 @@ class PruneConfig(StageConfig):
             "sparsity": stats,
             "prune_seconds": round(seconds, 3),
             "size_bytes": ctx.current.size_bytes,
+            "saved_dtype": saved_dtype or str(model.dtype).removeprefix("torch."),
             "storage": "dense: zeros are stored as ordinary weights, so the size on disk and in memory does not shrink",
             **info,
         }
@@ -167,7 +172,7 @@ class PruneConfig(StageConfig):
 
 
 def check_dense(handle) -> None:
-    """Refuse a model an earlier stage quantized: pruning scores need the real weights, and zeros would not survive."""
+    """Refuse a model an earlier stage quantized: pruning scores and zeroes dense weights."""
     from ..quant import QUANTIZERS
 
     meta = handle.meta
@@ -177,6 +182,41 @@ def check_dense(handle) -> None:
             f"the model here is already quantized (`{method or meta.get('format')}`), and pruning needs dense weights. "
             "Fix: prune before quantizing (put the prune stage before the quantize stage)."
         )
+
+
+def checkpoint_dtype(path: Path) -> str | None:
+    """The dtype a model folder's weights are stored in (``dtype`` in config.json), if it says."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if name in ("bfloat16", "float16", "float32") else None
+
+
+@contextmanager
+def stored_as(model, dtype: str | None) -> Iterator[None]:
+    """Hold ``model`` in ``dtype`` (the source checkpoint's) while it is saved, then return it to its own dtype.
+
+    Lossless both ways: pruning only zeroes weights and every other weight came from that checkpoint (a bf16 model run
+    in float32 on a CPU without native bf16, say). So the saved model is the source's size, not twice it. Only
+    parameters are cast: buffers such as rotary frequencies are computed in float32 and would lose precision.
+    """
+    import torch
+
+    own = model.dtype
+    target = getattr(torch, dtype) if dtype else own
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if target == own or not params:
+        yield
+        return
+    for p in params:
+        p.data = p.data.to(target)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.data = p.data.to(own)
 
 
 def prune_mask(score: "torch.Tensor", cfg: PruneConfig, per_row: bool) -> "torch.Tensor":

@@ -50,7 +50,7 @@ class QuantizeConfig(StageConfig):
         raise NotImplementedError
 
     def run(self, ctx: "RunContext") -> StageResult:
-        from ..models.loading import param_bytes, save_model
+        from ..models.loading import param_bytes, save_model, storage_dtype_of
 
         t0 = time.perf_counter()
         with ctx.task(f"quantize {self.method}", total=None):
@@ -59,7 +59,7 @@ class QuantizeConfig(StageConfig):
         meta = {"method": self.method, "config": self.model_dump(mode="json"), "source": ctx.original.describe()}
         meta.update(info.pop("meta", {}))
         with ctx.task("save quantized model"), ctx.new_model_dir() as tmp:
-            save_model(model, tokenizer, tmp, meta)
+            save_model(model, tokenizer, tmp, meta, storage_dtype=storage_dtype_of(ctx.original.path))
         ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))  # next stages reuse it in memory
         data = {
             "method": self.method,

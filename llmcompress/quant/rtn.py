@@ -200,6 +200,8 @@ def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
+    dt = torch_dtype(dtype)  # dense parts may be stored in another dtype than the one we run in
+    state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

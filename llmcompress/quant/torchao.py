@@ -280,31 +280,42 @@ def load_torchao(path: str | Path, device: str, dtype: str, **kwargs: Any):
 
 def _load_int4_plain(path: Path, info: dict, dtype):
     import torch
-    from safetensors.torch import load_file
-    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from safetensors import safe_open
 
     from .hqq import empty_model  # (shared skeleton helper; no hqq import)
 
     model = empty_model(path, dtype)
+    quantized = {f"{name}.weight_int4": name for name in info["modules"]}
     state: dict[str, torch.Tensor] = {}
+    found = set()
     for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    gs = info["group_size"]
-    for name in info["modules"]:
-        lin = model.get_submodule(name)
-        n, k = lin.out_features, lin.in_features
-        qdata = packed_from_plain(state.pop(f"{name}.weight_int4"), n, k)
-        scale_and_zero = state.pop(f"{name}.weight_scale_and_zero").to(dtype)
-        weight = Int4OpaqueTensor(qdata, scale_and_zero, block_size=[1, gs], shape=torch.Size([n, k]))
-        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
-        lin.register_state_dict_post_hook(_int4_state_dict_hook)  # so it saves again in the same layout
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        with safe_open(f, framework="pt") as file:  # tensor by tensor: the plain int4 is freed as soon as it is packed
+            for key in file.keys():
+                if key in quantized:
+                    lin = model.get_submodule(quantized[key])
+                    scale_and_zero = file.get_tensor(quantized[key] + ".weight_scale_and_zero")
+                    lin.weight = _int4_parameter(file.get_tensor(key), scale_and_zero, lin.out_features,
+                                                 lin.in_features, info["group_size"], dtype)
+                    lin.register_state_dict_post_hook(_int4_state_dict_hook)  # so it saves again in the same layout
+                    found.add(key)
+                elif not key.endswith(".weight_scale_and_zero"):
+                    v = file.get_tensor(key)
+                    state[key] = v.to(dtype) if v.is_floating_point() else v
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         model.tie_weights()
     done = {f"{name}.weight" for name in info["modules"]} | ({"lm_head.weight"} if tied else set())
-    missing = [k for k in result.missing_keys if k not in done]
+    missing = sorted(set(quantized) - found) + [k for k in result.missing_keys if k not in done]
     if missing:
         raise RuntimeError(f"{path}: weights missing from the torchao int4 checkpoint: {missing[:5]}")
     return model.eval()
+
+
+def _int4_parameter(plain, scale_and_zero, n: int, k: int, group_size: int, dtype):
+    import torch
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    weight = Int4OpaqueTensor(packed_from_plain(plain, n, k), scale_and_zero.to(dtype), block_size=[1, group_size],
+                              shape=torch.Size([n, k]))
+    return torch.nn.Parameter(weight, requires_grad=False)

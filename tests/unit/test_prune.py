@@ -185,9 +185,9 @@ def test_wanda_differs_from_magnitude_and_keeps_outputs_closer_on_calibration_te
             if name.endswith("layernorm"):
                 scale = torch.where(torch.rand(mod.weight.shape, generator=g) < 0.1, 20.0, 1.0)
                 mod.weight.mul_(scale.to(mod.weight.dtype))
-    from llmcompress.prune.calibration import calibration_ids
+    from llmcompress.data import load_calibration
 
-    ids = calibration_ids(tok, ctx.recipe.stages[0].calibration, ctx)
+    ids = load_calibration(ctx.recipe.stages[0].calibration, tok)
     with torch.no_grad():
         ref = orig(input_ids=ids).logits.float()
     errors, masks = {}, {}
@@ -223,8 +223,8 @@ def test_bad_configs_are_rejected_with_clear_messages():
     assert "unknown method `wandda`" in msg and "Did you mean `wanda`?" in msg and "magnitude" in msg
     msg = _error({"type": "prune", "method": "magnitude", "sparsity": 0.5, "calibration": {}})
     assert "unknown key `calibration`" in msg  # magnitude needs no data
-    assert "unknown corpus `builtin:pydc`" in _error(_stage("wanda", sparsity=0.5,
-                                                            calibration={"corpus": "builtin:pydc"}))
+    msg = _error(_stage("wanda", sparsity=0.5, calibration={"source": "builtin:pydc"}))
+    assert "`calibration.source`: unknown source `builtin:pydc`. Did you mean `builtin:pydoc`?" in msg
 
 
 def test_unquoted_pattern_in_yaml_says_to_quote_it(tmp_path):
@@ -253,12 +253,12 @@ def test_a_quantized_model_is_refused(make_ctx):
 def test_calibration_file_errors(make_ctx, tmp_path):
     ctx = make_ctx()
     missing = tmp_path / "nope.txt"
-    with pytest.raises(RecipeError, match=r"calibration.corpus: no such file .*nope.txt"):
-        _run_next(ctx, _stage("wanda", sparsity=0.5, calibration={"corpus": str(missing)}), "a")
+    with pytest.raises(RecipeError, match=r"calibration.source .*: no such file .*nope.txt"):
+        _run_next(ctx, _stage("wanda", sparsity=0.5, calibration={"source": str(missing)}), "a")
     short = tmp_path / "short.txt"
     short.write_text("just a few words " * 20)
-    with pytest.raises(RecipeError, match=r"enough for \d windows of 64, not samples=8\. Fix"):
-        cal = {**FAST_CAL, "corpus": str(short), "skip_tokens": 0}
+    with pytest.raises(RecipeError, match=r"which make \d windows of seq_len 64, but samples=8 .* Fix"):
+        cal = {**FAST_CAL, "source": str(short), "skip_tokens": 0}
         _run_next(ctx, _stage("wanda", sparsity=0.5, calibration=cal), "b")
 
 
@@ -267,9 +267,23 @@ def test_calibration_from_a_text_file_is_used(make_ctx, tmp_path):
 
     text = tmp_path / "cal.txt"
     text.write_text(corpus_text()[-20_000:])
-    cal = {**FAST_CAL, "corpus": str(text), "skip_tokens": 0}
+    cal = {**FAST_CAL, "source": str(text), "skip_tokens": 0}
     _, a = _run(make_ctx, _stage("wanda", sparsity=0.5, calibration=cal))
-    assert a.data["calibration"]["tokens"] == 8 * 64 and a.data["calibration"]["corpus"] == str(text)
+    assert a.data["calibration"]["tokens"] == 8 * 64 and a.data["calibration"]["source"] == str(text)
+
+
+def test_a_bf16_checkpoint_run_in_float32_is_saved_in_bf16(make_ctx):
+    # dtype auto is float32 on CPUs without native bf16: the pruned model must not come out twice the source's size
+    ctx = make_ctx(stages=[_stage("wanda", pattern="2:4")], dtype="float32")
+    result = ctx.recipe.stages[0].run(ctx)
+    from llmcompress.prune.base import checkpoint_dtype
+
+    assert result.data["saved_dtype"] == checkpoint_dtype(ctx.current.path) == "bfloat16"
+    assert ctx.current.size_bytes == pytest.approx(ctx.original.size_bytes, rel=0.01)
+    model, tok = ctx.current.load()
+    assert model.dtype == torch.float32  # back in the run's dtype after saving
+    reloaded, _ = load_model(ctx.current.path, "cpu", "float32")
+    assert torch.equal(_logits(model, tok), _logits(reloaded, tok))  # bf16 storage lost nothing
 
 
 # --- docs ------------------------------------------------------------------------------------------------------------

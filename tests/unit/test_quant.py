@@ -122,3 +122,21 @@ def test_yaml_samples_in_docstrings_validate():
 def test_rtn_config_defaults():
     c = RTNConfig()
     assert (c.bits, c.group_size, c.symmetric) == (4, 64, False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "bnb-nf4"])
+def test_fp32_runtime_saves_dense_parts_in_the_originals_dtype(make_ctx, method):
+    """Running in fp32 must not double the saved size of what stays unquantized; reload == in memory."""
+    if method.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    stage = {"type": "quantize", "method": method, **({"group_size": 32} if method == "rtn" else {})}
+    ctx32 = make_ctx(stages=[stage], dtype="float32")
+    ctx32.recipe.stages[0].run(ctx32)
+    model, tok = ctx32.current.load()
+    assert next(p for p in model.parameters() if p.is_floating_point()).dtype == torch.float32
+    reloaded, _ = load_model(ctx32.current.path, "cpu", "float32")
+    assert torch.equal(_logits(model, tok), _logits(reloaded, tok))
+    import json
+
+    assert json.loads((ctx32.current.path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert ctx32.current.size_bytes < 0.7 * ctx32.original.size_bytes  # original is stored in bf16

@@ -72,7 +72,8 @@ def _layer_output_errors(reference, quantized_models: dict, ids: torch.Tensor) -
 
 
 @needs_gptqmodel
-def test_gptq_stage_saves_a_folder_plain_transformers_loads(make_ctx, tmp_path):
+def test_gptq_stage_saves_a_folder_plain_transformers_loads(make_ctx, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # gptqmodel would write ./logs/ here if we let it
     ctx, result = _run(make_ctx, GPTQ)
     data = result.data
     assert {"method", "bits", "quantize_seconds", "param_bytes", "size_bytes", "quantized_modules"} <= set(data)
@@ -82,9 +83,10 @@ def test_gptq_stage_saves_a_folder_plain_transformers_loads(make_ctx, tmp_path):
     assert (ctx.current.meta["format"], ctx.current.meta["method"]) == ("hf", "gptq")
     assert "gptqmodel" in ctx.current.meta["versions"]
     qc = json.loads((ctx.current.path / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", 4, 32, True)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", 4, 32, False)
     assert "offload_to_disk_path" not in qc["meta"] and not (ctx.stage_dir / "gptqmodel-offload").exists()
     assert (ctx.stage_dir / "gptqmodel.log").stat().st_size > 0  # gptqmodel's chatter went here
+    assert list(ctx.stage_dir.glob("gptq_log_*.log")) and not (tmp_path / "logs").exists()  # and its own log too
     assert ctx.current.size_bytes < 0.7 * ctx.original.size_bytes
 
     from safetensors import safe_open
@@ -116,16 +118,17 @@ def test_gptq_beats_rtn_on_the_layer_outputs_it_calibrated_for(make_ctx):
     from llmcompress.quant.rtn import RTNConfig, quantize_rtn_
 
     ctx, _ = _run(make_ctx, {**GPTQ, "bits": 3})
+    stage = ctx.recipe.stages[0]
     gptq, tok = load_model(ctx.current.path, "cpu", "float32")
     reference, _ = load_model(ctx.original.path, "cpu", "float32")
     rtn = copy.deepcopy(reference)
-    quantize_rtn_(rtn, RTNConfig(bits=3, group_size=32, symmetric=True))
-    ids = load_calibration(ctx.recipe.stages[0].calibration, tok)
+    quantize_rtn_(rtn, RTNConfig(bits=stage.bits, group_size=stage.group_size, symmetric=stage.sym))
+    ids = load_calibration(stage.calibration, tok)
     errors = _layer_output_errors(reference, {"gptq": gptq, "rtn": rtn}, ids)
     assert len(errors) == 14
     assert all(e["gptq"] < e["rtn"] for e in errors.values()), errors
     total = {k: sum(e[k] for e in errors.values()) for k in ("gptq", "rtn")}
-    assert total["gptq"] < 0.8 * total["rtn"], total  # measured: 0.54x at 3 bits, 0.64x at 4 bits
+    assert total["gptq"] < 0.8 * total["rtn"], total  # measured: 0.69x (3 and 4 bits)
 
 
 @needs_gptqmodel
@@ -211,5 +214,5 @@ def test_gptq_config_defaults():
     from llmcompress.quant.gptq import GPTQConfig
 
     c = GPTQConfig()
-    assert (c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, c.skip) == (4, 64, False, True, 0.05, ["lm_head"])
+    assert (c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, c.skip) == (4, 64, False, False, 0.05, ["lm_head"])
     assert (c.calibration.source, c.calibration.samples, c.calibration.seq_len) == ("builtin:pydoc", 16, 256)

@@ -1,91 +1,19 @@
-"""Calibration text for methods that look at activations (Wanda; SparseGPT later), and the layer-by-layer pass that
-feeds each decoder layer the outputs of the already-pruned layers before it (as in the Wanda and SparseGPT code).
+"""The layer-by-layer pass of pruning methods that look at activations (Wanda; SparseGPT later): each decoder layer
+is calibrated on the outputs of the already-pruned layers before it, as in the Wanda and SparseGPT code.
+The calibration text itself comes from ``llmcompress.data`` (shared with GPTQ, AWQ, ...).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from ..errors import RecipeError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..context import RunContext
-
 #: Samples per forward pass while calibrating (activations of 8 x seq_len tokens are small at these sizes).
 BATCH = 8
-
-
-class CalibrationConfig(BaseModel):
-    """Which text the activations come from (``calibration:`` in a wanda stage)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    corpus: str = Field(
-        "builtin:pydoc",
-        description="`builtin:pydoc` (Python's reference docs), or a .txt file, or a .jsonl file with a `text` field "
-        "(relative to the recipe).",
-    )
-    samples: int = Field(
-        32, ge=1, description="Windows of text. The paper used 128 x 2048 tokens and found Wanda robust to far fewer; "
-        "32 x 256 keeps the calibration of a 135M model on one CPU thread short.",
-    )
-    seq_len: int = Field(256, ge=2, description="Tokens per window.")
-    skip_tokens: int = Field(
-        4096, ge=0, description="Tokens at the start of the corpus never used, so that calibration stays clear of the "
-        "evaluate stage's perplexity windows (the first 2,048 tokens by default).",
-    )
-
-    @field_validator("corpus")
-    @classmethod
-    def _known_corpus(cls, v: str) -> str:
-        from ..eval.perplexity import BUILTIN_CORPORA, BUILTIN_PREFIX
-        from ..registry import did_you_mean
-
-        if v.startswith(BUILTIN_PREFIX):
-            if v[len(BUILTIN_PREFIX):] not in BUILTIN_CORPORA:
-                choices = [BUILTIN_PREFIX + n for n in BUILTIN_CORPORA]
-                raise ValueError(
-                    f"unknown corpus `{v}`.{did_you_mean(v, choices)} Builtin corpora: {', '.join(choices)}"
-                )
-        elif not v.endswith((".txt", ".jsonl")):
-            raise ValueError(f"corpus `{v}` must be `builtin:pydoc`, a .txt file or a .jsonl file with a `text` field")
-        return v
-
-
-def calibration_ids(tokenizer: Any, cfg: CalibrationConfig, ctx: "RunContext") -> "torch.Tensor":
-    """``(samples, seq_len)`` token ids: distinct non-overlapping windows after ``skip_tokens``, drawn with the recipe's
-    seed (the same windows on every run)."""
-    import torch
-
-    from ..eval.perplexity import BUILTIN_PREFIX, load_corpus
-
-    corpus = cfg.corpus
-    if not corpus.startswith(BUILTIN_PREFIX):
-        path = ctx.recipe.resolve_path(corpus)
-        if not path.is_file():
-            raise RecipeError(
-                f"calibration.corpus: no such file `{path}`. Fix: check the path (relative to the recipe)."
-            )
-        corpus = str(path)
-    try:
-        text = load_corpus(corpus)
-    except RecipeError as e:
-        raise RecipeError(str(e).replace("perplexity.corpus", "calibration.corpus")) from None
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)[cfg.skip_tokens:]
-    available = len(ids) // cfg.seq_len
-    if available < cfg.samples:
-        raise RecipeError(
-            f"calibration: `{cfg.corpus}` has {len(ids)} tokens after skip_tokens={cfg.skip_tokens}, enough for "
-            f"{available} windows of {cfg.seq_len}, not samples={cfg.samples}. "
-            "Fix: lower `samples`, `seq_len` or `skip_tokens`, or use a longer corpus."
-        )
-    gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    starts = torch.randperm(available, generator=gen)[: cfg.samples].sort().values * cfg.seq_len
-    return torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
 
 
 class _Stop(Exception):
