@@ -272,13 +272,18 @@ def _gptqmodel_output(log: Path) -> Iterator[None]:
     pytest's capture) and native ones (fd 1). A failure names the log."""
     import sys
 
+    import logging
+
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     saved_fd, saved_stdout = os.dup(1), sys.stdout
+    tokenicer = logging.getLogger("tokenicer")  # gptqmodel's tokenizer helper logs INFO lines to stderr
+    saved_level = tokenicer.level
     with open(log, "a", encoding="utf-8") as f:
         stream = _LogStream(f)
         os.dup2(f.fileno(), 1)
         sys.stdout = stream
+        tokenicer.setLevel(logging.WARNING)
         try:
             yield
         except LLMCompressError:
@@ -287,6 +292,7 @@ def _gptqmodel_output(log: Path) -> Iterator[None]:
             raise RuntimeError(f"gptqmodel failed: {type(e).__name__}: {e} (its output: {log})") from e
         finally:
             stream.flush()
+            tokenicer.setLevel(saved_level)
             sys.stdout = saved_stdout
             stream.release()
             os.dup2(saved_fd, 1)

@@ -298,6 +298,7 @@ def _load_int4_plain(path: Path, info: dict, dtype):
                                                  lin.in_features, info["group_size"], dtype)
                     lin.register_state_dict_post_hook(_int4_state_dict_hook)  # so it saves again in the same layout
                     found.add(key)
+                    _release_freed_memory()
                 elif not key.endswith(".weight_scale_and_zero"):
                     v = file.get_tensor(key)
                     state[key] = v.to(dtype) if v.is_floating_point() else v
@@ -319,3 +320,26 @@ def _int4_parameter(plain, scale_and_zero, n: int, k: int, group_size: int, dtyp
     weight = Int4OpaqueTensor(packed_from_plain(plain, n, k), scale_and_zero.to(dtype), block_size=[1, group_size],
                               shape=torch.Size([n, k]))
     return torch.nn.Parameter(weight, requires_grad=False)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Packing needs int32 temporaries 8x the size of the int4 weight; glibc keeps freed blocks of that size in its
+    heap, between the packed weights that stay, so without this the load's peak RSS on SmolLM2 was ~3x the model's
+    bytes (measured: 359 MB retained for 111 MB of tensors; 116 MB peak with it).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return None
