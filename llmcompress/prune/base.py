@@ -7,16 +7,14 @@ loads the source loads it, and the size on disk does not shrink (that would take
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
+from ..utils.patterns import check_regexes, matches_any
 from ..stage import StageConfig, StageResult
 
 if TYPE_CHECKING:
@@ -73,12 +71,7 @@ class PruneConfig(StageConfig):
     @field_validator("skip")
     @classmethod
     def _valid_regexes(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"`{pattern}` is not a valid regex ({e}); escape special characters") from None
-        return v
+        return check_regexes(v)
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneConfig":
@@ -108,8 +101,7 @@ class PruneConfig(StageConfig):
         return f"{self.method} {self.pattern}" if self.pattern else f"{self.method} {self.sparsity:.0%}"
 
     def skips(self, module_name: str) -> bool:
-        last = module_name.split(".")[-1]
-        return any(module_name == p or last == p or re.fullmatch(p, module_name) for p in self.skip)
+        return matches_any(module_name, self.skip)
 
     def targets(self, model) -> list[tuple[str, Any]]:
         """``(name, nn.Linear)`` of every layer to prune; checks N:M divides each input width."""
@@ -132,7 +124,7 @@ class PruneConfig(StageConfig):
         raise NotImplementedError
 
     def run(self, ctx: "RunContext") -> StageResult:
-        from ..models.loading import save_model
+        from ..models.loading import save_model, storage_dtype_of
 
         check_dense(ctx.current)
         t0 = time.perf_counter()
@@ -144,9 +136,9 @@ class PruneConfig(StageConfig):
         meta = {"method": self.method, "stage": "prune", "config": self.model_dump(mode="json"),
                 "source": ctx.current.describe(), "sparsity": stats["pruned_layers"],
                 "note": f"pruned ({self.describe()}); the zeros are stored dense, so the size on disk does not shrink"}
-        saved_dtype = checkpoint_dtype(ctx.current.path)
-        with ctx.task("save pruned model"), ctx.new_model_dir() as tmp, stored_as(model, saved_dtype):
-            save_model(model, tokenizer, tmp, meta)
+        saved_dtype = storage_dtype_of(ctx.current.path)  # the source's: a bf16 model run in fp32 stays bf16 on disk
+        with ctx.task("save pruned model"), ctx.new_model_dir() as tmp:
+            save_model(model, tokenizer, tmp, meta, storage_dtype=saved_dtype)
         ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))
         data = {
             "method": self.method,
@@ -182,41 +174,6 @@ def check_dense(handle) -> None:
             f"the model here is already quantized (`{method or meta.get('format')}`), and pruning needs dense weights. "
             "Fix: prune before quantizing (put the prune stage before the quantize stage)."
         )
-
-
-def checkpoint_dtype(path: Path) -> str | None:
-    """The dtype a model folder's weights are stored in (``dtype`` in config.json), if it says."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    name = config.get("dtype") or config.get("torch_dtype")
-    return name if name in ("bfloat16", "float16", "float32") else None
-
-
-@contextmanager
-def stored_as(model, dtype: str | None) -> Iterator[None]:
-    """Hold ``model`` in ``dtype`` (the source checkpoint's) while it is saved, then return it to its own dtype.
-
-    Lossless both ways: pruning only zeroes weights and every other weight came from that checkpoint (a bf16 model run
-    in float32 on a CPU without native bf16, say). So the saved model is the source's size, not twice it. Only
-    parameters are cast: buffers such as rotary frequencies are computed in float32 and would lose precision.
-    """
-    import torch
-
-    own = model.dtype
-    target = getattr(torch, dtype) if dtype else own
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    if target == own or not params:
-        yield
-        return
-    for p in params:
-        p.data = p.data.to(target)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.data = p.data.to(own)
 
 
 def prune_mask(score: "torch.Tensor", cfg: PruneConfig, per_row: bool) -> "torch.Tensor":

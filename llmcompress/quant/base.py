@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from ..utils.patterns import check_regexes, matches_any
 from ..stage import StageConfig, StageResult
 
 if TYPE_CHECKING:
@@ -31,15 +31,10 @@ class QuantizeConfig(StageConfig):
     @field_validator("skip")
     @classmethod
     def _valid_regexes(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"`{pattern}` is not a valid regex ({e}); escape special characters") from None
-        return v
+        return check_regexes(v)
 
     def skips(self, module_name: str) -> bool:
-        return any(module_name == p or module_name.split(".")[-1] == p or re.fullmatch(p, module_name) for p in self.skip)
+        return matches_any(module_name, self.skip)
 
     def bits_per_weight(self) -> float:
         """Nominal bits of a quantized weight (before scales and zero points)."""

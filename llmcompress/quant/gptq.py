@@ -194,7 +194,7 @@ def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
         bad = {n: w for n, w in linears.items() if n in quantized and w % cfg.group_size}
         if bad:
             name, width = next(iter(bad.items()))
-            widths = sorted(set(linears[n] for n in quantized))
+            widths = sorted({linears[n] for n in quantized})
             fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
             raise RecipeError(
                 f"group_size {cfg.group_size} does not divide the input width {width} of `{name}` "
@@ -270,29 +270,30 @@ def _gptqmodel_output(log: Path) -> Iterator[None]:
     """Send what gptqmodel prints to stdout (hundreds of progress and table lines) to ``log``, so the run's own
     progress stays readable: Python-level writes (whatever ``sys.stdout`` is: a terminal, rich's progress proxy,
     pytest's capture) and native ones (fd 1). A failure names the log."""
-    import sys
-
     import logging
+    import sys
 
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     saved_fd, saved_stdout = os.dup(1), sys.stdout
-    tokenicer = logging.getLogger("tokenicer")  # gptqmodel's tokenizer helper logs INFO lines to stderr
-    saved_level = tokenicer.level
+    # Known-harmless stderr lines: tokenicer's INFO notes, torchao's "Failed to load ..._C_*.so" (CUDA-only kernels).
+    quiet = {name: logging.getLogger(name).level for name in ("tokenicer", "torchao")}
     with open(log, "a", encoding="utf-8") as f:
         stream = _LogStream(f)
         os.dup2(f.fileno(), 1)
         sys.stdout = stream
-        tokenicer.setLevel(logging.WARNING)
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             yield
         except LLMCompressError:
             raise
         except Exception as e:
-            raise RuntimeError(f"gptqmodel failed: {type(e).__name__}: {e} (its output: {log})") from e
+            raise RuntimeError(f"{type(e).__name__}: {e} (gptqmodel's output: {log})") from e
         finally:
             stream.flush()
-            tokenicer.setLevel(saved_level)
+            for name, level in quiet.items():
+                logging.getLogger(name).setLevel(level)
             sys.stdout = saved_stdout
             stream.release()
             os.dup2(saved_fd, 1)

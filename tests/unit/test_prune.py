@@ -276,9 +276,9 @@ def test_a_bf16_checkpoint_run_in_float32_is_saved_in_bf16(make_ctx):
     # dtype auto is float32 on CPUs without native bf16: the pruned model must not come out twice the source's size
     ctx = make_ctx(stages=[_stage("wanda", pattern="2:4")], dtype="float32")
     result = ctx.recipe.stages[0].run(ctx)
-    from llmcompress.prune.base import checkpoint_dtype
+    from llmcompress.models.loading import storage_dtype_of
 
-    assert result.data["saved_dtype"] == checkpoint_dtype(ctx.current.path) == "bfloat16"
+    assert result.data["saved_dtype"] == storage_dtype_of(ctx.current.path) == "bfloat16"
     assert ctx.current.size_bytes == pytest.approx(ctx.original.size_bytes, rel=0.01)
     model, tok = ctx.current.load()
     assert model.dtype == torch.float32  # back in the run's dtype after saving

@@ -170,13 +170,13 @@ def test_bad_values_rejected_when_the_recipe_loads(field, value, message):
 
 @needs_gptqmodel
 @pytest.mark.parametrize("change,message", [
-    ({"group_size": 48}, r"group_size 48 does not divide the input width 64 of `model\.layers\.0\.self_attn\.q_proj` "
-                         r"\(\d+ layers affected\)\. Fix: use a divisor of 64, 128 such as 32 or 64, or -1"),
+    ({"group_size": 48}, (r"group_size 48 does not divide the input width 64 of `model\.layers\.0\.self_attn\.q_proj` "
+                          r"\(\d+ layers affected\)\. Fix: use a divisor of 64, 128 such as 32 or 64, or -1")),
     ({"skip": []}, r"gptq keeps `lm_head` dense: .* Fix: keep `lm_head` in `skip`"),
     ({"skip": ["lm_head", "model.*"]}, r"`skip` leaves no linear layer to quantize"),
     ({"calibration": {"source": "missing/calib.txt"}}, r"no such file `.*missing/calib\.txt`\. Fix: check the path"),
-    ({"calibration": {"seq_len": 4096}}, r"calibration\.seq_len 4096 exceeds the model's max_position_embeddings "
-                                         r"\(1024\)\. Fix"),
+    ({"calibration": {"seq_len": 4096}}, (r"calibration\.seq_len 4096 exceeds the model's max_position_embeddings "
+                                          r"\(1024\)\. Fix")),
 ])
 def test_bad_settings_fail_before_weights_load(make_ctx, change, message):
     ctx = make_ctx(stages=[{**GPTQ, **change}])
