@@ -92,6 +92,10 @@ def ls() -> None:
         table.add_row("stage", name, _first_line(_stage_doc(name)))
     for name in QUANTIZERS.names():
         table.add_row("quantize method", name, _first_line(QUANTIZERS.get(name).__doc__))
+    from .prune import PRUNERS
+
+    for name in PRUNERS.names():
+        table.add_row("prune method", name, _first_line(PRUNERS.get(name).__doc__))
     for name in _local_tasks():
         table.add_row("eval task", name, "local lm-eval task in evals/ (offline)")
     recipes = Path(__file__).resolve().parents[1] / "recipes"
@@ -105,6 +109,8 @@ def _stage_doc(name: str) -> str | None:
 
     if name == "quantize":
         return "Quantize the model with one of the methods below."
+    if name == "prune":
+        return "Prune the model (dense zeros) with one of the methods below."
     return STAGES.get(name).__doc__
 
 

@@ -75,6 +75,11 @@ class Recipe(BaseModel):
     def _check_stage_order(self) -> "Recipe":
         quantized_by = None
         for i, stage in enumerate(self.stages):
+            if stage.type == "prune" and quantized_by is not None:
+                raise ValueError(
+                    f"stages[{i}] (prune) comes after stages[{quantized_by}] (quantize), but pruning needs dense "
+                    "weights. Fix: put the prune stage before the quantize stage."
+                )
             if stage.type == "quantize":
                 if quantized_by is not None:
                     raise ValueError(

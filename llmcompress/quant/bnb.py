@@ -31,7 +31,9 @@ class _BnbConfig(QuantizeConfig):
         from ..models.loading import load_model, torch_dtype
 
         source = ctx.current
-        if source.meta.get("format", "hf") != "hf" or source.meta.get("method"):
+        from . import QUANTIZERS
+
+        if source.meta.get("format", "hf") != "hf" or source.meta.get("method") in QUANTIZERS:
             raise RecipeError(
                 f"bitsandbytes quantizes a dense model while loading it, "
                 f"but the model here is already `{source.describe()}`. Fix: put this stage first."

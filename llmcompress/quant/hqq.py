@@ -139,7 +139,13 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
+    # dense parts may be stored in another dtype (the original's) than the one we run in; HQQ's own tensors are
+    # converted below, after hqq has decoded them
+    dt, hqq_keys = torch_dtype(dtype), tuple(f"{name}." for name in info["modules"])
+    state = {k: v.to(dt) if v.is_floating_point() and not k.startswith(hqq_keys) else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)  # HQQLinear places its tensors on `device`
+    for name in info["modules"]:
+        _hqq_as_dtype(model.get_submodule(name), dt)
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         model.tie_weights()
@@ -147,6 +153,19 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     if missing:
         raise RuntimeError(f"{path}: weights missing from the hqq checkpoint: {missing[:5]}")
     return model.to(device).eval()  # moves the rest; HQQLinear's tensors are already on `device`
+
+
+def _hqq_as_dtype(layer, dtype) -> None:
+    """Make a loaded HQQLinear compute in ``dtype``: hqq dequantizes in ``meta["compute_dtype"]`` with the saved
+    scale/zero, whatever ``compute_dtype`` it was built with, and a mismatch with the activations fails in matmul."""
+    if layer.meta["compute_dtype"] == dtype:
+        return
+    layer.compute_dtype = layer.meta["compute_dtype"] = dtype
+    for key in ("scale", "zero"):
+        if layer.meta.get(key) is not None and layer.meta[key].is_floating_point():
+            layer.meta[key] = layer.meta[key].to(dtype)
+    if layer.bias is not None:
+        layer.bias = layer.bias.to(dtype)
 
 
 def empty_model(path: Path, dtype):

@@ -21,6 +21,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,6 +51,7 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
             if not replace:
                 return
             shutil.rmtree(final)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         os.replace(tmp, final)
     finally:
         if tmp.exists():

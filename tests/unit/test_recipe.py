@@ -130,3 +130,9 @@ def test_auto_dtype_resolves_to_what_the_hardware_runs_fast(monkeypatch):
     assert Runtime.from_recipe(load_recipe(recipe(device="cpu", dtype="bfloat16"))).dtype == "bfloat16"
     monkeypatch.setattr(context, "cpu_has_native_bf16", lambda: True)
     assert auto_dtype("cpu") == "bfloat16"
+
+
+def test_prune_after_quantize_rejected():
+    msg = error_of(recipe(stages=[{"type": "quantize", "method": "rtn"},
+                                  {"type": "prune", "method": "magnitude", "sparsity": 0.5}]))
+    assert "stages[1] (prune) comes after stages[0] (quantize)" in msg and "Fix:" in msg
