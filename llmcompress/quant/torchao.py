@@ -47,6 +47,9 @@ INT4_PLAIN = "int4-plain"  # our portable CPU int4 layout (see the module docstr
 class _TorchaoConfig(QuantizeConfig):
     """Shared by the torchao variants: checks, ``quantize_`` on a copy, and the save layout."""
 
+    #: Dtype the quantized layers compute in, whatever the model runs in (None: the model's dtype).
+    kernel_dtype: ClassVar[str | None] = None
+
     def preflight(self) -> None:
         require("torchao", "torchao", f"Method `{self.method}`")
 
@@ -65,6 +68,8 @@ class _TorchaoConfig(QuantizeConfig):
         from importlib.metadata import version
 
         import torch
+
+        from ..models.loading import torch_dtype
 
         t0 = time.perf_counter()
         from torchao.quantization import quantize_  # (~10 s on a busy 2-core box: reported apart)
@@ -86,25 +91,32 @@ class _TorchaoConfig(QuantizeConfig):
                 self.check_layer(name, lin, device)
         model = copy.deepcopy(model)  # the original stays untouched for comparison
         ao_config = self.ao_config(device)
+        kernel_dtype = self.kernel_dtype or ctx.runtime.dtype
+        for name in targets:  # quantize from (and so compute in) the kernel's dtype
+            weight = model.get_submodule(name).weight
+            weight.data = weight.data.to(torch_dtype(kernel_dtype))
         quantize_(model, ao_config, filter_fn=lambda module, fqn: fqn in targets)
         if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # lm_head now has its own (quantized) weights
         layout = self.layout(device)
+        for name in targets:
+            _compute_in_(model.get_submodule(name), kernel_dtype, ctx.runtime.dtype)
+            if layout == INT4_PLAIN:
+                model.get_submodule(name).register_state_dict_post_hook(_int4_state_dict_hook)
         if layout == HF_LAYOUT:
             _attach_hf_serialization(model, ao_config, skipped)
             on_disk = "torchao tensors in safetensors + TorchAoConfig in config.json (from_pretrained loads it)"
         else:
-            for name in targets:
-                model.get_submodule(name).register_state_dict_post_hook(_int4_state_dict_hook)
             on_disk = "plain int4 (2 per byte) + torchao scale_and_zero; packed for this CPU's int4 kernel at load"
         names = sorted(targets)
         meta = {"format": "torchao", "torchao": {
             "variant": self.method, "layout": layout, "device_type": device, "modules": names,
             "group_size": getattr(self, "group_size", None), "ao_config": type(ao_config).__name__,
-            "torchao_version": version("torchao"),
+            "kernel_dtype": kernel_dtype, "torchao_version": version("torchao"),
         }}
         info = {"quantized_modules": len(names), "skipped_modules": skipped, "layout": layout, "on_disk": on_disk,
-                "param_bytes": torchao_param_bytes(model), "import_seconds": round(import_seconds, 3), "meta": meta}
+                "kernel_dtype": kernel_dtype, "param_bytes": torchao_param_bytes(model),
+                "import_seconds": round(import_seconds, 3), "meta": meta}
         return model, tokenizer, info
 
 
@@ -140,6 +152,9 @@ class TorchaoInt4WeightOnlyConfig(_TorchaoConfig):
         64, description="Weights sharing one scale and zero; must divide every layer's input width (576 = 9 x 64)."
     )
     nominal_bits: ClassVar[float] = 4
+    # tinygemm, on CPU and CUDA alike, is fast for bf16 activations only: on this AVX2 CPU with fp32 activations the
+    # CPU kernel fell back to scalar code, 16x (1 token) to 76x (64 tokens) slower than a dense fp32 layer
+    kernel_dtype: ClassVar[str | None] = "bfloat16"
 
     def ao_config(self, device: str) -> Any:
         if device == "cpu":
@@ -166,6 +181,24 @@ class TorchaoInt4WeightOnlyConfig(_TorchaoConfig):
                 f"the CPU int4 kernel needs an output width divisible by 16, but `{name}` has {lin.out_features}. "
                 f"Fix: add `{name}` to `skip`."
             )
+
+
+def _compute_in_(layer, kernel_dtype: str, model_dtype: str) -> None:
+    """Let ``layer`` compute in ``kernel_dtype`` inside a model that runs in ``model_dtype`` (casts around it)."""
+    if kernel_dtype == model_dtype:
+        return
+    from ..models.loading import torch_dtype
+
+    layer.register_forward_pre_hook(functools.partial(_cast_input, dtype=torch_dtype(kernel_dtype)))
+    layer.register_forward_hook(functools.partial(_cast_output, dtype=torch_dtype(model_dtype)))
+
+
+def _cast_input(module, args, *, dtype):
+    return (args[0].to(dtype), *args[1:])
+
+
+def _cast_output(module, args, output, *, dtype):
+    return output.to(dtype)
 
 
 def _attach_hf_serialization(model, ao_config, skipped: list[str]) -> None:
@@ -273,17 +306,22 @@ def load_torchao(path: str | Path, device: str, dtype: str, **kwargs: Any):
             f"`{device}`. Fix: load it with device {info['device_type']}, or quantize again on {device}."
         )
     if info["layout"] == INT4_PLAIN:
-        return _load_int4_plain(path, info, torch_dtype(dtype))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map=device, **kwargs)
+        model = _load_int4_plain(path, info, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map=device, **kwargs)
+    for name in info["modules"]:
+        _compute_in_(model.get_submodule(name), info.get("kernel_dtype") or dtype, dtype)
     return model.eval()
 
 
-def _load_int4_plain(path: Path, info: dict, dtype):
+def _load_int4_plain(path: Path, info: dict, dtype_name: str):
     import torch
     from safetensors import safe_open
 
+    from ..models.loading import torch_dtype
     from .hqq import empty_model  # (shared skeleton helper; no hqq import)
 
+    dtype, kernel_dtype = torch_dtype(dtype_name), torch_dtype(info.get("kernel_dtype") or dtype_name)
     model = empty_model(path, dtype)
     quantized = {f"{name}.weight_int4": name for name in info["modules"]}
     state: dict[str, torch.Tensor] = {}
@@ -295,7 +333,7 @@ def _load_int4_plain(path: Path, info: dict, dtype):
                     lin = model.get_submodule(quantized[key])
                     scale_and_zero = file.get_tensor(quantized[key] + ".weight_scale_and_zero")
                     lin.weight = _int4_parameter(file.get_tensor(key), scale_and_zero, lin.out_features,
-                                                 lin.in_features, info["group_size"], dtype)
+                                                 lin.in_features, info["group_size"], kernel_dtype)
                     lin.register_state_dict_post_hook(_int4_state_dict_hook)  # so it saves again in the same layout
                     found.add(key)
                     _release_freed_memory()

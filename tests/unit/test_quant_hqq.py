@@ -76,6 +76,19 @@ def test_hqq_other_settings_reload_identically(make_ctx, bits, axis):
     assert torch.equal(_logits(model, tok), _logits(reloaded, tok))
 
 
+def test_hqq_run_in_fp32_reloads_in_fp32_and_bf16(make_ctx):
+    # CPUs without native bf16 run in fp32 while dense parts are saved in the original's bf16: the loader must bring
+    # both HQQ's tensors and the dense parts to the dtype asked for
+    ctx = make_ctx(stages=[{"type": "quantize", "method": "hqq", "group_size": 32}], dtype="float32")
+    ctx.recipe.stages[0].run(ctx)
+    model, tok = ctx.current.load()
+    same, _ = load_model(ctx.current.path, "cpu", "float32")
+    assert torch.equal(_logits(model, tok), _logits(same, tok))
+    bf16, _ = load_model(ctx.current.path, "cpu", "bfloat16")
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (_logits(model, tok) - _logits(bf16, tok)).abs().max() < 0.05  # bf16 rounding only (measured 0.006)
+
+
 def test_hqq_skip_by_regex_and_quantized_lm_head(make_ctx):
     ctx, result = _run(make_ctx, skip=[r"model\.layers\.0\..*"])  # lm_head no longer skipped
     assert result.data["quantized_modules"] == 8  # layer 1's 7 linears + lm_head

@@ -57,6 +57,23 @@ def test_torchao_stage_quantizes_and_reloads_identically(make_ctx, method):
     assert 0 < err < TOLERANCE[method]
 
 
+@pytest.mark.parametrize("method", list(TOLERANCE))
+def test_torchao_run_in_fp32_reloads_identically(make_ctx, method):
+    # CPUs without native bf16 run in fp32 while dense parts are saved in the original's bf16
+    ctx = make_ctx(stages=[{"type": "quantize", "method": method}], dtype="float32")
+    ctx.recipe.stages[0].run(ctx)
+    model, tok = ctx.current.load()
+    reloaded, _ = load_model(ctx.current.path, "cpu", "float32")
+    assert reloaded.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(_logits(model, tok), _logits(reloaded, tok))
+    if method == "torchao-int4wo":  # int4 layers compute in bf16 (the fast kernel), between fp32 layers
+        for m in (model, reloaded):
+            layer = m.get_submodule("model.layers.0.mlp.up_proj")
+            assert layer.weight.dtype == torch.bfloat16 and layer(torch.randn(2, 64)).dtype == torch.float32
+    orig, _ = ctx.original.load()
+    assert 0 < (_logits(orig, tok) - _logits(model, tok)).abs().max().item() < TOLERANCE[method]
+
+
 @pytest.mark.parametrize("method,ratio", [("torchao-int8wo", 0.8), ("torchao-int4wo", 0.65)])
 def test_torchao_is_smaller_on_disk_and_in_memory(make_ctx, method, ratio):
     # tiny model: 74k linear weights next to a 33k bf16 tied embedding that no method here quantizes
