@@ -88,6 +88,8 @@ def _stored_as(model, dtype_name: str | None):
         if type(module) not in plain and not type(module).__name__.endswith("RMSNorm"):
             continue
         for t in module.parameters(recurse=False):
+            if type(t.data) is not torch.Tensor:  # a quantized tensor subclass (torchao) stores its own parts
+                continue
             if t.dtype == torch.float32 and target != torch.float32:
                 t.data = t.data.to(target)
                 changed.append(t)

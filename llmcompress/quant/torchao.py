@@ -23,7 +23,10 @@ linear layers left out. How each is saved:
   ``llmcompress.models.loading.load_model`` reloads it, ``from_pretrained`` alone cannot.
 
 On CPU there are no torchao C++ kernels in the PyPI wheel (the "Failed to load ..._C_*.so" lines at import are
-harmless): int8 runs through torch's int8 matmuls, int4 through PyTorch's own tinygemm CPU kernel.
+harmless): int8 runs through torch's int8 matmuls, int4 through PyTorch's own tinygemm CPU kernel. That kernel is
+vectorized for bf16 activations only (fp32 falls back to scalar code, 16-76x slower than a dense fp32 layer here), so
+int4 layers always compute in bf16; in a model that runs in fp32 (``dtype: auto`` on CPUs without native bf16) they
+cast their input to bf16 and their output back.
 """
 
 from __future__ import annotations
