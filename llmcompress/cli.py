@@ -44,7 +44,7 @@ def run(
         _fail(e)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished stages are kept; run the same command again to resume.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @app.command()

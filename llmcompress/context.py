@@ -180,7 +180,7 @@ class RunContext:
         """Results of the *original* model, cached across runs by (model fingerprint, kind, config, versions)."""
         from .models.loading import versions
 
-        key = stable_hash([self.original.fingerprint(), kind, config, versions(), self.runtime.describe()])
+        key = stable_hash([self.original.fingerprint(), kind, config, versions(methods=False), self.runtime.describe()])
         path = cache_dir("baseline", f"{kind}-{key}.json")
         if path.is_file():
             try:

@@ -27,31 +27,20 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import RecipeError, require
-from ..registry import did_you_mean
+from .corpora import BUILTIN_PREFIX, builtin_documents, check_builtin
 
 if TYPE_CHECKING:
     import torch
 
-BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
 FILE_SUFFIXES = (".txt", ".jsonl")
 #: Characters of hub text read per token needed (tokens average ~4 characters of English: about 2x the need).
 _HF_CHARS_PER_TOKEN = 8
-
-
-def _pydoc_topics() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]  # joined, the same text as `llmcompress.models.tiny.corpus_text()`
-
-
-#: ``builtin:<name>`` -> documents. pydoc: Python's reference documentation (PSF license), one document per topic.
-BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"pydoc": _pydoc_topics}
 
 
 class CalibrationConfig(BaseModel):
@@ -76,10 +65,7 @@ class CalibrationConfig(BaseModel):
     @classmethod
     def _known_source(cls, v: str) -> str:
         if v.startswith(BUILTIN_PREFIX):
-            name = v[len(BUILTIN_PREFIX):]
-            if name not in BUILTIN_SOURCES:
-                choices = [BUILTIN_PREFIX + n for n in BUILTIN_SOURCES]
-                raise ValueError(f"unknown source `{v}`.{did_you_mean(v, choices)} Builtin sources: {', '.join(choices)}")
+            check_builtin(v, "source")
         elif v.startswith(HF_PREFIX):
             name, _, config = v[len(HF_PREFIX):].partition(":")
             if not name.strip() or (":" in v[len(HF_PREFIX):] and not config.strip()):
@@ -138,7 +124,7 @@ def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None,
     """The source as a list of documents. ``tokenizer`` renders chat rows with its chat template (else plain lines)."""
     check_calibration(cfg, base_dir)
     if cfg.source.startswith(BUILTIN_PREFIX):
-        docs = BUILTIN_SOURCES[cfg.source[len(BUILTIN_PREFIX):]]()
+        docs = builtin_documents(cfg.source)
     elif cfg.source.startswith(HF_PREFIX):
         docs = _hf_texts(cfg, tokenizer)
     else:
@@ -213,7 +199,12 @@ _ROW_FIX = ('Fix: write lines like {"text": "..."}, {"messages": [{"role": "user
 
 
 def _jsonl_texts(path: Path, tokenizer: Any) -> list[str]:
-    texts = []
+    return [_row_text(row, tokenizer) for row in _jsonl_rows(path)]
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a .jsonl file, each checked to have ``text``, ``messages`` or ``prompt`` + ``response``."""
+    rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -221,12 +212,28 @@ def _jsonl_texts(path: Path, tokenizer: Any) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
-        text = _row_text(row, tokenizer)
-        if text is None:
+        if _row_text(row, None) is None:
             keys = ", ".join(f"`{k}`" for k in row) if isinstance(row, dict) else type(row).__name__
             raise RecipeError(f"{path}:{i}: no `text`, `messages` or `prompt` + `response` (got {keys}). {_ROW_FIX}")
-        texts.append(text)
-    return texts
+        rows.append(row)
+    return rows
+
+
+def read_rows(cfg: CalibrationConfig, base_dir: Path | None = None) -> list[dict] | None:
+    """The rows of a .jsonl or ``hf:`` source as dicts (for chat-aware training), or None for plain-text sources.
+
+    At most ``cfg.samples`` rows of a hub dataset are read; a file is read whole.
+    """
+    check_calibration(cfg, base_dir)
+    if cfg.source.startswith(HF_PREFIX):
+        from datasets import load_dataset
+
+        name, _, config = cfg.source[len(HF_PREFIX):].partition(":")
+        rows = load_dataset(name, config or None, split="train", streaming=True)
+        return [dict(r) for r, _ in zip(rows, range(cfg.samples))]
+    if cfg.source.endswith(".jsonl"):
+        return _jsonl_rows(cfg.resolve(base_dir))
+    return None
 
 
 def _hf_texts(cfg: CalibrationConfig, tokenizer: Any) -> list[str]:

@@ -16,24 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..data.corpora import BUILTIN_PREFIX, builtin_text, check_builtin
 from ..errors import RecipeError
-from ..registry import did_you_mean
 
 if TYPE_CHECKING:
     import torch
-
-BUILTIN_PREFIX = "builtin:"
-
-
-def _pydoc_text() -> str:
-    from ..models.tiny import corpus_text
-
-    return corpus_text()
-
-
-#: ``builtin:<name>`` corpora -> text function. pydoc: Python's reference docs (~465k characters, PSF license).
-BUILTIN_CORPORA: dict[str, Callable[[], str]] = {"pydoc": _pydoc_text}
-
 
 class PerplexityConfig(BaseModel):
     """Sliding-window perplexity settings (``perplexity:`` in an evaluate stage)."""
@@ -53,11 +40,7 @@ class PerplexityConfig(BaseModel):
     @classmethod
     def _known_corpus(cls, v: str) -> str:
         if v.startswith(BUILTIN_PREFIX):
-            name = v[len(BUILTIN_PREFIX):]
-            if name not in BUILTIN_CORPORA:
-                choices = [BUILTIN_PREFIX + n for n in BUILTIN_CORPORA]
-                hint = did_you_mean(v, choices)
-                raise ValueError(f"unknown corpus `{v}`.{hint} Builtin corpora: {', '.join(choices)}")
+            check_builtin(v, "corpus")
         elif not v.endswith((".txt", ".jsonl")):
             raise ValueError(f"corpus `{v}` must be `builtin:pydoc`, a .txt file or a .jsonl file with a `text` field")
         return v
@@ -74,7 +57,7 @@ class PerplexityConfig(BaseModel):
 def load_corpus(corpus: str, base_dir: Path | None = None) -> str:
     """The text of a corpus: ``builtin:<name>``, or a .txt / .jsonl (``text`` field) path relative to ``base_dir``."""
     if corpus.startswith(BUILTIN_PREFIX):
-        return BUILTIN_CORPORA[corpus[len(BUILTIN_PREFIX):]]()
+        return builtin_text(corpus)
     path = Path(corpus).expanduser()
     path = path if path.is_absolute() or base_dir is None else base_dir / path
     if not path.is_file():

@@ -20,6 +20,8 @@ FORMATS.register_lazy("hf", "llmcompress.models.loading:_load_hf")
 FORMATS.register_lazy("rtn", "llmcompress.quant.rtn:load_rtn")
 FORMATS.register_lazy("hqq", "llmcompress.quant.hqq:load_hqq")
 FORMATS.register_lazy("torchao", "llmcompress.quant.torchao:load_torchao")
+FORMATS.register_lazy("peft", "llmcompress.lora.merge:load_peft")  # base folder + LoRA adapter, not merged
+FORMATS.register_lazy("compressed-tensors", "llmcompress.quant.llmcompressor:load_compressed_tensors")
 
 
 def torch_dtype(name: str):
@@ -113,12 +115,16 @@ def storage_dtype_of(folder: Path) -> str | None:
     return name if name in ("bfloat16", "float16", "float32") else None
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that shape a result."""
+CORE_PACKAGES = ("llmcompress", "torch", "transformers", "bitsandbytes", "lm-eval", "peft", "gguf")
+METHOD_PACKAGES = ("gptqmodel", "optimum", "hqq", "torchao", "llmcompressor", "compressed-tensors")
+
+
+def versions(methods: bool = True) -> dict[str, str]:
+    """Versions of the installed packages that shape a result (``methods=False``: the core ones only)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("llmcompress", "torch", "transformers", "bitsandbytes", "lm-eval", "peft", "gguf"):
+    for pkg in CORE_PACKAGES + (METHOD_PACKAGES if methods else ()):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -19,9 +19,9 @@ VERSION = 1  # bump when the architecture or tokenizer below changes
 
 def corpus_text() -> str:
     """Python's reference documentation as one text (~1 MB of real English, on every Python install)."""
-    from pydoc_data.topics import topics
+    from ..data.corpora import builtin_text
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return builtin_text("pydoc")
 
 
 def build_tokenizer(vocab_size: int = 512):

@@ -135,7 +135,6 @@ def layer_by_layer(
             for n, mask in masks.items():
                 work_mods[n].weight.masked_fill_(mask.to(work_mods[n].weight.device), 0)
             batches = [(_call(work, h, kw), kw) for h, kw in batches]
-        del work
         advance(1)
 
 

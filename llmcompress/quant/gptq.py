@@ -377,7 +377,6 @@ def _finish_folder(out: Path, plan: dict, tokenizer) -> None:
 
 
 def _write_meta(cfg: GPTQConfig, ctx: "RunContext", out: Path, plan: dict, calib_shape) -> None:
-    from importlib.metadata import version
 
     from ..models.loading import META, versions
     from ..utils.io import atomic_write_json
@@ -390,6 +389,6 @@ def _write_meta(cfg: GPTQConfig, ctx: "RunContext", out: Path, plan: dict, calib
         "gptq": {"bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act, "sym": cfg.sym,
                  "quantized_modules": len(plan["quantized"]), "skipped_modules": plan["skipped"] + [plan["lm_head"]],
                  "calibration_windows": list(calib_shape)},
-        "versions": {**versions(), "gptqmodel": version("gptqmodel"), "optimum": version("optimum")},
+        "versions": versions(),
     }
     atomic_write_json(out / META, meta)

@@ -180,7 +180,6 @@ def _no_init():
 
 def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """Rebuild an rtn folder: the architecture from config.json, RTNLinear where the metadata says, then the weights."""
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from llmcompress.errors import RecipeError
 from llmcompress.recipe import apply_override, load_recipe
@@ -28,7 +29,7 @@ def test_valid_recipe_fills_defaults_and_is_frozen():
     assert r.dtype == "auto" and r.seed == 0
     q = r.stages[0]
     assert (q.method, q.bits, q.group_size, q.skip) == ("rtn", 4, 64, ["lm_head"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         q.bits = 8  # configs are never mutated after validation
 
 
