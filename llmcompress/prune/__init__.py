@@ -12,5 +12,7 @@ from ..registry import Registry
 PRUNERS: Registry = Registry("pruning method")
 PRUNERS.register_lazy("magnitude", "llmcompress.prune.magnitude:MagnitudeConfig")
 PRUNERS.register_lazy("wanda", "llmcompress.prune.wanda:WandaConfig")
+PRUNERS.register_lazy("sparsegpt", "llmcompress.prune.llmcompressor:SparseGPTConfig")
+PRUNERS.register_lazy("llmc-wanda", "llmcompress.prune.llmcompressor:LlmcWandaConfig")
 
 PruneStage = Annotated[Union[tuple(PRUNERS.get(name) for name in PRUNERS.names())], Field(discriminator="method")]

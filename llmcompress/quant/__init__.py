@@ -19,6 +19,10 @@ QUANTIZERS.register_lazy("hqq", "llmcompress.quant.hqq:HQQConfig")
 QUANTIZERS.register_lazy("torchao-int8wo", "llmcompress.quant.torchao:TorchaoInt8WeightOnlyConfig")
 QUANTIZERS.register_lazy("torchao-int8dq", "llmcompress.quant.torchao:TorchaoInt8DynamicConfig")
 QUANTIZERS.register_lazy("torchao-int4wo", "llmcompress.quant.torchao:TorchaoInt4WeightOnlyConfig")
+QUANTIZERS.register_lazy("llmc-gptq-w4a16", "llmcompress.quant.llmcompressor:LlmcGPTQConfig")
+QUANTIZERS.register_lazy("llmc-awq-w4a16", "llmcompress.quant.llmcompressor:LlmcAWQConfig")
+QUANTIZERS.register_lazy("llmc-w8a8", "llmcompress.quant.llmcompressor:LlmcW8A8Config")
+QUANTIZERS.register_lazy("llmc-fp8", "llmcompress.quant.llmcompressor:LlmcFP8Config")
 
 QuantizeStage = Annotated[
     Union[tuple(QUANTIZERS.get(name) for name in QUANTIZERS.names())], Field(discriminator="method")

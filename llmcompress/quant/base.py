@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -44,8 +45,18 @@ class QuantizeConfig(StageConfig):
         """Return ``(model, tokenizer, info)``; the model is saved by ``run``. Implemented by each method."""
         raise NotImplementedError
 
+    def save_pretrained(self, ctx: "RunContext", model: Any, tokenizer: Any, path: Path, meta: dict) -> tuple:
+        """Write the quantized model into ``path`` (the stage's temporary model folder); return ``(model, tokenizer)``
+        as later stages should see that folder. Default: a ``save_pretrained`` folder with the dense parts in the
+        original's storage dtype; the in-memory model is reused as is. Methods whose saving consumes the in-memory
+        model (compressed in place) override this and return the folder reloaded."""
+        from ..models.loading import save_model, storage_dtype_of
+
+        save_model(model, tokenizer, path, meta, storage_dtype=storage_dtype_of(ctx.original.path))
+        return model, tokenizer
+
     def run(self, ctx: "RunContext") -> StageResult:
-        from ..models.loading import param_bytes, save_model, storage_dtype_of
+        from ..models.loading import param_bytes
 
         t0 = time.perf_counter()
         with ctx.task(f"quantize {self.method}", total=None):
@@ -54,7 +65,7 @@ class QuantizeConfig(StageConfig):
         meta = {"method": self.method, "config": self.model_dump(mode="json"), "source": ctx.original.describe()}
         meta.update(info.pop("meta", {}))
         with ctx.task("save quantized model"), ctx.new_model_dir() as tmp:
-            save_model(model, tokenizer, tmp, meta, storage_dtype=storage_dtype_of(ctx.original.path))
+            model, tokenizer = self.save_pretrained(ctx, model, tokenizer, tmp, meta)
         ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))  # next stages reuse it in memory
         data = {
             "method": self.method,
