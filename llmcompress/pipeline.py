@@ -180,6 +180,8 @@ def _finished(stage_dir: Path, fingerprint: str) -> StageResult | None:
     result = StageResult.model_validate(saved["result"])
     if result.model_dir and not (stage_dir / result.model_dir).is_dir():
         return None
+    if not all(Path(p).exists() for p in result.artifacts):
+        return None
     return result
 
 
@@ -226,6 +228,10 @@ def _finish(ctx, stages: list[dict], timing: dict) -> dict:
     report = build_report(recipe=ctx.recipe, environment=env, stages=stages,
                           original=_model_info(ctx.original), compressed=_model_info(ctx.current))
     paths = write_report(ctx.run_dir, report)
+    if any(s["result"]["type"] == "export" for s in stages):
+        from .export import refresh_cards
+
+        refresh_cards(report)  # model cards written during the run now show the final figures
     ctx.console.print(summary_table(report))
     ctx.console.print(f"report: {paths['markdown']}")
     return report

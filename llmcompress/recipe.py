@@ -87,6 +87,10 @@ class Recipe(BaseModel):
                         "Fix: keep one quantize stage (to compare methods, write one recipe per method or a sweep)."
                     )
                 quantized_by = i
+        for i, stage in enumerate(self.stages):
+            problem = stage.check_after(self.stages[:i])
+            if problem:
+                raise ValueError(f"stages[{i}] ({stage.kind}): {problem}")
         return self
 
     @property

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 STAGES: Registry = Registry("stage type")
 STAGES.register_lazy("quantize", "llmcompress.quant:QuantizeStage")
 STAGES.register_lazy("prune", "llmcompress.prune:PruneStage")
+STAGES.register_lazy("lora", "llmcompress.lora.stage:LoraStage")
 STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
 STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
+STAGES.register_lazy("export", "llmcompress.export.stage:ExportStage")
 
 
 class StageConfig(BaseModel):
@@ -40,6 +42,10 @@ class StageConfig(BaseModel):
         method = getattr(self, "method", None)
         return f"{self.type}:{method}" if method else self.type  # type: ignore[attr-defined]
 
+    def check_after(self, earlier: list["StageConfig"]) -> str | None:
+        """A problem with running this stage after ``earlier`` (recipe validation, no weights), or None."""
+        return None
+
     def preflight(self) -> None:
         """Cheap checks before any weights load (installed extras, hardware). Raise RecipeError/MissingExtraError."""
 
@@ -57,6 +63,8 @@ class StageResult(BaseModel):
     seconds: float = 0.0
     #: Folder (relative to the stage folder) holding the model this stage produced, if any.
     model_dir: str | None = None
+    #: Files or folders the stage wrote elsewhere (absolute paths); resume redoes the stage when one is gone.
+    artifacts: list[str] = Field(default_factory=list)
     #: Stage-specific figures. evaluate/benchmark: {"original": {...}, "compressed": {...}, "settings": {...}}.
     data: dict[str, Any] = Field(default_factory=dict)
     #: One line per figure for the end-of-run summary table.

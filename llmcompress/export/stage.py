@@ -1,0 +1,128 @@
+"""The export stage: the current model written for its consumer, checked by reloading it, with a model card."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import LLMCompressError
+from ..registry import did_you_mean
+from ..stage import StageConfig, StageResult
+from . import EXPORT_FORMATS
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+CARD = "README.md"
+
+
+class ExportStage(StageConfig):
+    """Write the model as its consumer loads it, reload it in a fresh process to check it, and add a model card.
+
+    It does not change the model later stages see. It may come anywhere after quantize/prune; the card is written
+    with the figures measured so far and refreshed with the final report's when the run ends.
+
+    ```yaml
+    - type: export
+      format: compressed-tensors   # hf | compressed-tensors | gguf
+      path: null                   # output folder; default <stage folder>/model (relative: to the recipe file)
+      card: true                   # README.md: how it was made, what was measured, how to load it
+      verify: true                 # reload in a fresh process, compare logits with the evaluated model
+    ```
+    """
+
+    type: Literal["export"] = "export"
+    format: str = Field("hf", description="hf | compressed-tensors | gguf (`llmcompress ls` lists them).")
+    path: str | None = Field(None, description="Output folder; default `<stage folder>/model` inside the run folder.")
+    card: bool = Field(True, description="Write a model card (README.md) into the folder.")
+    verify: bool = Field(True, description="Reload the export in a fresh process with its consumer; compare logits.")
+    dequantize: bool = Field(
+        False, description="hf only: write dense weights (bf16 when the source is bf16). For rtn/hqq/torchao-int4wo "
+        "folders, which plain `from_pretrained` cannot load; loads anywhere, saves nothing on disk.",
+    )
+    gguf_type: Literal["f16", "bf16", "q8_0"] | None = Field(
+        None, description="gguf only: tensor type of 2-D weights (default f16); norms stay f32.",
+    )
+
+    changes_model: ClassVar[bool] = False
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in EXPORT_FORMATS:
+            names = EXPORT_FORMATS.names()
+            raise ValueError(f"unknown export format `{v}`.{did_you_mean(v, names)} Choices: {', '.join(names)}")
+        return v
+
+    @model_validator(mode="after")
+    def _options_fit_format(self) -> "ExportStage":
+        if self.gguf_type is not None and self.format != "gguf":
+            raise ValueError(f"`gguf_type` applies to `format: gguf`, not `{self.format}`. Fix: remove it")
+        if self.dequantize and self.format != "hf":
+            raise ValueError(f"`dequantize` applies to `format: hf`, not `{self.format}`. Fix: remove it")
+        return self
+
+    def check_after(self, earlier: list[StageConfig]) -> str | None:
+        """Can this format hold what the earlier stages made? (Recipe validation; no weights load.)"""
+        quantize = next((s for s in reversed(earlier) if s.type == "quantize"), None)
+        return EXPORT_FORMATS.get(self.format)().check(self, quantize)
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def run(self, ctx: "RunContext") -> StageResult:
+        from ..utils.io import atomic_dir, folder_size
+
+        exporter = EXPORT_FORMATS.get(self.format)()
+        out = self._target(ctx)
+        t0 = time.perf_counter()
+        with ctx.task(f"export {self.format}"), atomic_dir(out) as tmp:
+            info = exporter.export(self, ctx, tmp)
+            seconds = time.perf_counter() - t0
+            if self.verify:
+                with ctx.task(f"reload {self.format} export in a fresh process"):
+                    info["reload"] = exporter.verify(self, ctx, tmp, info)
+        data: dict[str, Any] = {
+            "format": self.format, "path": str(out.resolve()), "consumer": exporter.consumer,
+            "library": exporter.library, "export_seconds": round(seconds, 3),
+            "size_bytes": folder_size(out), **info,
+        }
+        data["load_code"] = exporter.load_code(str(out.resolve()), data)
+        if self.card:
+            from .card import write_card
+
+            data["card"] = CARD
+            write_card(out, ctx_report(ctx), data)
+        summary = {"format": self.format, "size": f"{data['size_bytes'] / 2**20:.1f} MiB"}
+        if "reload" in info:
+            summary["reload"] = f"max |Δlogit| {info['reload']['max_abs_logit_diff']:.3g}"
+        return StageResult(type="export", label=self.label, data=data, summary=summary, artifacts=[str(out.resolve())])
+
+    def _target(self, ctx: "RunContext") -> Path:
+        """The output folder. An existing user folder must be an earlier export (it is replaced), nothing else."""
+        if self.path is None:
+            return ctx.stage_dir / "model"
+        out = ctx.recipe.resolve_path(self.path)
+        from ..models.loading import read_meta
+
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and "export" not in read_meta(out))):
+            raise LLMCompressError(
+                f"export path {out} exists and is not an earlier llmcompress export; it would be replaced. "
+                "Fix: choose a new folder, or delete it first."
+            )
+        return out
+
+
+def ctx_report(ctx: "RunContext") -> dict:
+    """The report of the stages finished so far (what the card can say before the run ends)."""
+    from ..pipeline import _model_info, environment, stage_dir_name
+    from ..report import build_report
+
+    stages = [{"index": i, "dir": stage_dir_name(i, ctx.recipe.stages[i]),
+               "config": ctx.recipe.stages[i].model_dump(mode="json", exclude_none=True),
+               "result": result.model_dump(mode="json"), "resumed": False}
+              for i, result in sorted(ctx.results.items())]
+    return build_report(recipe=ctx.recipe, environment=environment(ctx), stages=stages,
+                        original=_model_info(ctx.original), compressed=_model_info(ctx.current))
