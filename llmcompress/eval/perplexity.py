@@ -146,10 +146,13 @@ def window_logprobs(model: Any, windows: Windows) -> Iterator[tuple["torch.Tenso
     for begin, end, first in windows.spans:
         n = end - first  # logits at positions first-1 .. end-2 predict targets first .. end-1
         ids = windows.ids[begin:end].unsqueeze(0).to(device)
+        # Yield outside the `with`: a generator suspended inside inference_mode leaves it switched on for the caller
+        # (two zipped generators restored it in the wrong order and turned autograd off for the rest of the run).
         with torch.inference_mode():
             kwargs = {"logits_to_keep": n + 1} if keep else {}  # only the last n+1 positions' logits are computed
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -(n + 1):-1]
-            yield torch.log_softmax(logits.float(), dim=-1), windows.ids[first:end].to(device)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        yield logprobs, windows.ids[first:end].to(device)
 
 
 def nll_sum(logprobs: "torch.Tensor", targets: "torch.Tensor") -> float:

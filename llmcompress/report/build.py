@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as M
+from .lora import merge_modes as lora_merge_modes
+from .lora import recovery as lora_recovery
 
 FORMAT, VERSION = "llmcompress-report", 1
 #: Environment keys that describe the hardware and runtime a figure was measured on.
@@ -54,6 +56,7 @@ def build_report(recipe: Any, environment: dict, stages: list[dict], original: d
         for role, info in (("original", original), ("compressed", compressed))
     }
     comparison = _comparison(models, evaluate, benchmark)
+    comparison["recovery"], comparison["merges"] = lora_recovery(stage_list), lora_merge_modes(stage_list)
     report = {
         "format": FORMAT,
         "version": VERSION,

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from . import metrics as M
+from .lora import merges_markdown, recovery_markdown
 
 _BETTER = {"lower": "lower is better", "higher": "higher is better", None: ""}
 
@@ -18,6 +19,8 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         _size(report),
         _quality(report),
         _kl(report),
+        recovery_markdown(report),
+        merges_markdown(report),
         _bench(report, "speed", "Speed"),
         _bench(report, "memory", "Memory"),
         _plots(plots or []),

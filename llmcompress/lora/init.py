@@ -1,0 +1,152 @@
+"""Adapter inits: ``init(model, cfg, ctx) -> (peft_model, info)`` (registered in ``lora/__init__``).
+
+- ``default``: peft's (A Kaiming-uniform, B zero): the model starts exactly as the base.
+- ``loftq``: A, B start at the best rank-r approximation (truncated SVD) of the quantization error ``W - deq(Q)``,
+  so base + adapter starts closer to the original weights. Stock peft's LoftQ quantizes on cuda only; this path
+  keeps the quantized base as it is (one LoftQ step, as peft's ``replace_lora_weights_loftq``) and needs only a
+  dequantized copy of each layer, so it runs on CPU and on any base we can dequantize (bnb, hqq, torchao).
+- ``pissa``: A, B start at the principal singular vectors of W and the base keeps the residual (peft); float bases
+  only. The saved adapter is converted to a plain LoRA on the unchanged base (peft's conversion, rank 2r).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RecipeError
+from ..utils.patterns import matches_any
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from .stage import LoraStage
+
+PISSA_INIT_DIR = "pissa-init"
+
+
+def init_default(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+    return wrap(model, cfg, init_lora_weights=True), {}
+
+
+def init_pissa(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+    """PiSSA, then the initial adapter is saved so that the trained one can be converted to a plain LoRA."""
+    import torch
+
+    quantized = [n for n, m in model.named_modules() if _is_linear_like(m) and not isinstance(m, torch.nn.Linear)]
+    if quantized or getattr(model, "hf_quantizer", None) is not None:
+        raise RecipeError("`init: pissa` needs float weights (peft rewrites them), and this model is quantized. "
+                          "Fix: use `init: loftq`, or put the lora stage before the quantize stage")
+    peft_model = wrap(model, cfg, init_lora_weights="pissa")
+    init_dir = ctx.stage_dir / PISSA_INIT_DIR
+    peft_model.peft_config["default"].init_lora_weights = True  # the saved initial adapter must load as is
+    peft_model.save_pretrained(str(init_dir))
+    peft_model.peft_config["default"].init_lora_weights = "pissa"
+    return peft_model, {"_pissa_init_dir": str(init_dir)}
+
+
+def init_loftq(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+    """One LoftQ step against the existing quantized base: ``B A = svd_r(W - deq(Q)) / scaling``."""
+    import torch
+
+    from ..models.loading import load_model
+    from .merge import dequantize_layer, quantize_source
+
+    peft_model = wrap(model, cfg, init_lora_weights=True)
+    _, source = quantize_source(ctx)
+    dense = load_model(source, "cpu", "float32")[0]
+    err_before, err_after, norm = 0.0, 0.0, 0.0
+    for name, layer in lora_layers(peft_model):
+        w = dense.get_submodule(name).weight.detach().float()  # (out, in)
+        q = dequantize_layer(layer.get_base_layer()).float().to(w.device)
+        e = w - q
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+        r = layer.r["default"]
+        root = s[:r].sqrt()
+        scale = layer.scaling["default"] ** 0.5
+        b, a = u[:, :r] * root / scale, root[:, None] * vh[:r] / scale  # (out, r), (r, in)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(b)
+            layer.lora_A["default"].weight.copy_(a)
+        err_before += e.square().sum().item()
+        err_after += (e - u[:, :r] * s[:r] @ vh[:r]).square().sum().item()
+        norm += w.square().sum().item()
+    del dense
+    return peft_model, {"loftq_rel_error_before": (err_before / norm) ** 0.5,
+                        "loftq_rel_error_after": (err_after / norm) ** 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared
+
+
+def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
+    """``get_peft_model`` on the modules ``cfg.target_modules`` names, with errors that say what exists."""
+    from peft import LoraConfig, get_peft_model
+
+    names = target_names(model, cfg.target_modules)
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
+                      target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$", task_type="CAUSAL_LM",
+                      **lora_kwargs)
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:
+        if "not supported" not in str(e):
+            raise
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
+        raise RecipeError(f"peft cannot put LoRA on these layers ({', '.join(kinds)}): {e} Fix: quantize with a "
+                          "method peft supports (bnb-nf4, bnb-int8, hqq, torchao-int8wo, gptq) or none") from None
+
+
+def target_names(model: Any, targets: str | list[str]) -> list[str]:
+    """Full names of the linear layers ``targets`` selects (``all-linear``: all but the output layer)."""
+    out_emb = model.get_output_embeddings()
+    linear = [n for n, m in model.named_modules() if n and _is_linear_like(m) and m is not out_emb]
+    if targets == "all-linear":
+        return linear
+    everything = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
+    picked = [n for n in everything if matches_any(n, targets)]
+    if not picked:
+        short = sorted({n.rsplit(".", 1)[-1] for n in everything})
+        raise RecipeError(f"target_modules {targets} match no linear layer of this model. Fix: use names from "
+                          f"{', '.join(short)} (or regexes over full names like `model.layers.0.self_attn.q_proj`), "
+                          "or `all-linear`")
+    return picked
+
+
+def _is_linear_like(module: Any) -> bool:
+    """nn.Linear and the quantized layers that stand in for it (bnb, hqq, gptq, ...): they have in/out features."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
+
+
+def lora_layers(peft_model: Any) -> list[tuple[str, Any]]:
+    """``(name in the base model, LoRA layer)`` for every layer with an adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    return [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+
+
+def save_adapter(peft_model: Any, path: Path, info: dict, dtype: str | None = None) -> None:
+    """peft's ``save_pretrained``; a PiSSA adapter is converted to a plain LoRA on the unchanged base first.
+
+    ``dtype``: store the adapter's float tensors in this dtype (the original's storage dtype: bf16 halves an adapter
+    trained in fp32; later stages measure the adapter as stored).
+    """
+    init_dir = info.get("_pissa_init_dir")
+    if init_dir:
+        peft_model.save_pretrained(str(path), path_initial_model_for_weight_conversion=init_dir)
+    else:
+        peft_model.save_pretrained(str(path))
+    if dtype is not None:
+        from safetensors.torch import load_file, save_file
+
+        from ..models.loading import torch_dtype
+
+        f = Path(path) / "adapter_model.safetensors"
+        state = {k: v.to(torch_dtype(dtype)) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(state, f, metadata={"format": "pt"})

@@ -1,0 +1,278 @@
+"""Merge modes: ``merge(inputs, target, ctx) -> info`` writes ``<target>/model`` (registered in ``lora/__init__``).
+
+- ``keep``: ``model/`` = the adapter (peft files) + ``base/`` (the quantized base folder, hard-linked) + tokenizer;
+  format ``peft`` in ``llmcompress.json``, which ``load_model`` loads as base + adapter (``load_peft``).
+- ``requantize``: the adapter merged into the weights the quantize stage started from (``W + s·BA``), then quantized
+  again by that same stage config: an ordinary folder of that method, the adapter's cost gone, its gain partly lost
+  to a second rounding.
+- ``dequantized``: the quantized base dequantized into a dense copy, the adapter merged into it (``deq(Q) + s·BA``,
+  exactly the unmerged function up to the storage dtype's rounding), saved in the original's storage dtype (bf16).
+
+Every merge reads the quantized base fresh from its folder: bnb 4-bit layers repack their weights in place on the
+first inference forward on CPUs with AVX512-BF16, and a merge that dequantized the repacked layout corrupted the
+model (DESIGN.md); merging *into* bnb 4-bit in place is never done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RecipeError
+from ..utils.io import atomic_dir, atomic_write_json
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from .stage import LoraStage
+
+PEFT_FORMAT = "peft"
+BASE_DIR = "base"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What every merge mode needs: the quantized base, the adapter, and the dense weights quantize started from."""
+
+    base: Path  # the model the adapter was trained on (the current model before the lora stage)
+    adapter: Path  # peft adapter folder
+    source: Path  # dense weights the quantize stage started from (= base when nothing quantized it)
+    quantize: Any  # that quantize stage's config, or None
+    meta: dict  # lora metadata for llmcompress.json
+    storage_dtype: str | None
+
+    @classmethod
+    def from_context(cls, ctx: "RunContext", cfg: "LoraStage", adapter: Path, meta: dict) -> "MergeInputs":
+        from ..models.loading import storage_dtype_of
+
+        quant, source = quantize_source(ctx)
+        return cls(base=ctx.current.path, adapter=adapter, source=source, quantize=quant,
+                   meta={**meta, "base_description": ctx.current.describe()},
+                   storage_dtype=storage_dtype_of(ctx.original.path))
+
+
+def quantize_source(ctx: "RunContext") -> tuple[Any, Path]:
+    """``(quantize stage config, folder it started from)`` of the last quantize stage before this one, or
+    ``(None, current model folder)`` when none quantized the model."""
+    from ..pipeline import stage_dir_name
+
+    stages = ctx.recipe.stages[: ctx.stage_index]
+    q = next((i for i in range(len(stages) - 1, -1, -1) if stages[i].type == "quantize"), None)
+    if q is None:
+        return None, ctx.current.path
+    source = ctx.original.path
+    for j in range(q):
+        result = ctx.results.get(j)
+        if result is not None and result.model_dir:
+            source = ctx.run_dir / stage_dir_name(j, stages[j]) / result.model_dir
+    return stages[q], source
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The three modes
+
+
+def merge_keep(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
+    from ..models.loading import read_meta
+
+    base_meta = read_meta(inputs.base)
+    with atomic_dir(target / "model") as tmp:
+        link_tree(inputs.base, tmp / BASE_DIR)
+        for name in ADAPTER_FILES:
+            shutil.copy2(inputs.adapter / name, tmp / name)
+        _copy_tokenizer(inputs.base, tmp)
+        for name in ("config.json", "generation_config.json"):  # what tools look for in a model folder
+            if (inputs.base / name).is_file():
+                shutil.copy2(inputs.base / name, tmp / name)
+        atomic_write_json(tmp / "llmcompress.json", {
+            "format": PEFT_FORMAT, "base": BASE_DIR, "merge": "keep", "base_meta": base_meta, **inputs.meta,
+            "method": _method(base_meta, "keep"), "versions": _versions()})
+    folder = target / "model"
+    return {"size_bytes": weight_bytes(folder), "base_bytes": weight_bytes(folder / BASE_DIR),
+            "adapter_bytes": (folder / "adapter_model.safetensors").stat().st_size}
+
+
+def merge_dequantized(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
+    from ..models.loading import load_model, read_meta, save_model
+
+    base, tokenizer = load_model(inputs.base, "cpu", "float32")  # fresh: no forward pass has touched it
+    dense = load_model(inputs.source, "cpu", "float32")[0]
+    replaced = 0
+    for name, module in base.named_modules():
+        if _quantized(module):
+            _set_weight(dense, name, dequantize_layer(module))
+            replaced += 1
+    for name, delta in adapter_deltas(base, inputs.adapter).items():
+        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
+    del base
+    meta = {**inputs.meta, "merge": "dequantized", "method": _method(read_meta(inputs.base), "dequantized"),
+            "dequantized_modules": replaced}
+    with atomic_dir(target / "model") as tmp:
+        save_model(dense, tokenizer, tmp, meta, storage_dtype=inputs.storage_dtype)
+    return {"size_bytes": weight_bytes(target / "model")}
+
+
+def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
+    from ..context import ModelHandle
+    from ..models.loading import load_model, read_meta, save_model
+
+    if inputs.quantize is None:  # the recipe validator stops this earlier; kept for Python callers
+        raise RecipeError("`merge: requantize` needs a quantize stage before the lora stage. Fix: add one, or use "
+                          "`keep` / `dequantized`")
+    base = load_model(inputs.base, "cpu", "float32")[0]
+    deltas = adapter_deltas(base, inputs.adapter)
+    del base
+    dense, tokenizer = load_model(inputs.source, "cpu", "float32")
+    for name, delta in deltas.items():
+        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
+    dense_dir = target / ".requantize-dense"
+    shutil.rmtree(dense_dir, ignore_errors=True)
+    save_model(dense, tokenizer, dense_dir, {"source": "merged for requantize"}, storage_dtype=None)
+    del dense
+    sub = dataclasses.replace(ctx, current=ModelHandle("compressed", dense_dir, ctx.runtime), stage_dir=target)
+    t = time.perf_counter()
+    try:
+        result = inputs.quantize.run(sub)  # writes <target>/model, exactly as the quantize stage did
+    finally:
+        sub.current.release()
+        shutil.rmtree(dense_dir, ignore_errors=True)
+    folder = target / "model"
+    meta = read_meta(folder)
+    meta.update({**inputs.meta, "merge": "requantize", "method": _method(meta, "requantize")})
+    atomic_write_json(folder / "llmcompress.json", meta)
+    return {"size_bytes": weight_bytes(folder), "quantize_seconds": round(time.perf_counter() - t, 3),
+            "quantize": {k: v for k, v in result.data.items() if k in ("method", "bits", "quantized_modules")}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a `keep` folder, and helpers
+
+
+def load_peft(path: str | Path, device: str, dtype: str, **kwargs: Any):
+    """FORMATS["peft"]: the base folder through ``load_model``, then the adapter on it (not merged)."""
+    from peft import PeftModel
+
+    from ..models.loading import load_model
+
+    path = Path(path)
+    base = load_model(path / BASE_DIR, device, dtype, **kwargs)[0]
+    return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
+
+
+def adapter_deltas(base: Any, adapter: Path) -> dict[str, Any]:
+    """``{module name: s·B@A (out, in) float32}`` of the adapter in ``adapter`` applied to ``base`` (unmerged)."""
+    from peft import PeftModel
+
+    from .init import lora_layers
+
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    return {name: layer.get_delta_weight("default").detach().float() for name, layer in lora_layers(model)}
+
+
+def dequantize_layer(module: Any):
+    """The dense ``(out, in)`` weight a quantized linear layer computes with (bnb, hqq, torchao, rtn; dense as is)."""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if hasattr(module, "W_q") or weight is not None:
+        w = dequantize_module_weight(module)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point():
+            return w.detach()
+    if hasattr(module, "dequantize"):
+        return module.dequantize().detach()
+    raise RecipeError(f"cannot dequantize a `{type(module).__name__}` layer. Fix: use `merge: keep` or "
+                      "`requantize`, and `init: default`")
+
+
+def _quantized(module: Any) -> bool:
+    """A linear-like layer whose weight is not a plain float tensor (what ``dequantized`` must expand)."""
+    import torch
+
+    from .init import _is_linear_like
+
+    if not _is_linear_like(module):
+        return False
+    w = getattr(module, "weight", None)
+    return not (type(module) is torch.nn.Linear and type(w.data if w is not None else None) is torch.Tensor
+                and w.is_floating_point())
+
+
+def _set_weight(model: Any, name: str, weight: Any) -> None:
+    import torch
+
+    layer = model.get_submodule(name)
+    if not isinstance(layer, torch.nn.Linear):
+        raise RecipeError(f"`{name}` is a `{type(layer).__name__}` in the dense model, not a Linear: cannot merge")
+    layer.weight = torch.nn.Parameter(weight.to(layer.weight.device, layer.weight.dtype), requires_grad=False)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (no extra disk), copying where links are impossible."""
+    for p in Path(src).rglob("*"):
+        rel = p.relative_to(src)
+        if p.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, dst / rel)
+        except OSError:
+            shutil.copy2(p, dst / rel)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+
+
+def weight_bytes(folder: Path) -> int:
+    from ..context import WEIGHT_SUFFIXES
+
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def _method(base_meta: dict, mode: str) -> str:
+    base = base_meta.get("method") or base_meta.get("source") or "model"
+    return f"{base} + lora ({mode})"
+
+
+def _versions() -> dict:
+    from ..models.loading import versions
+
+    return versions()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring several merge modes side by side
+
+
+def measure_merges(ctx: "RunContext", merges: dict[str, dict]) -> dict:
+    """Perplexity and KL vs the original of each merged folder, on the evaluate stage's default windows (added to
+    ``merges`` in place); returns how they were measured."""
+    from ..eval.kl import compare
+    from ..eval.perplexity import PerplexityConfig, load_corpus, make_windows
+    from ..models.loading import load_model
+
+    pcfg = PerplexityConfig()
+    original, tokenizer = ctx.original.load()
+    windows = make_windows(tokenizer, load_corpus(pcfg.corpus), pcfg)
+    with ctx.task("lora: measure merge modes", total=len(merges) * len(windows.spans)) as advance:
+        for info in merges.values():
+            model = load_model(ctx.stage_dir / info["path"], ctx.runtime.device, ctx.runtime.dtype)[0]
+            result = compare(original, model, windows, advance)
+            info.update({"perplexity": result.perplexity["perplexity"], "kl_mean": result.kl["kl_mean"],
+                         "top1_agreement": result.kl["top1_agreement"]})
+            del model
+    return {"perplexity": pcfg.model_dump(), "backend": "hf", **ctx.runtime.describe()}

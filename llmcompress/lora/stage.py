@@ -1,0 +1,237 @@
+"""The ``lora`` stage config and its run: load the student, build the data, init, train, merge, measure merges."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..data.calibration import CalibrationConfig
+from ..errors import require
+from ..stage import StageConfig, StageResult
+from . import INITS, MERGES, OBJECTIVES
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+ADAPTER_DIR = "adapter"  # <stage dir>/adapter: the trained adapter as peft saves it
+MERGES_DIR = "merges"  # <stage dir>/merges/<mode>/model: the merge modes measured beside the one passed on
+#: peft's shorthand for every linear layer but the output layer.
+ALL_LINEAR = "all-linear"
+
+
+class GenerateConfig(BaseModel):
+    """Distill on text the original model writes: each data window's first ``prompt_tokens`` tokens are a prompt, the
+    original continues it with ``new_tokens`` sampled tokens, and the student learns the original's distribution on
+    prompt + continuation (on-policy for the teacher, no corpus beyond the prompts needed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_tokens: int = Field(32, ge=1, description="Tokens of each data window used as the prompt.")
+    new_tokens: int = Field(96, ge=1, description="Tokens the original model generates after each prompt.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature of the original model.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated at once.")
+
+
+class LoraStage(StageConfig):
+    """Train a LoRA adapter on the current model (quantized or not) with peft, then merge it as the recipe says.
+
+    ```yaml
+    - type: lora
+      objective: distill            # distill (KL to the original, no labels) | sft (next-token loss)
+      data: {source: builtin:pydoc, samples: 64, seq_len: 256, skip_tokens: 4096}
+      r: 16
+      alpha: 16                     # default: r
+      dropout: 0.0
+      target_modules: all-linear    # all-linear | [q_proj, v_proj] | regexes over full names
+      init: default                 # default | loftq | pissa
+      lr: 0.0002
+      schedule: cosine              # linear | cosine | constant | constant_with_warmup
+      warmup_steps: 0
+      steps: 40                     # or epochs: 1.0
+      batch_size: 4
+      grad_accum: 1
+      gradient_checkpointing: false
+      temperature: 1.0              # distill only
+      merge: keep                   # keep | requantize | dequantized; a list measures each, passes on the first
+    ```
+    """
+
+    type: Literal["lora"] = "lora"
+    objective: str = Field(description="`distill` (match the original model's next-token distribution, no labels) "
+                           "or `sft` (next-token loss on the data; chats: loss on the assistant turns only).")
+    data: CalibrationConfig = Field(
+        default_factory=lambda: CalibrationConfig(samples=64, seq_len=256),
+        description="Training text: source, samples (windows, or rows of a chat .jsonl), seq_len, seed, skip_tokens.",
+    )
+    generate: GenerateConfig | None = Field(
+        None, description="distill only: train on text the original model generates from prompts cut from `data`."
+    )
+    r: int = Field(16, description="LoRA rank.")
+    alpha: float | None = Field(None, description="LoRA alpha (the update is scaled by alpha / r); default: r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field(
+        ALL_LINEAR, description="`all-linear` (every linear layer but the output layer), or names (`q_proj`) and "
+        "regexes over full module names.",
+    )
+    init: str = Field("default", description="`default`, `loftq` (quantized bases) or `pissa` (dense bases).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule (transformers.get_scheduler)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps. Give `steps` or `epochs`; default 1 epoch.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (fractions allowed).")
+    batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = none.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, slower.")
+    temperature: float = Field(1.0, gt=0, description="distill: softmax temperature of both models (loss x T^2).")
+    seed: int | None = Field(None, description="Seeds adapter init and data order; default: the recipe's seed.")
+    merge: str | list[str] = Field(
+        "keep", description="`keep`, `requantize` or `dequantized`; a list builds and measures each (perplexity, KL, "
+        "size) and passes the first on to later stages.",
+    )
+
+    changes_model: ClassVar[bool] = True
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        return _known(v, OBJECTIVES)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        return _known(v, INITS)
+
+    @field_validator("r")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("the LoRA rank must be > 0 (e.g. 8 or 16)")
+        return v
+
+    @field_validator("merge")
+    @classmethod
+    def _merge(cls, v: str | list[str]) -> str | list[str]:
+        modes = [v] if isinstance(v, str) else v
+        if not modes:
+            raise ValueError("give at least one merge mode, e.g. `keep`")
+        for m in modes:
+            _known(m, MERGES)
+        if len(set(modes)) != len(modes):
+            raise ValueError("a merge mode is listed twice")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        from ..utils.patterns import check_regexes
+
+        if isinstance(v, str):
+            if v != ALL_LINEAR:
+                raise ValueError(f"a single string must be `{ALL_LINEAR}`; list module names instead, e.g. [{v}]")
+            return v
+        if not v:
+            raise ValueError(f"list at least one module name, or use `{ALL_LINEAR}`")
+        return check_regexes(v)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "LoraStage":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give `steps` or `epochs`, not both")
+        if self.objective != "distill" and self.generate is not None:
+            raise ValueError("`generate` needs `objective: distill` (the original model writes the text). "
+                             "Fix: remove `generate`, or set `objective: distill`")
+        if self.objective != "distill" and self.temperature != 1.0:
+            raise ValueError("`temperature` applies to `objective: distill` only. Fix: remove it")
+        return self
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def merges(self) -> list[str]:
+        """Merge modes in order; the first is the model later stages see."""
+        return [self.merge] if isinstance(self.merge, str) else list(self.merge)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.r)
+
+    def check_after(self, earlier: list[StageConfig]) -> str | None:
+        """Rules across stages (recipe validation): what each merge mode and init needs before it."""
+        quant = next((s for s in reversed(earlier) if s.type == "quantize"), None)
+        if quant is None and "requantize" in self.merges:
+            return ("`merge: requantize` quantizes again with the method of the quantize stage before it, and there "
+                    "is none. Fix: add a quantize stage before, or use `keep` / `dequantized`")
+        if self.init == "loftq" and quant is None:
+            return ("`init: loftq` starts the adapter at the quantization error, and no quantize stage comes before. "
+                    "Fix: add one (e.g. bnb-nf4) or use `init: default` / `pissa`")
+        if self.init == "loftq" and getattr(quant, "method", None) == "gptq":
+            return ("`init: loftq` needs the quantized weights dequantized, which is not implemented for gptq. "
+                    "Fix: use `init: default`, or quantize with bnb-nf4 / hqq / torchao")
+        if self.init == "pissa" and quant is not None:
+            return (f"`init: pissa` rewrites the base weights, which needs float weights, and a stage before "
+                    f"quantizes them ({quant.kind}). Fix: use `init: loftq` (its quantized counterpart) or `default`, "
+                    "or put the lora stage before the quantize stage")
+        earlier_keep = [s for s in earlier if s.type == "lora" and s.merges[0] == "keep"]
+        if earlier_keep:
+            return ("an earlier lora stage keeps its adapter unmerged (`merge: keep`), and a second adapter cannot go "
+                    "on top. Fix: merge the first (`requantize` or `dequantized`)")
+        return None
+
+    def preflight(self) -> None:
+        require("peft", "lora", "The lora stage")
+
+    def run(self, ctx: "RunContext") -> StageResult:
+        from .train import train_adapter
+
+        t0 = time.perf_counter()
+        self.preflight()
+        trained = train_adapter(self, ctx)
+        adapter_dir = ctx.stage_dir / ADAPTER_DIR
+        merges, measured = self._merge_all(ctx, trained, adapter_dir)
+        data = {**trained.data, "merge": self.merges[0], "merges": merges,
+                "seconds_total": round(time.perf_counter() - t0, 3)}
+        if measured:
+            data["merges_measured_with"] = measured
+        primary = merges[self.merges[0]]
+        summary = {
+            "objective": self.objective,
+            "loss": f"{trained.data['loss_first']:.4g} -> {trained.data['loss_last']:.4g}",
+            "steps": trained.data["steps"],
+            "train": f"{trained.data['train_seconds']:.0f}s",
+            "adapter": f"{trained.data['adapter_bytes'] / 2**20:.2f} MiB",
+            "merge": self.merges[0],
+            "size": f"{primary['size_bytes'] / 2**20:.1f} MiB",
+        }
+        return StageResult(type="lora", label=self.label, model_dir="model", data=data, summary=summary)
+
+    def _merge_all(self, ctx: "RunContext", trained: Any, adapter_dir: Path) -> tuple[dict[str, dict], dict | None]:
+        """Build every merge mode (the first into <stage>/model); with several, measure each against the original."""
+        from .merge import MergeInputs, measure_merges
+
+        inputs = MergeInputs.from_context(ctx, self, adapter_dir, trained.meta)
+        out: dict[str, dict] = {}
+        for i, mode in enumerate(self.merges):
+            target = ctx.stage_dir if i == 0 else ctx.stage_dir / MERGES_DIR / mode
+            t = time.perf_counter()
+            with ctx.task(f"lora: merge {mode}"):
+                info = MERGES.get(mode)(inputs, target, ctx)
+            out[mode] = {**info, "seconds": round(time.perf_counter() - t, 3),
+                         "path": str((target / "model").relative_to(ctx.stage_dir))}
+        measured = measure_merges(ctx, out) if len(self.merges) > 1 else None
+        return out, measured
+
+
+def _known(value: str, registry: Any) -> str:
+    from ..registry import did_you_mean
+
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} `{value}`.{did_you_mean(value, registry.names())} "
+                         f"Choices: {', '.join(registry.names())}")
+    return value

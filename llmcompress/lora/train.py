@@ -1,0 +1,145 @@
+"""The train loop: AdamW, a transformers schedule, gradient accumulation and checkpointing, a progress bar with loss.
+
+Plain and explicit on purpose (no HF Trainer): one optimizer step = ``grad_accum`` micro-batches of ``batch_size``
+sequences; the loss shown is the mean over the step's micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RecipeError
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from .data import TrainData
+    from .stage import LoraStage
+
+
+@dataclass
+class Trained:
+    """What training leaves: figures for result.json and metadata for every saved folder."""
+
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
+    """Load a fresh copy of the current model, wrap it with LoRA, train it, save the adapter to <stage>/adapter."""
+    import torch
+
+    from ..models.loading import load_model
+    from . import INITS, OBJECTIVES
+    from .data import build_data
+
+    if ctx.current.meta.get("format") == "peft":
+        raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
+                          "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
+    seed = ctx.runtime.seed if cfg.seed is None else cfg.seed
+    torch.manual_seed(seed)
+    # A fresh copy: the in-memory current model may be the original (the distill teacher) or shared with other stages.
+    ctx.current.release()
+    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
+    teacher = ctx.original.load()[0] if cfg.objective == "distill" else None
+    t = time.perf_counter()
+    with ctx.task(f"lora: {cfg.objective} data"):
+        data = build_data(cfg, ctx, tokenizer, teacher)
+    data_seconds = time.perf_counter() - t
+    torch.manual_seed(seed)
+    model, init_info = INITS.get(cfg.init)(model, cfg, ctx)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    loss_fn = OBJECTIVES.get(cfg.objective)
+    t = time.perf_counter()
+    losses = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
+    train_seconds = time.perf_counter() - t
+
+    adapter_dir = ctx.stage_dir / "adapter"
+    from ..models.loading import storage_dtype_of
+    from .init import save_adapter
+
+    save_adapter(model, adapter_dir, init_info, dtype=storage_dtype_of(ctx.original.path))
+    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors"))
+    steps = len(losses)
+    k = max(1, min(5, steps // 4))  # first/last: means of a few steps, one step's loss is noisy
+    data_out = {
+        "objective": cfg.objective,
+        "init": cfg.init,
+        "base": ctx.current.describe(),
+        "base_size_bytes": ctx.current.size_bytes,
+        "sequences": int(data.input_ids.shape[0]),
+        "seq_len": int(data.input_ids.shape[1]),
+        "train_tokens": int(data.attention_mask.sum()),
+        "loss_tokens": int(data.loss_tokens),
+        "steps": steps,
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "loss_curve": [round(x, 5) for x in losses],
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": round(train_seconds / max(steps, 1), 3),
+        "data_seconds": round(data_seconds, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_bytes,
+        **{k2: v for k2, v in init_info.items() if not k2.startswith("_")},
+        **({"data_notes": data.notes} if data.notes else {}),
+    }
+    meta = {"lora": {"objective": cfg.objective, "init": cfg.init, "r": cfg.r, "alpha": cfg.lora_alpha,
+                     "target_modules": cfg.target_modules, "steps": steps, "data": cfg.data.model_dump(),
+                     "base": ctx.current.describe()}}
+    del model
+    return Trained(data=data_out, meta=meta)
+
+
+def total_steps(cfg: "LoraStage", n_sequences: int) -> int:
+    """Optimizer steps: ``steps`` as given, else ``epochs`` (default 1) passes over the sequences."""
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil((cfg.epochs or 1.0) * n_sequences / per_step))
+
+
+def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", ctx: "RunContext", teacher: Any,
+                seed: int) -> list[float]:
+    """Train the trainable parameters of ``model`` in place; returns the loss of every optimizer step."""
+    import torch
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RecipeError("the adapter has no trainable parameters. Fix: check `target_modules`")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, len(data))
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: works with a frozen base (the reentrant variant needs inputs that require grad)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    batches = data.batches(cfg.batch_size, seed)
+    losses: list[float] = []
+    with torch.inference_mode(False), torch.enable_grad(), ctx.task(f"lora {cfg.objective}", total=steps) as advance:
+        for step in range(steps):
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                loss = loss_fn(model, batch, teacher=teacher, temperature=cfg.temperature)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            if not math.isfinite(step_loss):
+                raise RecipeError(f"lora: the loss became {step_loss} at step {step + 1}. Fix: lower `lr` "
+                                  f"(now {cfg.lr}) or raise `warmup_steps`")
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            advance(1, description=f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f}")
+    model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return losses

@@ -1,0 +1,142 @@
+"""Report parts for the lora stage: how much of the quantization gap the adapter closes, and the merge modes.
+
+Gap closure needs the quantized model measured before the adapter: it is computed when an evaluate stage comes
+before the last lora stage and another after it (the recovery recipes do that). For a figure measured on the
+original (o), the model before the lora stage (b) and after it (a)::
+
+    gap_closed = (b - a) / (b - o)      # 1 = back to the original, 0 = no change, < 0 = worse than before
+
+KL's original value is 0 by definition, top-1 agreement's is 1. Size and speed show what the adapter costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import metrics as M
+
+_FIGURES = (  # (name, where in an evaluate stage's per-model results, value on the original or None)
+    ("kl_mean", ("kl", "kl_mean"), 0.0),
+    ("top1_agreement", ("kl", "top1_agreement"), 1.0),
+    ("perplexity", ("perplexity", "perplexity"), None),
+)
+
+
+def recovery(stages: list[dict]) -> dict | None:
+    """``{"lora_stage", "before_stage", "after_stage", "figures": {name: {original, before, after, gap_closed}},
+    "size": {...}, "bench": {...}}`` or None when no evaluate stage brackets the last lora stage."""
+    loras = [s for s in stages if s["type"] == "lora"]
+    if not loras:
+        return None
+    lora = loras[-1]
+    before = [s for s in stages if s["type"] == "evaluate" and s["index"] < lora["index"]]
+    after = [s for s in stages if s["type"] == "evaluate" and s["index"] > lora["index"]]
+    if not before or not after:
+        return None
+    b, a = before[-1]["data"], after[0]["data"]
+    figures = {}
+    for name, (part, key), fixed in _FIGURES:
+        o = fixed if fixed is not None else _get(b, "original", part, key)
+        vb, va = _get(b, "compressed", part, key), _get(a, "compressed", part, key)
+        if not all(M.is_number(x) for x in (o, vb, va)):
+            continue
+        gap = vb - o
+        figures[name] = {"original": o, "before": vb, "after": va, "better": M.direction(name),
+                         "gap_closed": (vb - va) / gap if gap else None}
+    out: dict[str, Any] = {"lora_stage": _where(lora), "before_stage": _where(before[-1]),
+                           "after_stage": _where(after[0]), "figures": figures}
+    data = lora["data"]
+    merge = (data.get("merges") or {}).get(data.get("merge")) or {}
+    out["size"] = {"before_bytes": data.get("base_size_bytes"), "after_bytes": merge.get("size_bytes"),
+                   "adapter_bytes": data.get("adapter_bytes")}
+    out["train"] = {k: data.get(k) for k in ("objective", "init", "steps", "train_seconds", "trainable_params",
+                                              "loss_first", "loss_last", "merge")}
+    out["bench"] = _bench(stages, lora["index"])
+    return out
+
+
+def _bench(stages: list[dict], lora_index: int) -> dict | None:
+    """Benchmark figures of the compressed model before and after the lora stage, when both were measured."""
+    before = [s for s in stages if s["type"] == "benchmark" and s["index"] < lora_index]
+    after = [s for s in stages if s["type"] == "benchmark" and s["index"] > lora_index]
+    if not before or not after:
+        return None
+    b, a = before[-1]["data"].get("compressed") or {}, after[0]["data"].get("compressed") or {}
+    return {f: {"before": b[f], "after": a[f]} for f in b if M.is_number(b.get(f)) and M.is_number(a.get(f))}
+
+
+def merge_modes(stages: list[dict]) -> dict | None:
+    """The merge modes a lora stage built and measured side by side (``merge: [keep, requantize, dequantized]``)."""
+    for s in reversed(stages):
+        merges = s["data"].get("merges") if s["type"] == "lora" else None
+        if merges and any("kl_mean" in m for m in merges.values()):
+            return {"stage": _where(s), "passed_on": s["data"].get("merge"), "modes": merges,
+                    "measured_with": s["data"].get("merges_measured_with")}
+    return None
+
+
+def _get(data: dict, role: str, part: str, key: str) -> Any:
+    return ((data.get(role) or {}).get(part) or {}).get(key)
+
+
+def _where(stage: dict) -> str:
+    return stage.get("dir") or stage.get("label") or str(stage.get("index"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def recovery_markdown(report: dict) -> str:
+    rec = report["comparison"].get("recovery")
+    if not rec:
+        return ""
+    rows = []
+    for name, f in rec["figures"].items():
+        closed = f"{f['gap_closed'] * 100:.0f}%" if M.is_number(f["gap_closed"]) else "—"
+        rows.append([name, M.fmt_number(f["original"]), M.fmt_number(f["before"]), M.fmt_number(f["after"]), closed])
+    size = rec["size"]
+    orig_size = report["models"]["original"].get("size_bytes")
+    if M.is_number(size.get("before_bytes")) and M.is_number(size.get("after_bytes")):
+        added = M.fmt_bytes(size["after_bytes"] - size["before_bytes"])
+        rows.append(["size on disk", M.fmt_bytes(orig_size), M.fmt_bytes(size["before_bytes"]),
+                     M.fmt_bytes(size["after_bytes"]), f"cost: +{added}"])
+    for fig, v in (rec.get("bench") or {}).items():
+        if M.bench_group(fig) != "speed":
+            continue
+        entry = M.compare_bench(fig, v["before"], v["after"])  # "before" in the original's place: the change
+        rows.append([M.bench_label(fig), "", M.fmt_value(fig, v["before"]), M.fmt_value(fig, v["after"]),
+                     f"cost: {entry['change']}" if entry else "—"])
+    header = ["figure", "original", "quantized (before lora)", "+ adapter (after lora)", "gap closed"]
+    t = rec["train"]
+    train = (f"{t.get('objective')} LoRA, init {t.get('init')}, {t.get('steps')} steps in "
+             f"{M.fmt_number(t.get('train_seconds'))} s, {M.fmt_number(t.get('trainable_params'))} trainable params, "
+             f"loss {M.fmt_number(t.get('loss_first'))} -> {M.fmt_number(t.get('loss_last'))}, merge {t.get('merge')}")
+    return ("## LoRA recovery\n\n" + _table(header, rows)
+            + f"\n\n*Gap closed = (before − after) / (before − original): the share of the quantization gap the "
+              f"adapter closes (KL's original value is 0, top-1 agreement's 1). Before: {rec['before_stage']}, after: "
+              f"{rec['after_stage']}, same settings. Adapter: {train}.*")
+
+
+def merges_markdown(report: dict) -> str:
+    mm = report["comparison"].get("merges")
+    if not mm:
+        return ""
+    rows = []
+    for mode, m in mm["modes"].items():
+        name = mode + (" (passed on)" if mode == mm["passed_on"] else "")
+        rows.append([name, M.fmt_number(m.get("perplexity")), M.fmt_number(m.get("kl_mean")),
+                     M.fmt_number(m.get("top1_agreement")), M.fmt_bytes(m.get("size_bytes")),
+                     f"{m['seconds']:.1f} s" if M.is_number(m.get("seconds")) else "—"])
+    cond = M.describe_conditions(mm.get("measured_with"))
+    return ("## LoRA merge modes\n\n"
+            + _table(["merge", "perplexity", "KL mean vs original", "top-1 agreement", "size on disk", "merge time"],
+                     rows)
+            + f"\n\n*keep: adapter beside the quantized base (loads with peft); requantize: merged into the weights "
+              f"before quantization, quantized again with the same method; dequantized: merged into a dense copy of "
+              f"the dequantized base. Same adapter, measured with: {cond}.*")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
