@@ -1,0 +1,255 @@
+"""The lora stage on the tiny model: objectives, inits, merge modes, adapter round trip, report, clear errors.
+
+One pipeline run (bnb-nf4 -> evaluate -> lora distill with all three merge modes -> evaluate) is shared by the
+module; the other tests build what they need directly. The tiny random llama's next-token distributions are close
+to uniform, so its quantization gap is small in absolute terms (KL ~1e-4 nats): the tests compare shares of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from llmcompress.errors import RecipeError  # noqa: E402
+from llmcompress.models.loading import load_model  # noqa: E402
+
+TEXT = "The for statement is used to iterate over the elements of a sequence.\n"
+EVAL = {"type": "evaluate", "tasks": [], "perplexity": {"max_tokens": 512, "ctx_len": 128, "stride": 64}}
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
+
+
+def _logits(model, tokenizer, text=TEXT):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits.float()
+
+
+def _recipe(tiny_model_dir, stages, name="lora-test"):
+    from llmcompress.recipe import load_recipe
+
+    return load_recipe({"name": name, "model": str(tiny_model_dir), "threads": 1, "dtype": "float32",
+                        "stages": stages})
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tmp_path_factory, tiny_model_dir):
+    """bnb-nf4 -> evaluate -> lora distill (merge keep, requantize, dequantized) -> evaluate, on the tiny model."""
+    pytest.importorskip("bitsandbytes")
+    from llmcompress.pipeline import run_recipe
+
+    out = tmp_path_factory.mktemp("lora-run")
+    lora = {"type": "lora", "objective": "distill", "data": {"samples": 32, "seq_len": 64}, "r": 8, "steps": 30,
+            "lr": 0.003, "merge": ["keep", "requantize", "dequantized"]}
+    stages = [{"type": "quantize", "method": "bnb-nf4"}, EVAL, lora, EVAL]
+    report = run_recipe(_recipe(tiny_model_dir, stages), out, show_progress=False)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Objectives
+
+
+def test_distill_lowers_its_loss_and_closes_part_of_the_kl_gap(nf4_run):
+    _, report = nf4_run
+    data = report["stages"][2]["data"]
+    assert data["loss_last"] < 0.8 * data["loss_first"]
+    # r (in + out) per layer: q 64+64, k 64+32, v 64+32, o 64+64, gate/up 64+128, down 128+64; x 2 layers
+    assert data["trainable_params"] == 2 * 8 * (128 + 96 + 96 + 128 + 192 * 3)
+    rec = report["comparison"]["recovery"]
+    kl = rec["figures"]["kl_mean"]
+    assert kl["after"] < kl["before"] and kl["gap_closed"] > 0.1
+    assert rec["before_stage"] == "02-evaluate" and rec["after_stage"] == "04-evaluate"
+
+
+def test_sft_on_chat_rows_lowers_its_loss_and_scores_only_replies(tiny_model_dir, tmp_path):
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "sft", "data": {"source": str(DATA / "pydoc-qa-train.jsonl"), "samples": 16,
+            "seq_len": 96}, "r": 4, "steps": 12, "lr": 0.01, "batch_size": 4}
+    report = run_recipe(_recipe(tiny_model_dir, [lora]), tmp_path / "run", show_progress=False)
+    data = report["stages"][0]["data"]
+    assert data["loss_last"] < data["loss_first"]
+    assert 0 < data["loss_tokens"] < data["train_tokens"]  # prompts and padding are not targets
+
+
+def test_chat_tokens_mark_the_reply_and_its_end_marker(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from llmcompress.lora.data import chat_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = chat_tokens({"prompt": "What is a list?", "response": "A mutable sequence."}, tok)
+    reply = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert reply.strip() == "A mutable sequence.<|im_end|>"
+    assert "What is a list?" in tok.decode([i for i, m in zip(ids, mask) if not m])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merge modes and the adapter round trip
+
+
+def test_merge_modes_match_the_unmerged_model(nf4_run, tiny_model_dir):
+    out, report = nf4_run
+    merges = report["stages"][2]["data"]["merges"]
+    keep, tok = load_model(out / "03-lora" / merges["keep"]["path"], "cpu", "float32")
+    assert type(keep).__name__ == "PeftModelForCausalLM"
+    ref = _logits(keep, tok)
+    # dequantized = deq(Q) + s·BA exactly, then stored in bf16 (the original's dtype): bf16 keeps 8 significant
+    # bits, a relative rounding of at most 2^-9 per weight; through two layers and the head the logits move by a
+    # few such steps of their own scale, so 2^-6 of the largest logit is a bound with margin, and far below the
+    # quantization's own effect on the logits (checked below).
+    deq = _logits(load_model(out / "03-lora" / merges["dequantized"]["path"], "cpu", "float32")[0], tok)
+    scale = ref.abs().max()
+    assert (deq - ref).abs().max() <= scale * 2**-6
+    # requantize rounds W + s·BA to NF4 again, so it cannot match; bound: it stays as close to the unmerged model as
+    # the plain NF4 model is to the original (the second rounding costs about one quantization error, not more).
+    req = _logits(load_model(out / "03-lora" / merges["requantize"]["path"], "cpu", "float32")[0], tok)
+    orig = _logits(load_model(tiny_model_dir, "cpu", "float32")[0], tok)
+    nf4 = _logits(load_model(out / "01-quantize" / "model", "cpu", "float32")[0], tok)
+    assert (req - ref).abs().max() <= 2 * (nf4 - orig).abs().max()
+    assert (deq - ref).abs().max() < (nf4 - orig).abs().max()
+    # sizes: requantize is the NF4 size again; keep = NF4 + adapter; dequantized = a dense bf16 model
+    assert merges["requantize"]["size_bytes"] < merges["keep"]["size_bytes"]
+    assert merges["keep"]["size_bytes"] == merges["keep"]["base_bytes"] + merges["keep"]["adapter_bytes"]
+
+
+def test_keep_folder_reloads_with_plain_peft_in_a_fresh_process(nf4_run, tmp_path):
+    out, _ = nf4_run
+    folder = out / "03-lora" / "model"
+    keep, tok = load_model(folder, "cpu", "float32")
+    ref = _logits(keep, tok)
+    code = f"""
+import torch, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained({str(folder / "base")!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(folder)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(folder)!r})
+with torch.no_grad():
+    torch.save(model(**tok({TEXT!r}, return_tensors="pt")).logits.float(), {str(tmp_path / "l.pt")!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    assert torch.allclose(torch.load(tmp_path / "l.pt"), ref, atol=1e-5)
+    meta = json.loads((folder / "llmcompress.json").read_text())
+    assert meta["format"] == "peft" and meta["merge"] == "keep" and meta["lora"]["objective"] == "distill"
+
+
+def test_report_shows_gap_closed_and_the_merge_table(nf4_run):
+    out, report = nf4_run
+    md = (out / "report.md").read_text()
+    assert "## LoRA recovery" in md and "gap closed" in md
+    assert "## LoRA merge modes" in md
+    for mode in ("keep (passed on)", "requantize", "dequantized"):
+        assert f"| {mode} |" in md
+    modes = report["comparison"]["merges"]["modes"]
+    assert all(m["kl_mean"] >= 0 and m["perplexity"] > 0 for m in modes.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inits
+
+
+def test_loftq_starts_closer_to_the_original_on_cpu(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "distill", "init": "loftq", "data": {"samples": 4, "seq_len": 32},
+            "r": 8, "steps": 1, "lr": 1e-9}  # ~no training: what we see is the init
+    stages = [{"type": "quantize", "method": "bnb-nf4"}, EVAL, lora, EVAL]
+    report = run_recipe(_recipe(tiny_model_dir, stages), tmp_path / "run", show_progress=False)
+    data = report["stages"][2]["data"]
+    assert data["loftq_rel_error_after"] < data["loftq_rel_error_before"]
+    assert report["comparison"]["recovery"]["figures"]["kl_mean"]["gap_closed"] > 0.05
+
+
+def test_pissa_adapter_is_converted_to_a_plain_lora_on_the_unchanged_base(make_ctx, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from llmcompress.lora.init import init_pissa, lora_layers, save_adapter
+
+    ctx = make_ctx(stages=[{"type": "lora", "objective": "sft", "init": "pissa", "r": 4}], dtype="float32")
+    cfg = ctx.recipe.stages[0]
+    model, tok = load_model(tiny_model_dir, "cpu", "float32")
+    peft_model, info = init_pissa(model, cfg, ctx)
+    torch.manual_seed(0)
+    for _, layer in lora_layers(peft_model):  # stand-in for training: move A and B
+        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            p.data += 0.05 * torch.randn_like(p)
+    ref = _logits(peft_model, tok)
+    save_adapter(peft_model, tmp_path / "adapter", info)
+    fresh = PeftModel.from_pretrained(load_model(tiny_model_dir, "cpu", "float32")[0], str(tmp_path / "adapter"))
+    # the converted adapter (rank 2r) on the original weights = residual base + trained PiSSA adapter, in fp32
+    assert torch.allclose(_logits(fresh, tok), ref, atol=1e-4)
+
+
+def test_default_init_starts_as_the_base(make_ctx, tiny_model_dir):
+    from llmcompress.lora.init import init_default
+
+    ctx = make_ctx(stages=[{"type": "lora", "objective": "sft"}], dtype="float32")
+    model, tok = load_model(tiny_model_dir, "cpu", "float32")
+    ref = _logits(model, tok)
+    peft_model, _ = init_default(model, ctx.recipe.stages[0], ctx)
+    assert torch.equal(_logits(peft_model, tok), ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clear errors
+
+
+@pytest.mark.parametrize("stages, fix", [
+    ([{"type": "lora", "objective": "distill", "merge": "requantize"}], "add a quantize stage before"),
+    ([{"type": "lora", "objective": "distill", "init": "loftq"}], "no quantize stage comes before"),
+    ([{"type": "quantize", "method": "bnb-nf4"}, {"type": "lora", "objective": "distill", "init": "pissa"}],
+     "use `init: loftq`"),
+    ([{"type": "lora", "objective": "sft", "generate": {}}], "set `objective: distill`"),
+    ([{"type": "lora", "objective": "sft", "steps": 3, "epochs": 1}], "not both"),
+    ([{"type": "lora", "objective": "distil"}], "Did you mean `distill`?"),
+    ([{"type": "lora", "objective": "sft", "r": 0}], "must be > 0"),
+    ([{"type": "lora", "objective": "sft", "merge": ["keep", "keep"]}], "listed twice"),
+    ([{"type": "lora", "objective": "sft", "target_modules": "q_proj"}], "list module names instead"),
+    ([{"type": "lora", "objective": "sft"}, {"type": "lora", "objective": "sft"}], "merge the first"),
+])
+def test_bad_combinations_are_rejected_when_the_recipe_loads(tiny_model_dir, stages, fix):
+    with pytest.raises(RecipeError, match="stages\\[") as e:
+        _recipe(tiny_model_dir, stages)
+    assert fix in str(e.value)
+
+
+def test_target_modules_that_match_nothing_list_what_exists(tiny_model_dir):
+    from llmcompress.lora.init import target_names
+
+    model, _ = load_model(tiny_model_dir, "cpu", "float32")
+    with pytest.raises(RecipeError, match="match no linear layer") as e:
+        target_names(model, ["qkv_proj"])
+    assert "q_proj" in str(e.value) and "down_proj" in str(e.value)
+    assert target_names(model, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert "lm_head" not in target_names(model, "all-linear")
+
+
+def test_a_base_peft_cannot_wrap_is_a_clear_error(make_ctx):
+    ctx = make_ctx(stages=[{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}], dtype="float32")
+    ctx.recipe.stages[0].run(ctx)
+    from llmcompress.lora.init import wrap
+    from llmcompress.lora.stage import LoraStage
+
+    model, _ = load_model(ctx.current.path, "cpu", "float32")
+    with pytest.raises(RecipeError, match="peft cannot put LoRA on these layers \\(RTNLinear\\)"):
+        wrap(model, LoraStage(objective="sft"), init_lora_weights=True)
+
+
+def test_docstring_sample_loads(tiny_model_dir):
+    import yaml
+
+    from llmcompress.lora.stage import LoraStage
+
+    sample = LoraStage.__doc__.split("```yaml")[1].split("```")[0]
+    stage = yaml.safe_load(sample)[0]
+    recipe = _recipe(tiny_model_dir, [{"type": "quantize", "method": "bnb-nf4"}, stage])
+    assert recipe.stages[1].merges == ["keep"] and recipe.stages[1].lora_alpha == 16
