@@ -34,6 +34,8 @@ def recovery(stages: list[dict]) -> dict | None:
     if not before or not after:
         return None
     b, a = before[-1]["data"], after[0]["data"]
+    # Only a distill adapter aims at the original; an sft adapter moves away from it on purpose (a task, not repair).
+    recovering = lora["data"].get("objective") == "distill"
     figures = {}
     for name, (part, key), fixed in _FIGURES:
         o = fixed if fixed is not None else _get(b, "original", part, key)
@@ -42,7 +44,8 @@ def recovery(stages: list[dict]) -> dict | None:
             continue
         gap = vb - o
         figures[name] = {"original": o, "before": vb, "after": va, "better": M.direction(name),
-                         "gap_closed": (vb - va) / gap if gap else None}
+                         "gap_closed": (vb - va) / gap if gap and recovering else None,
+                         "relative": (va - vb) / vb if vb else None}
     out: dict[str, Any] = {"lora_stage": _where(lora), "before_stage": _where(before[-1]),
                            "after_stage": _where(after[0]), "figures": figures}
     data = lora["data"]
@@ -92,9 +95,13 @@ def recovery_markdown(report: dict) -> str:
     if not rec:
         return ""
     rows = []
+    recovering = rec["train"].get("objective") == "distill"
     for name, f in rec["figures"].items():
-        closed = f"{f['gap_closed'] * 100:.0f}%" if M.is_number(f["gap_closed"]) else "—"
-        rows.append([name, M.fmt_number(f["original"]), M.fmt_number(f["before"]), M.fmt_number(f["after"]), closed])
+        if recovering:
+            change = f"{f['gap_closed'] * 100:.0f}%" if M.is_number(f["gap_closed"]) else "—"
+        else:
+            change = f"{f['relative'] * 100:+.1f}%" if M.is_number(f.get("relative")) else "—"
+        rows.append([name, M.fmt_number(f["original"]), M.fmt_number(f["before"]), M.fmt_number(f["after"]), change])
     size = rec["size"]
     orig_size = report["models"]["original"].get("size_bytes")
     if M.is_number(size.get("before_bytes")) and M.is_number(size.get("after_bytes")):
@@ -107,15 +114,18 @@ def recovery_markdown(report: dict) -> str:
         entry = M.compare_bench(fig, v["before"], v["after"])  # "before" in the original's place: the change
         rows.append([M.bench_label(fig), "", M.fmt_value(fig, v["before"]), M.fmt_value(fig, v["after"]),
                      f"cost: {entry['change']}" if entry else "—"])
-    header = ["figure", "original", "quantized (before lora)", "+ adapter (after lora)", "gap closed"]
+    header = ["figure", "original", "before lora", "after lora (+ adapter)", "gap closed" if recovering else "change"]
     t = rec["train"]
     train = (f"{t.get('objective')} LoRA, init {t.get('init')}, {t.get('steps')} steps in "
              f"{M.fmt_number(t.get('train_seconds'))} s, {M.fmt_number(t.get('trainable_params'))} trainable params, "
              f"loss {M.fmt_number(t.get('loss_first'))} -> {M.fmt_number(t.get('loss_last'))}, merge {t.get('merge')}")
-    return ("## LoRA recovery\n\n" + _table(header, rows)
-            + f"\n\n*Gap closed = (before − after) / (before − original): the share of the quantization gap the "
-              f"adapter closes (KL's original value is 0, top-1 agreement's 1). Before: {rec['before_stage']}, after: "
-              f"{rec['after_stage']}, same settings. Adapter: {train}.*")
+    what = ("Gap closed = (before − after) / (before − original): the share of the gap to the original the adapter "
+            "closes (KL's original value is 0, top-1 agreement's 1)." if recovering else
+            "Change = (after − before) / before. An sft adapter learns a task: moving away from the original (KL up) "
+            "is expected; judge it on the task's own data.")
+    return (f"## LoRA {'recovery' if recovering else 'fine-tune'}\n\n" + _table(header, rows)
+            + f"\n\n*{what} Before: {rec['before_stage']}, after: {rec['after_stage']}, same settings. "
+              f"Adapter: {train}.*")
 
 
 def merges_markdown(report: dict) -> str:

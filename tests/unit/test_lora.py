@@ -253,3 +253,44 @@ def test_docstring_sample_loads(tiny_model_dir):
     stage = yaml.safe_load(sample)[0]
     recipe = _recipe(tiny_model_dir, [{"type": "quantize", "method": "bnb-nf4"}, stage])
     assert recipe.stages[1].merges == ["keep"] and recipe.stages[1].lora_alpha == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped recipes, shrunk onto the tiny model
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_hqq_sft_recipe_runs_on_the_tiny_model(tmp_path):
+    pytest.importorskip("hqq")
+    from llmcompress.pipeline import run_recipe
+    from llmcompress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-hqq-sft.yaml", [
+        "model=tiny-random-llama", "dtype=float32", "stages.2.epochs=1", "stages.2.r=4", "stages.2.data.samples=16"])
+    report = run_recipe(recipe, tmp_path / "run", show_progress=False)
+    data = report["stages"][2]["data"]
+    assert data["objective"] == "sft" and data["loss_tokens"] < data["train_tokens"]
+    rec = report["comparison"]["recovery"]
+    assert rec["figures"]["perplexity"]["gap_closed"] is None  # sft is a task, not a repair: no gap figure
+    assert "## LoRA fine-tune" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_nf4_recover_recipe_runs_on_the_tiny_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from llmcompress.pipeline import run_recipe
+    from llmcompress.recipe import load_recipe
+
+    small = ["model=tiny-random-llama", "dtype=float32", "stages.3.steps=4", "stages.3.data.samples=8",
+             "stages.3.data.seq_len=32", "stages.3.r=4"]
+    for i in (1, 4):
+        small += [f"stages.{i}.tasks=[]", f"stages.{i}.perplexity.max_tokens=256"]
+    for i in (2, 5):
+        small += [f"stages.{i}.memory=false", f"stages.{i}.repeats=1", f"stages.{i}.new_tokens=4"]
+    report = run_recipe(load_recipe(ROOT / "recipes" / "smollm2-nf4-recover.yaml", small), tmp_path / "run",
+                        show_progress=False)
+    rec = report["comparison"]["recovery"]
+    assert set(rec["figures"]) == {"kl_mean", "top1_agreement", "perplexity"}
+    assert rec["bench"] and rec["size"]["after_bytes"] > rec["size"]["before_bytes"]
+    assert set(report["comparison"]["merges"]["modes"]) == {"keep", "requantize", "dequantized"}
