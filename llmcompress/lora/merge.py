@@ -132,7 +132,8 @@ def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> di
         _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
     dense_dir = target / ".requantize-dense"
     shutil.rmtree(dense_dir, ignore_errors=True)
-    save_model(dense, tokenizer, dense_dir, {"source": "merged for requantize"}, storage_dtype=None)
+    # in the original's storage dtype, as the quantize stage first read it (gptq keeps dense parts in its input's)
+    save_model(dense, tokenizer, dense_dir, {"source": "merged for requantize"}, storage_dtype=inputs.storage_dtype)
     del dense
     sub = dataclasses.replace(ctx, current=ModelHandle("compressed", dense_dir, ctx.runtime), stage_dir=target)
     t = time.perf_counter()
@@ -171,7 +172,15 @@ def adapter_deltas(base: Any, adapter: Path) -> dict[str, Any]:
     from .init import lora_layers
 
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
-    return {name: layer.get_delta_weight("default").detach().float() for name, layer in lora_layers(model)}
+    return {name: lora_delta(layer) for name, layer in lora_layers(model)}
+
+
+def lora_delta(layer: Any, adapter: str = "default"):
+    """``scaling · B @ A`` (out, in) in float32, computed here: peft's ``get_delta_weight`` is missing on some
+    quantized layer types (GPTQ) and would dequantize the base on others."""
+    a = layer.lora_A[adapter].weight.detach().float()  # (r, in)
+    b = layer.lora_B[adapter].weight.detach().float()  # (out, r)
+    return (b @ a) * layer.scaling[adapter]
 
 
 def dequantize_layer(module: Any):

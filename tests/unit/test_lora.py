@@ -294,3 +294,34 @@ def test_nf4_recover_recipe_runs_on_the_tiny_model(tmp_path):
     assert set(rec["figures"]) == {"kl_mean", "top1_agreement", "perplexity"}
     assert rec["bench"] and rec["size"]["after_bytes"] > rec["size"]["before_bytes"]
     assert set(report["comparison"]["merges"]["modes"]) == {"keep", "requantize", "dequantized"}
+
+
+def test_loading_a_lora_recipe_is_light():
+    code = ("from llmcompress import load_recipe\n"
+            "load_recipe({'name': 'x', 'model': 'smollm2-135m', 'stages': [{'type': 'quantize', 'method': 'bnb-nf4'}, "
+            "{'type': 'lora', 'objective': 'distill', 'init': 'loftq', 'merge': ['keep', 'requantize']}]})\n"
+            "import sys; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("quantize, extra", [
+    ({"method": "bnb-int8"}, "bitsandbytes"),
+    ({"method": "hqq", "group_size": 32}, "hqq"),
+    ({"method": "torchao-int8wo"}, "torchao"),
+    ({"method": "gptq", "group_size": 32, "calibration": {"samples": 8, "seq_len": 64, "skip_tokens": 0}}, "gptqmodel"),
+])
+def test_lora_trains_on_each_quantized_base_peft_supports(tiny_model_dir, tmp_path, quantize, extra):
+    pytest.importorskip(extra)
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "distill", "data": {"samples": 8, "seq_len": 32}, "r": 4, "steps": 3,
+            "lr": 0.01, "merge": ["keep", "requantize"]}
+    report = run_recipe(_recipe(tiny_model_dir, [{"type": "quantize", **quantize}, lora]), tmp_path / "run",
+                        show_progress=False)
+    data = report["stages"][1]["data"]
+    assert data["steps"] == 3 and data["trainable_params"] > 0
+    merges = data["merges"]
+    assert merges["requantize"]["quantize"]["method"] == quantize["method"]
+    # requantize is a model of the base's own kind again: no larger than the base plus its adapter
+    assert merges["requantize"]["size_bytes"] <= merges["keep"]["size_bytes"]
