@@ -121,6 +121,7 @@ def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", c
     model.train()
     batches = data.batches(cfg.batch_size, seed)
     losses: list[float] = []
+    log_every, t0 = max(1, steps // 8), time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad(), ctx.task(f"lora {cfg.objective}", total=steps) as advance:
         for step in range(steps):
             step_loss = 0.0
@@ -139,6 +140,9 @@ def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", c
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
             advance(1, description=f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f}")
+            if (step + 1) % log_every == 0 or step + 1 == steps:  # a few lines in the log too (the bar is transient)
+                ctx.log(f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f} "
+                        f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()

@@ -72,11 +72,23 @@ def test_sft_on_chat_rows_lowers_its_loss_and_scores_only_replies(tiny_model_dir
     from llmcompress.pipeline import run_recipe
 
     lora = {"type": "lora", "objective": "sft", "data": {"source": str(DATA / "pydoc-qa-train.jsonl"), "samples": 16,
-            "seq_len": 96}, "r": 4, "steps": 12, "lr": 0.01, "batch_size": 4}
+            "seq_len": 96}, "r": 4, "steps": 12, "lr": 0.01, "batch_size": 2, "grad_accum": 2,
+            "gradient_checkpointing": True, "schedule": "linear", "warmup_steps": 2}
     report = run_recipe(_recipe(tiny_model_dir, [lora]), tmp_path / "run", show_progress=False)
     data = report["stages"][0]["data"]
     assert data["loss_last"] < data["loss_first"]
     assert 0 < data["loss_tokens"] < data["train_tokens"]  # prompts and padding are not targets
+
+
+def test_distill_on_text_the_original_writes(tiny_model_dir, tmp_path):
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "distill", "data": {"samples": 8, "seq_len": 32}, "r": 4, "steps": 6,
+            "lr": 0.01, "generate": {"prompt_tokens": 8, "new_tokens": 16, "batch_size": 4}}
+    report = run_recipe(_recipe(tiny_model_dir, [lora]), tmp_path / "run", show_progress=False)
+    data = report["stages"][0]["data"]
+    assert data["sequences"] == 8 and data["seq_len"] == 8 + 16  # prompt + exactly new_tokens sampled tokens
+    assert "sampled from the original model" in data["data_notes"][0]
 
 
 def test_chat_tokens_mark_the_reply_and_its_end_marker(tiny_model_dir):
