@@ -27,6 +27,7 @@ from .errors import LLMCompressError
 from .recipe import Recipe, load_recipe
 from .stage import StageConfig, StageResult
 from .utils.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+from .utils.liblogs import libraries_log_to
 
 RESULT = "result.json"
 
@@ -98,7 +99,7 @@ def run_recipe(
     atomic_write_text(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
 
     started, t0 = _now(), time.perf_counter()
-    with _progress(console, show_progress) as progress:
+    with libraries_log_to(run_dir / "logs" / "libraries.log"), _progress(console, show_progress) as progress:
         ctx = _make_context(recipe, run_dir, console, progress)
         stages = _run_stages(ctx)
     return _finish(ctx, stages, {"started": started, "seconds": round(time.perf_counter() - t0, 1)})
