@@ -12,6 +12,7 @@ Nothing in the table is typed by hand: figures and their wording come from each 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import fcntl
 import platform
@@ -32,6 +33,8 @@ from llmcompress.report.markdown import _table  # the report's own Markdown tabl
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
 COMPRESSING = ("quantize", "prune")
+#: A method recipe: one compressing stage, then only measuring stages (no LoRA, merge or export in between).
+MEASURING = ("evaluate", "benchmark")
 NEEDS_GPU = "needs a CUDA GPU — not run here"
 #: The figures of the table: (task, metric) of the multiple-choice accuracy and the decode figure at batch 1.
 ACCURACY = ("pydoc_cloze", "acc")
@@ -71,13 +74,14 @@ def _compressing_stages(raw: dict) -> list[dict]:
 
 
 def discover(recipes_dir: Path, runs_dir: Path, model: str = DEFAULT_MODEL) -> list[MethodRun]:
-    """One MethodRun per registered method (recipe None-less methods get a placeholder row), registry order."""
+    """One MethodRun per registered method (a row saying so where no recipe has it), in registry order."""
     by_method: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(Path(recipes_dir).glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
         stages = _compressing_stages(raw)
-        if raw.get("model") != model or len(stages) != 1:  # other models, and pipelines of several methods
-            continue
+        types = [s.get("type") for s in raw.get("stages") or [] if isinstance(s, dict)]
+        if raw.get("model") != model or len(stages) != 1 or not set(types) <= {*COMPRESSING, *MEASURING}:
+            continue  # another model, or a pipeline (several methods, recovery, export) rather than one method
         by_method.setdefault(str(stages[0].get("method")), []).append((path, raw))
     registered = registered_methods()
     known = {m for _, m in registered}
@@ -123,7 +127,7 @@ def check_runnable(m: MethodRun) -> None:
 def run_recipe_cli(m: MethodRun, lock: Path | None) -> float:
     """``llmcompress run RECIPE --output runs/methods/NAME`` in a subprocess (optionally under an flock); seconds."""
     cmd = [sys.executable, "-m", "llmcompress.cli", "run", str(m.recipe), "--output", str(m.run_dir), "-q"]
-    with open(lock, "w") if lock else _null() as fh:
+    with open(lock, "w") if lock else contextlib.nullcontext() as fh:
         if fh is not None:
             print(f"[methods_table] waiting for {lock} ...", flush=True)
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -133,14 +137,6 @@ def run_recipe_cli(m: MethodRun, lock: Path | None) -> float:
         seconds = time.perf_counter() - t0
     print(f"[methods_table] {m.name}: exit {rc} after {seconds:.0f} s", flush=True)
     return seconds
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def load_runs(methods: list[MethodRun]) -> None:
