@@ -195,6 +195,14 @@ def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def fresh_copy(ctx: "RunContext"):
+    """The current model loaded anew from its folder, not the copy earlier stages ran: gptqmodel's CPU kernel
+    rewrites its buffers on the first forward (qzeros become floats), after which ``dequantize_weight`` fails."""
+    from ..models.loading import load_model
+
+    return load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype, **ctx.current.load_kwargs)
+
+
 def dense_copy(ctx: "RunContext"):
     """A float32 transformers model holding the current model's weights, every quantized layer dequantized."""
     import torch
@@ -203,7 +211,7 @@ def dense_copy(ctx: "RunContext"):
     from ..models.loading import torch_dtype
     from ..quant.rtn import _no_init
 
-    model, tokenizer = ctx.current.load()
+    model, tokenizer = fresh_copy(ctx)
     state = dense_state_dict(model, torch_dtype(ctx.runtime.dtype))
     config = plain_config(model)
     with _no_init():

@@ -89,9 +89,9 @@ def _convert(ctx: "RunContext", out: Path) -> dict[str, Any]:
 
     from ..models.loading import storage_dtype_of, torch_dtype
     from ..quant.rtn import _no_init
-    from .base import plain_config
+    from .base import fresh_copy, plain_config
 
-    model, tokenizer = ctx.current.load()
+    model, tokenizer = fresh_copy(ctx)
     gptq_sym = bool((ctx.current.meta.get("gptq") or {}).get("sym", False))
     layers = {name: _int_layer(name, m, gptq_sym) for name, m in quantized_linears(model).items()}
     if not layers:

@@ -62,7 +62,8 @@ class HFExporter(Exporter):
 def _from_pretrained_loads(meta: dict) -> bool:
     """Folders in transformers' own format: ours say ``format: hf``; torchao's say which layout they hold."""
     fmt = meta.get("format", "hf")
-    return fmt in ("hf", "compressed-tensors") or (fmt == "torchao" and (meta.get("torchao") or {}).get("layout") == "hf")
+    torchao_hf = fmt == "torchao" and (meta.get("torchao") or {}).get("layout") == "hf"
+    return fmt in ("hf", "compressed-tensors") or torchao_hf
 
 
 def _caveats(folder: Path) -> list[str]:
