@@ -2,9 +2,11 @@
 
 - ``keep``: ``model/`` = the adapter (peft files) + ``base/`` (the quantized base folder, hard-linked) + tokenizer;
   format ``peft`` in ``llmcompress.json``, which ``load_model`` loads as base + adapter (``load_peft``).
-- ``requantize``: the adapter merged into the weights the quantize stage started from (``W + s·BA``), then quantized
-  again by that same stage config: an ordinary folder of that method, the adapter's cost gone, its gain partly lost
-  to a second rounding.
+- ``requantize``: the adapter merged into the weights the quantize stage started from (``W + s·BA``; with
+  ``requantize_from: dequantized``, into the dequantized base ``deq(Q) + s·BA``), then quantized again by that same
+  stage config: an ordinary folder of that method, the adapter's cost gone. Measured on SmolLM2 NF4 + a distill
+  adapter, it also loses the adapter's gain: a recovery adapter learns corrections of ``deq(Q)`` (``≈ W - deq(Q)``),
+  which added to ``W`` overshoot, and added to ``deq(Q)`` are mostly below half a quantization step and round away.
 - ``dequantized``: the quantized base dequantized into a dense copy, the adapter merged into it (``deq(Q) + s·BA``,
   exactly the unmerged function up to the storage dtype's rounding), saved in the original's storage dtype (bf16).
 
@@ -45,6 +47,7 @@ class MergeInputs:
     quantize: Any  # that quantize stage's config, or None
     meta: dict  # lora metadata for llmcompress.json
     storage_dtype: str | None
+    requantize_from: str = "original"  # requantize merges into: "original" (W) or "dequantized" (deq(Q)) weights
 
     @classmethod
     def from_context(cls, ctx: "RunContext", cfg: "LoraStage", adapter: Path, meta: dict) -> "MergeInputs":
@@ -53,7 +56,7 @@ class MergeInputs:
         quant, source = quantize_source(ctx)
         return cls(base=ctx.current.path, adapter=adapter, source=source, quantize=quant,
                    meta={**meta, "base_description": ctx.current.describe()},
-                   storage_dtype=storage_dtype_of(ctx.original.path))
+                   storage_dtype=storage_dtype_of(ctx.original.path), requantize_from=cfg.requantize_from)
 
 
 def quantize_source(ctx: "RunContext") -> tuple[Any, Path]:
@@ -98,18 +101,9 @@ def merge_keep(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
 
 
 def merge_dequantized(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
-    from ..models.loading import load_model, read_meta, save_model
+    from ..models.loading import read_meta, save_model
 
-    base, tokenizer = load_model(inputs.base, "cpu", "float32")  # fresh: no forward pass has touched it
-    dense = load_model(inputs.source, "cpu", "float32")[0]
-    replaced = 0
-    for name, module in base.named_modules():
-        if _quantized(module):
-            _set_weight(dense, name, dequantize_layer(module))
-            replaced += 1
-    for name, delta in adapter_deltas(base, inputs.adapter).items():
-        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
-    del base
+    dense, tokenizer, replaced = merged_dense(inputs, dequantized=True)
     meta = {**inputs.meta, "merge": "dequantized", "method": _method(read_meta(inputs.base), "dequantized"),
             "dequantized_modules": replaced}
     with atomic_dir(target / "model") as tmp:
@@ -119,17 +113,12 @@ def merge_dequantized(inputs: MergeInputs, target: Path, ctx: "RunContext") -> d
 
 def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
     from ..context import ModelHandle
-    from ..models.loading import load_model, read_meta, save_model
+    from ..models.loading import read_meta, save_model
 
     if inputs.quantize is None:  # the recipe validator stops this earlier; kept for Python callers
         raise RecipeError("`merge: requantize` needs a quantize stage before the lora stage. Fix: add one, or use "
                           "`keep` / `dequantized`")
-    base = load_model(inputs.base, "cpu", "float32")[0]
-    deltas = adapter_deltas(base, inputs.adapter)
-    del base
-    dense, tokenizer = load_model(inputs.source, "cpu", "float32")
-    for name, delta in deltas.items():
-        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
+    dense, tokenizer, _ = merged_dense(inputs, dequantized=inputs.requantize_from == "dequantized")
     dense_dir = target / ".requantize-dense"
     shutil.rmtree(dense_dir, ignore_errors=True)
     # in the original's storage dtype, as the quantize stage first read it (gptq keeps dense parts in its input's)
@@ -144,10 +133,30 @@ def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> di
         shutil.rmtree(dense_dir, ignore_errors=True)
     folder = target / "model"
     meta = read_meta(folder)
-    meta.update({**inputs.meta, "merge": "requantize", "method": _method(meta, "requantize")})
+    meta.update({**inputs.meta, "merge": "requantize", "requantize_from": inputs.requantize_from,
+                 "method": _method(meta, "requantize")})
     atomic_write_json(folder / "llmcompress.json", meta)
     return {"size_bytes": weight_bytes(folder), "quantize_seconds": round(time.perf_counter() - t, 3),
+            "requantize_from": inputs.requantize_from,
             "quantize": {k: v for k, v in result.data.items() if k in ("method", "bits", "quantized_modules")}}
+
+
+def merged_dense(inputs: MergeInputs, dequantized: bool) -> tuple[Any, Any, int]:
+    """``(dense model, tokenizer, layers dequantized)``: the weights quantize started from (``dequantized``: with
+    every quantized layer replaced by its dequantized weight) plus ``s·BA`` on every adapted layer, in float32."""
+    from ..models.loading import load_model
+
+    base, tokenizer = load_model(inputs.base, "cpu", "float32")  # fresh: no forward pass has touched it
+    dense = load_model(inputs.source, "cpu", "float32")[0]
+    replaced = 0
+    if dequantized:
+        for name, module in base.named_modules():
+            if _quantized(module):
+                _set_weight(dense, name, dequantize_layer(module))
+                replaced += 1
+    for name, delta in adapter_deltas(base, inputs.adapter).items():
+        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
+    return dense, tokenizer, replaced
 
 
 # ---------------------------------------------------------------------------------------------------------------------

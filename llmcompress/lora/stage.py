@@ -95,6 +95,10 @@ class LoraStage(StageConfig):
         "keep", description="`keep`, `requantize` or `dequantized`; a list builds and measures each (perplexity, KL, "
         "size) and passes the first on to later stages.",
     )
+    requantize_from: Literal["original", "dequantized"] = Field(
+        "original", description="`merge: requantize` merges into the weights quantize started from (`original`, "
+        "QLoRA's usual merge) or into the dequantized base (`dequantized`: the function the adapter was trained on).",
+    )
 
     changes_model: ClassVar[bool] = True
 

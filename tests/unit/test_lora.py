@@ -337,3 +337,19 @@ def test_lora_trains_on_each_quantized_base_peft_supports(tiny_model_dir, tmp_pa
     assert merges["requantize"]["quantize"]["method"] == quantize["method"]
     # requantize is a model of the base's own kind again: no larger than the base plus its adapter
     assert merges["requantize"]["size_bytes"] <= merges["keep"]["size_bytes"]
+
+
+def test_requantize_from_the_dequantized_base(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "distill", "data": {"samples": 8, "seq_len": 32}, "r": 4, "steps": 3,
+            "lr": 0.01, "merge": "requantize", "requantize_from": "dequantized"}
+    out = tmp_path / "run"
+    report = run_recipe(_recipe(tiny_model_dir, [{"type": "quantize", "method": "bnb-nf4"}, lora]), out,
+                        show_progress=False)
+    assert report["stages"][1]["data"]["merges"]["requantize"]["requantize_from"] == "dequantized"
+    meta = json.loads((out / "02-lora" / "model" / "llmcompress.json").read_text())
+    assert meta["requantize_from"] == "dequantized" and meta["format"] == "hf"
+    model, tok = load_model(out / "02-lora" / "model", "cpu", "float32")
+    assert type(model.get_submodule("model.layers.0.mlp.up_proj")).__name__ == "Linear4bit"
