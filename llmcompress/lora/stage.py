@@ -189,13 +189,19 @@ class LoraStage(StageConfig):
         return None
 
     def preflight(self) -> None:
+        from ..data.calibration import check_calibration
+
         require("peft", "lora", "The lora stage")
+        check_calibration(self.data)  # absolute paths and hub sources now; relative paths when the stage runs
 
     def run(self, ctx: "RunContext") -> StageResult:
         from .train import train_adapter
 
+        from ..data.calibration import check_calibration
+
         t0 = time.perf_counter()
         self.preflight()
+        check_calibration(self.data, ctx.recipe.base_dir)  # a missing data file fails before any weights load
         trained = train_adapter(self, ctx)
         adapter_dir = ctx.stage_dir / ADAPTER_DIR
         merges, measured = self._merge_all(ctx, trained, adapter_dir)

@@ -353,3 +353,11 @@ def test_requantize_from_the_dequantized_base(tiny_model_dir, tmp_path):
     assert meta["requantize_from"] == "dequantized" and meta["format"] == "hf"
     model, tok = load_model(out / "02-lora" / "model", "cpu", "float32")
     assert type(model.get_submodule("model.layers.0.mlp.up_proj")).__name__ == "Linear4bit"
+
+
+def test_a_missing_data_file_fails_before_training(tiny_model_dir, tmp_path):
+    from llmcompress.pipeline import run_recipe
+
+    lora = {"type": "lora", "objective": "sft", "data": {"source": str(tmp_path / "nope.jsonl")}}
+    with pytest.raises(RecipeError, match="no such file"):
+        run_recipe(_recipe(tiny_model_dir, [lora]), tmp_path / "run", show_progress=False)
