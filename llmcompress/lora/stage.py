@@ -56,6 +56,7 @@ class LoraStage(StageConfig):
       gradient_checkpointing: false
       temperature: 1.0              # distill only
       merge: keep                   # keep | requantize | dequantized; a list measures each, passes on the first
+      requantize_from: original     # requantize merges into W (original) or into deq(Q) (dequantized)
     ```
     """
 
@@ -195,9 +196,8 @@ class LoraStage(StageConfig):
         check_calibration(self.data)  # absolute paths and hub sources now; relative paths when the stage runs
 
     def run(self, ctx: "RunContext") -> StageResult:
-        from .train import train_adapter
-
         from ..data.calibration import check_calibration
+        from .train import train_adapter
 
         t0 = time.perf_counter()
         self.preflight()
