@@ -81,7 +81,9 @@ class Runtime:
 class ModelHandle:
     """A model folder plus a lazily loaded in-memory copy. ``role`` is "original" or "compressed"."""
 
-    def __init__(self, role: str, path: Path, runtime: Runtime, meta: dict | None = None, load_kwargs: dict | None = None):
+    def __init__(
+        self, role: str, path: Path, runtime: Runtime, meta: dict | None = None, load_kwargs: dict | None = None
+    ):
         self.role = role
         self.path = Path(path)
         self.runtime = runtime

@@ -51,16 +51,21 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the default run folder is runs/<name>.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the default run folder is runs/<name>."
+    )
     model: ModelSpec
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Dtype models run in. auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "auto",
+        description="Dtype models run in. auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
         "else float32 (emulated bf16 ran ~6x slower than fp32 on an AVX2-only CPU).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     seed: int = Field(0, description="Seeds python, numpy and torch before every stage.")
     threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; default: half the cores (1 on a 2-core box, where 2 ran 4-10x slower)."
+        None,
+        ge=1,
+        description="torch CPU threads; default: half the cores (1 on a 2-core box, where 2 ran 4-10x slower).",
     )
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
 
@@ -133,7 +138,9 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
             at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise RecipeError(f"{where}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: a recipe is a mapping with `name`, `model` and `stages`, got {type(raw).__name__}.")
+        raise RecipeError(
+            f"{where}: a recipe is a mapping with `name`, `model` and `stages`, got {type(raw).__name__}."
+        )
     for item in overrides or []:
         apply_override(raw, item, where)
     _precheck_stages(raw, where)

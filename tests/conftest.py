@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Results caches go to a fresh folder per session; built model folders are shared with the user cache (slow to build)."""
+    """Results caches go to a fresh folder per session; built model folders are shared with the user cache
+    (slow to build)."""
     from platformdirs import user_cache_dir
 
     real_models = Path(os.environ.get("LLMCOMPRESS_CACHE") or user_cache_dir("llmcompress")) / "models"

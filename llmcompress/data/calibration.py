@@ -3,10 +3,11 @@
     calibration: {source: builtin:pydoc, samples: 16, seq_len: 256, seed: 0, skip_tokens: 4096}
 
 A source is read as documents (strings), the documents are joined and tokenized once, the first ``skip_tokens`` are
-dropped, the rest is cut into non-overlapping windows of ``seq_len`` tokens, and ``samples`` of those windows are drawn at random (seeded): the
-recipe of the GPTQ paper (random segments of a corpus), so every sample is exactly ``seq_len`` tokens and needs no
-padding. ``load_calibration`` returns them as one ``(samples, seq_len)`` int64 tensor; ``to_records`` turns that into
-the ``[{"input_ids", "attention_mask"}]`` rows that gptqmodel and ``datasets.Dataset.from_list`` take.
+dropped, the rest is cut into non-overlapping windows of ``seq_len`` tokens, and ``samples`` of those windows are
+drawn at random (seeded): the recipe of the GPTQ paper (random segments of a corpus), so every sample is exactly
+``seq_len`` tokens and needs no padding. ``load_calibration`` returns them as one ``(samples, seq_len)`` int64
+tensor; ``to_records`` turns that into the ``[{"input_ids", "attention_mask"}]`` rows that gptqmodel and
+``datasets.Dataset.from_list`` take.
 
 Sources:
 - ``builtin:pydoc``: Python's reference documentation (``pydoc_data.topics``, ~120k SmolLM2 tokens), on every Python.

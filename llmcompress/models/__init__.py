@@ -42,7 +42,9 @@ def resolve_source(spec: "ModelSpec", base_dir: Path) -> ModelSource:
     path = path if path.is_absolute() else base_dir / path
     if s.endswith(".gguf"):
         if not path.is_file():
-            raise RecipeError(f"model: GGUF file `{path}` does not exist. Fix: check the path (relative to the recipe).")
+            raise RecipeError(
+                f"model: GGUF file `{path}` does not exist. Fix: check the path (relative to the recipe)."
+            )
         return ModelSource("gguf", str(path.resolve()), spec)
     if path.is_dir():
         if not (path / "config.json").is_file() and not spec.gguf_file:

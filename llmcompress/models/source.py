@@ -17,7 +17,8 @@ def check_source(source: ModelSource) -> None:
         if not hub_reachable():
             raise LLMCompressError(
                 f"model: `{source.ref}` is a hub id, but the Hugging Face hub is not reachable from here (offline). "
-                f"Fix: use a local `save_pretrained` folder, a .gguf file, or a builtin model ({', '.join(MODELS.names())})."
+                "Fix: use a local `save_pretrained` folder, a .gguf file, or a builtin model "
+                f"({', '.join(MODELS.names())})."
             )
 
 

@@ -61,7 +61,8 @@ def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2, vocab_size: 
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    atomic_write_json(Path(path) / "llmcompress.json", {"format": "hf", "role": "original", "source": "tiny-random-llama"})
+    meta = {"format": "hf", "role": "original", "source": "tiny-random-llama"}
+    atomic_write_json(Path(path) / "llmcompress.json", meta)
     return Path(path)
 
 

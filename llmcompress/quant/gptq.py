@@ -61,7 +61,9 @@ class GPTQConfig(QuantizeConfig):
         "(SmolLM2 W4 g64: perplexity 14.6 vs 14.9 on Python docs, 49.0 vs 52.7 on Shakespeare); on: the form vLLM's "
         "fast GPU kernels (Marlin) need.",
     )
-    damp_percent: float = Field(0.05, gt=0, lt=1, description="Dampening added to H's diagonal, as a fraction of its mean.")
+    damp_percent: float = Field(
+        0.05, gt=0, lt=1, description="Dampening added to H's diagonal, as a fraction of its mean."
+    )
     calibration: CalibrationConfig = Field(
         default_factory=CalibrationConfig, description="Text the model sees while quantizing (16 x 256 tokens).",
     )
@@ -189,7 +191,9 @@ def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
     skipped = [n for n in linears if cfg.skips(n)]
     quantized = [n for n in linears if n not in skipped]
     if not quantized:
-        raise RecipeError(f"`skip` leaves no linear layer to quantize ({len(skipped)} skipped). Fix: skip fewer layers.")
+        raise RecipeError(
+            f"`skip` leaves no linear layer to quantize ({len(skipped)} skipped). Fix: skip fewer layers."
+        )
     if cfg.group_size != -1:
         bad = {n: w for n, w in linears.items() if n in quantized and w % cfg.group_size}
         if bad:

@@ -66,7 +66,8 @@ def _stages(report: dict) -> str:
         time = f"{s['seconds']:.1f} s" if M.is_number(s.get("seconds")) else "—"
         if s["resumed"]:
             time += " (resumed)"
-        rows.append([str(s["index"] + 1), s["label"], s["type"], settings or "defaults", _kv(s["summary"]) or "—", time])
+        summary = _kv(s["summary"]) or "—"
+        rows.append([str(s["index"] + 1), s["label"], s["type"], settings or "defaults", summary, time])
     return "## What was done\n\n" + _table(["#", "stage", "type", "settings", "result", "time"], rows)
 
 
@@ -77,10 +78,12 @@ def _size(report: dict) -> str:
     bench = report["comparison"].get("bench") or {}
     entry = (bench.get("figures") or {}).get("param_bytes")
     if entry:
-        rows.append(["weights in memory", M.fmt_bytes(entry["original"]), M.fmt_bytes(entry["compressed"]), entry["change"]])
+        orig, comp = M.fmt_bytes(entry["original"]), M.fmt_bytes(entry["compressed"])
+        rows.append(["weights in memory", orig, comp, entry["change"]])
     note = "Size on disk: the weight files of each model folder (lower is better)."
     if entry:
-        note += f" Weights in memory: parameters and buffers once loaded ({M.describe_conditions(bench['measured_with'])})."
+        conditions = M.describe_conditions(bench["measured_with"])
+        note += f" Weights in memory: parameters and buffers once loaded ({conditions})."
     return "## Size\n\n" + _table(["", "original", "compressed", "change"], rows) + f"\n\n*{note}*"
 
 

@@ -219,7 +219,8 @@ def short_dtype(dtype: Any) -> str:
 
 
 def conditions_text(cond: dict) -> str:
-    """``{"device": "cpu", "threads": 1, "dtype": "bfloat16", "backend": "hf", ...}`` -> "CPU, hf backend, bf16, 1 thread"."""
+    """``{"device": "cpu", "threads": 1, "dtype": "bfloat16", "backend": "hf", ...}``
+    -> "CPU, hf backend, bf16, 1 thread"."""
     parts = []
     device = cond.get("device")
     if device:

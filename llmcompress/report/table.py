@@ -12,7 +12,7 @@ _STYLE = {"better": "green", "worse": "red", "same": "dim", None: ""}
 
 
 def summary_table(report: dict) -> Any:
-    """A ``rich.table.Table`` with columns figure | original | compressed | change; the caption says how it was measured."""
+    """A ``rich.table.Table``: figure | original | compressed | change; the caption says how it was measured."""
     from rich.table import Table
 
     title = report["headline"].split(" — ")[0]

@@ -40,7 +40,8 @@ def read_json(path: Path) -> Any:
 def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it becomes ``final`` in one rename, on failure it is removed.
 
-    With ``replace=False`` an existing ``final`` (say, built meanwhile by another process) is kept and the new one dropped.
+    With ``replace=False`` an existing ``final`` (say, built meanwhile by another process) is kept and the new one
+    dropped.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ def test_docstring_sample_loads_and_matches_defaults(tiny_model_dir):
     ],
 )
 def test_config_errors_name_place_and_value(tiny_model_dir, override, expected):
-    raw = {"name": "t", "model": str(tiny_model_dir), "stages": [{"type": "evaluate"}, {"type": "benchmark", **override}]}
+    stages = [{"type": "evaluate"}, {"type": "benchmark", **override}]
+    raw = {"name": "t", "model": str(tiny_model_dir), "stages": stages}
     with pytest.raises(RecipeError) as err:
         load_recipe(raw)
     assert "stages[1] (benchmark)" in str(err.value)
@@ -79,7 +80,8 @@ def test_stage_fills_every_figure(make_ctx):
     assert data["compressed"] == fig and all(r == 1.0 for r in data["ratios"].values())
     # The memory probe's own JSON is kept.
     mem = data["raw"]["memory"]["original"]
-    assert mem["threads"] == 1 and mem["rss_base_bytes"] > 0 and mem["generate"]["new_tokens"] == 4 and mem["generate"]["prompt_tokens"] == 8
+    assert mem["threads"] == 1 and mem["rss_base_bytes"] > 0
+    assert mem["generate"]["new_tokens"] == 4 and mem["generate"]["prompt_tokens"] == 8
     # One warm-up call (smallest batch), then one call per (round, batch size); each internally consistent.
     calls = data["raw"]["calls"]
     assert len(calls) == 1 + 2 * 2

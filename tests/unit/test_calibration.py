@@ -115,7 +115,8 @@ def test_hf_source_offline_fails_at_once(monkeypatch):
 
 @pytest.mark.parametrize("source,message", [
     ("builtin:pydocs", r"unknown source `builtin:pydocs`\. Did you mean `builtin:pydoc`\?"),
-    ("data.csv", r"source `data\.csv` must be `builtin:pydoc`, a \.txt file, a \.jsonl file or `hf:<dataset>\[:<config>\]`"),
+    ("data.csv",
+     r"source `data\.csv` must be `builtin:pydoc`, a \.txt file, a \.jsonl file or `hf:<dataset>\[:<config>\]`"),
     ("hf:", r"`hf:` is not `hf:<dataset>` or `hf:<dataset>:<config>`"),
     ("hf:c4:", r"`hf:c4:` is not `hf:<dataset>` or `hf:<dataset>:<config>`"),
 ])

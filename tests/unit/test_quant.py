@@ -74,7 +74,9 @@ def test_skip_by_regex(make_ctx):
     assert type(model.get_submodule("model.layers.1.mlp.up_proj")).__name__ == "RTNLinear"
 
 
-@pytest.mark.parametrize("method,layer", [("bnb-nf4", "Linear4bit"), ("bnb-fp4", "Linear4bit"), ("bnb-int8", "Linear8bitLt")])
+@pytest.mark.parametrize(
+    "method,layer", [("bnb-nf4", "Linear4bit"), ("bnb-fp4", "Linear4bit"), ("bnb-int8", "Linear8bitLt")]
+)
 def test_bnb_methods_quantize_and_reload(make_ctx, method, layer):
     pytest.importorskip("bitsandbytes")
     ctx, result = _run(make_ctx, {"type": "quantize", "method": method})
@@ -95,7 +97,9 @@ def test_bnb_without_the_extra_fails_before_loading(monkeypatch):
     from llmcompress.quant.bnb import BnbNF4Config
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(MissingExtraError, match=r"pip install -c constraints.txt 'llmcompress\[bnb\]'"):
         BnbNF4Config().preflight()
 

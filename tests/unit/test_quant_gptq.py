@@ -33,7 +33,8 @@ def _run(make_ctx, stage: dict):
 
 
 def _fresh_process_logits(path, ids: torch.Tensor, tmp_path) -> tuple[torch.Tensor, str]:
-    """Logits of the folder loaded by plain transformers in a new Python process (no llmcompress, no gptqmodel import)."""
+    """Logits of the folder loaded by plain transformers in a new Python process (no llmcompress, no gptqmodel
+    import)."""
     torch.save(ids, tmp_path / "ids.pt")
     code = (
         "import torch\n"

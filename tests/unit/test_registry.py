@@ -20,7 +20,8 @@ def test_unknown_name_did_you_mean_and_choices():
     reg = Registry("quantization method")
     for n in ("rtn", "bnb-nf4", "bnb-int8"):
         reg.register_lazy(n, "builtins:int")
-    with pytest.raises(RecipeError, match=r"unknown quantization method `bnb-nf5`\. Did you mean `bnb-nf4`\? Choices: bnb-int8, bnb-nf4, rtn"):
+    expected = r"unknown quantization method `bnb-nf5`\. Did you mean `bnb-nf4`\? Choices: bnb-int8, bnb-nf4, rtn"
+    with pytest.raises(RecipeError, match=expected):
         reg.get("bnb-nf5")
 
 

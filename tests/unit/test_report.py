@@ -235,8 +235,8 @@ def test_lm_eval_style_metric_keys():
     assert M.direction("mystery_score") is None and M.compare("mystery_score", 2.0, 3.0)["verdict"] is None
 
 
-@pytest.mark.parametrize("speedup, words", [(1.3, "1.30x faster"), (0.8, "1.25x slower"), (1.02, "about the same (1.02x)"),
-                                            (3.0, "3.0x faster")])
+@pytest.mark.parametrize("speedup, words", [(1.3, "1.30x faster"), (0.8, "1.25x slower"),
+                                            (1.02, "about the same (1.02x)"), (3.0, "3.0x faster")])
 def test_speed_words_are_honest(speedup, words):
     assert M.speed_words(speedup) == words
 
