@@ -148,7 +148,18 @@ def load_runs(methods: list[MethodRun]) -> None:
             m.report = load_report(m.run_dir)
             m.status = "ok"
         except LLMCompressError:
-            m.status = m.blocked or f"not run (no {_rel(m.run_dir)}/report.json)"
+            m.status = m.blocked or _unfinished(m.run_dir) or f"not run (no {_rel(m.run_dir)}/report.json)"
+
+
+def _unfinished(run_dir: Path) -> str | None:
+    """"did not finish: ..." for a run folder whose last stage never wrote its result (stopped or killed)."""
+    stages = sorted(p for p in run_dir.glob("[0-9][0-9]-*") if p.is_dir()) if run_dir.is_dir() else []
+    pending = [p.name for p in stages if not (p / "result.json").is_file()]
+    if not pending:
+        return None
+    done = [p.name for p in stages if (p / "result.json").is_file()]
+    return (f"did not finish: stopped in {pending[0]}" + (f" after {', '.join(done)}" if done else "")
+            + f" ({_rel(run_dir)}; the same command resumes it)")
 
 
 def _rel(path: Path) -> str:
@@ -187,7 +198,15 @@ def bits_text(m: MethodRun) -> str:
     if bits is None:
         bits = _config_bits(m)
     text = M.fmt_number(bits) if bits is not None else "?"
-    return text + (f" (g{cfg['group_size']})" if cfg.get("group_size") else "")
+    details = [f"g{cfg['group_size']}" if cfg.get("group_size") else "", _symmetry(cfg)]
+    details = [d for d in details if d]
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+def _symmetry(cfg: dict) -> str:
+    """"sym" (no zero point) or "asym" where the method's config says, else ""."""
+    sym = cfg.get("symmetric", cfg.get("sym"))
+    return "" if sym is None else ("sym" if sym else "asym")
 
 
 def _config_bits(m: MethodRun) -> float | None:
@@ -398,10 +417,10 @@ def calibrated_vs_rtn(quant: list[MethodRun], ppl: dict) -> list[str]:
         a, b = ppl[m.method]["compressed"], ppl["rtn"]["compressed"]
         ka, kb = _kl(m.report, "kl_mean"), _kl(base.report, "kl_mean")
         verdict = "beats" if a < b else "does NOT beat"
-        same_group = m.stage.get("group_size") == base.stage.get("group_size")
+        same_form = bits_text(m) == bits_text(base)
         out.append(f"{m.method} {verdict} rtn at {M.fmt_number(nominal_bits(m))} bits: perplexity {M.fmt_number(a)} vs "
                    f"{M.fmt_number(b)} ({(a - b) / b * 100:+.1f}%), KL {M.fmt_number(ka)} vs {M.fmt_number(kb)}"
-                   + ("" if same_group else f" (group sizes differ: {bits_text(m)} vs {bits_text(base)})") + ".")
+                   + ("" if same_form else f" (not the same format: {bits_text(m)} vs rtn {bits_text(base)})") + ".")
     return out
 
 

@@ -78,7 +78,7 @@ def test_table_cells_are_the_reports_figures(mt, folders):
     quant = next(s for s in rep["stages"] if s["type"] == "quantize")
     assert rows["rtn"][1:] == [
         "tiny-rtn4",  # a recipe outside the repository: its name, no link
-        "4 (g32)",
+        "4 (g32, asym)",  # rtn's default: min/max with a zero point
         f"{M.fmt_bytes(cmp['size']['compressed_bytes'])} ({cmp['size']['change']})",
         f"{M.fmt_number(ppl['compressed'])} ({ppl['change']})",
         M.fmt_number(cmp["kl"]["metrics"]["kl_mean"]["value"]),
@@ -116,6 +116,16 @@ def test_reading_the_table_is_computed(mt, folders):
     ppl = reports["tiny-rtn4"]["comparison"]["eval"]["metrics"]["perplexity"]["perplexity"]
     assert f"At 4 bits, by perplexity (lower is better): rtn {M.fmt_number(ppl['compressed'])}" in facts
     assert "- Machine: " in text and "torch threads 1" in text and "limit 8 items per task" in text
+
+
+def test_a_run_stopped_half_way_says_where(mt, folders, tmp_path):
+    recipes, runs, _ = folders
+    half = tmp_path / "runs" / "tiny-wanda"
+    (half / "01-prune").mkdir(parents=True)
+    (half / "01-prune" / "result.json").write_text("{}")
+    (half / "02-evaluate").mkdir()
+    text, _ = mt.build(recipes, tmp_path / "runs", model="tiny-random-llama")
+    assert _rows(text)["wanda"][3].startswith("did not finish: stopped in 02-evaluate after 01-prune")
 
 
 def test_no_runs_at_all_still_renders_every_row(mt, folders, tmp_path):
