@@ -371,7 +371,8 @@ def facts(methods: list[MethodRun]) -> list[str]:
     prune = sorted((m for m in ran if m.kind == "prune" and m.method in ppl), key=lambda m: ppl[m.method]["compressed"])
     if len(prune) > 1:
         out.append("Pruning without recovery, by perplexity: " + ", ".join(
-            f"{m.method} {bits_text(m)} {M.fmt_number(ppl[m.method]['compressed'])} ({ppl[m.method]['change']})"
+            f"{m.method} {bits_text(m).removeprefix('16 ')} {M.fmt_number(ppl[m.method]['compressed'])} "
+            f"({ppl[m.method]['change']})"
             for m in prune) + ".")
     sized = [m for m in ran if m.report["comparison"]["size"].get("shrink")]
     if sized:
