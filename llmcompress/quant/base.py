@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from ..errors import RecipeError
 from ..utils.patterns import check_regexes, matches_any
 from ..stage import StageConfig, StageResult
 
@@ -40,6 +41,16 @@ class QuantizeConfig(StageConfig):
     def bits_per_weight(self) -> float:
         """Nominal bits of a quantized weight (before scales and zero points)."""
         return float(getattr(self, "bits", self.nominal_bits))
+
+    def ensure_dense(self, source: Any) -> None:
+        """Refuse a source that is already quantized (a pruned dense model is fine)."""
+        from . import QUANTIZERS
+
+        if source.meta.get("format", "hf") != "hf" or source.meta.get("method") in QUANTIZERS:
+            raise RecipeError(
+                f"{self.method} quantizes a dense model, but the model here is already `{source.describe()}`. "
+                "Fix: put this stage first."
+            )
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
         """Return ``(model, tokenizer, info)``; the model is saved by ``run``. Implemented by each method."""

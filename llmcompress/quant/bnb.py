@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..errors import RecipeError, require
+from ..errors import require
 from .base import QuantizeConfig
 
 if TYPE_CHECKING:
@@ -31,13 +31,7 @@ class _BnbConfig(QuantizeConfig):
         from ..models.loading import load_model, torch_dtype
 
         source = ctx.current
-        from . import QUANTIZERS
-
-        if source.meta.get("format", "hf") != "hf" or source.meta.get("method") in QUANTIZERS:
-            raise RecipeError(
-                f"bitsandbytes quantizes a dense model while loading it, "
-                f"but the model here is already `{source.describe()}`. Fix: put this stage first."
-            )
+        self.ensure_dense(source)
         cfg = self.bnb_config(torch_dtype(ctx.runtime.dtype))
         model, tokenizer = load_model(source.path, ctx.runtime.device, ctx.runtime.dtype, quantization_config=cfg)
         skipped = [n for n, _ in model.named_modules() if n and self.skips(n) and _is_linear(_get(model, n))]

@@ -33,6 +33,7 @@ from ..data.calibration import CalibrationConfig, check_calibration, load_calibr
 from ..errors import LLMCompressError, RecipeError, require
 from ..stage import StageResult
 from .base import QuantizeConfig
+from .plan import meta_model, plan_layers
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -125,11 +126,7 @@ def _quantize_gptq(cfg: GPTQConfig, ctx: "RunContext", out: Path) -> dict[str, A
     from transformers import AutoTokenizer
 
     source = ctx.current
-    if source.meta.get("format", "hf") != "hf" or source.meta.get("method"):
-        raise RecipeError(
-            f"gptq quantizes a dense model, but the model here is already `{source.describe()}`. "
-            f"Fix: put this stage first."
-        )
+    cfg.ensure_dense(source)
     plan = _plan(cfg, source.path)  # checks group size, skips and seq_len before any weights load
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     calibration = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
@@ -174,12 +171,7 @@ def _quantize_gptq(cfg: GPTQConfig, ctx: "RunContext", out: Path) -> dict[str, A
 
 def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
     """Which linear layers get quantized and which stay dense, from the config alone (an empty meta-device model)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    config, model = meta_model(path)
     head = model.get_output_embeddings()
     lm_head = next((n for n, m in model.named_modules() if m is head), "lm_head")
     if not cfg.skips(lm_head):
@@ -187,30 +179,8 @@ def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
             f"gptq keeps `{lm_head}` dense: transformers' GPTQ loader only converts layers inside the decoder blocks, "
             f"so a quantized `{lm_head}` would not load. Fix: keep `{lm_head}` in `skip`."
         )
-    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != lm_head}
-    skipped = [n for n in linears if cfg.skips(n)]
-    quantized = [n for n in linears if n not in skipped]
-    if not quantized:
-        raise RecipeError(
-            f"`skip` leaves no linear layer to quantize ({len(skipped)} skipped). Fix: skip fewer layers."
-        )
-    if cfg.group_size != -1:
-        bad = {n: w for n, w in linears.items() if n in quantized and w % cfg.group_size}
-        if bad:
-            name, width = next(iter(bad.items()))
-            widths = sorted({linears[n] for n in quantized})
-            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
-            raise RecipeError(
-                f"group_size {cfg.group_size} does not divide the input width {width} of `{name}` "
-                f"({len(bad)} layers affected). Fix: use a divisor of {', '.join(map(str, widths))}"
-                f"{' such as ' + ' or '.join(map(str, fits)) if fits else ''}, or -1."
-            )
-    limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.calibration.seq_len > limit:
-        raise RecipeError(
-            f"calibration.seq_len {cfg.calibration.seq_len} exceeds the model's max_position_embeddings ({limit}). "
-            f"Fix: set `seq_len` <= {limit}."
-        )
+    plan = plan_layers(cfg.skips, config, model, cfg.group_size, cfg.calibration.seq_len, exclude=(lm_head,))
+    quantized, skipped = plan["quantized"], plan["skipped"]
     # Dense weights are saved as the source stores them (bf16 for SmolLM2), whatever dtype the run computes in.
     storage = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     storage = storage if storage in ("bfloat16", "float16", "float32") else "float32"

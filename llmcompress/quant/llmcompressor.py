@@ -33,6 +33,7 @@ from ..data.calibration import CalibrationConfig, check_calibration, load_calibr
 from ..errors import LLMCompressError, RecipeError, require
 from ..stage import StageResult
 from .base import QuantizeConfig
+from .plan import meta_model, plan_layers
 
 if TYPE_CHECKING:
     import torch
@@ -70,15 +71,10 @@ class _LlmcConfig(QuantizeConfig):
         import copy
 
         source = ctx.current
-        from . import QUANTIZERS
-
-        if source.meta.get("format", "hf") != "hf" or source.meta.get("method") in QUANTIZERS:
-            raise RecipeError(
-                f"{self.method} quantizes a dense model, but the model here is already `{source.describe()}`. "
-                "Fix: put this stage first."
-            )
+        self.ensure_dense(source)
         self.preflight(ctx.recipe.base_dir)
-        plan = plan_layers(self, source.path, self.group_size_or_none(), self.calibration_seq_len())
+        config, meta = meta_model(source.path)
+        plan = plan_layers(self.skips, config, meta, self.group_size_or_none(), self.calibration_seq_len())
         model, tokenizer = source.load()
         ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir) if self.calibrated else None  # type: ignore[attr-defined]
         model = copy.deepcopy(model)  # oneshot works in place; the original stays untouched for comparison
@@ -86,7 +82,7 @@ class _LlmcConfig(QuantizeConfig):
         t0 = time.perf_counter()
         with llmcompressor_output(log, ctx.console):  # imports llmcompressor (~10 s the first time: reported apart)
             import_seconds = time.perf_counter() - t0
-            modifiers = self.modifiers(plan["ignore"])
+            modifiers = self.modifiers(plan["skipped"])
         seconds = run_oneshot_(model, tokenizer, modifiers, ids, log, ctx.console)
         device = ctx.runtime.device
         info = {
@@ -100,7 +96,7 @@ class _LlmcConfig(QuantizeConfig):
             "them, else dense after decompression",
             "log": f"{ctx.stage_dir.name}/{LOG_FILE}",
             "meta": {"format": FORMAT, "llmcompressor": {"modifiers": [type(m).__name__ for m in modifiers],
-                                                         "ignore": plan["ignore"]}},
+                                                         "ignore": plan["skipped"]}},
         }
         if ids is not None:
             info["calibration"] = {**self.calibration.model_dump(), "tokens": int(ids.numel())}  # type: ignore[attr-defined]
@@ -281,37 +277,6 @@ def load_compressed_tensors(path: str | Path, device: str, dtype: str, **kwargs:
 # Shared with llmcompress.prune.llmcompressor
 
 
-def plan_layers(cfg: Any, path: Path, group_size: int | None, seq_len: int | None) -> dict[str, Any]:
-    """Which linear layers are quantized and which stay dense (``ignore``: their exact names), from the config alone
-    (an empty meta-device model), with the group size and sequence length checked before any weights load."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    linears = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    skipped = [n for n in linears if cfg.skips(n)]
-    quantized = [n for n in linears if n not in skipped]
-    if not quantized:
-        raise RecipeError(f"`skip` leaves no linear layer to compress ({len(skipped)} skipped). "
-                          "Fix: skip fewer layers.")
-    if group_size is not None:
-        bad = {n: linears[n] for n in quantized if linears[n] % group_size}
-        if bad:
-            name, width = next(iter(bad.items()))
-            widths = sorted({linears[n] for n in quantized})
-            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
-            raise RecipeError(
-                f"group_size {group_size} does not divide the input width {width} of `{name}` ({len(bad)} layers "
-                f"affected). Fix: use a divisor of {', '.join(map(str, widths))}"
-                f"{' such as ' + ' or '.join(map(str, fits)) if fits else ''}, or -1."
-            )
-    limit = getattr(config, "max_position_embeddings", None)
-    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
-        raise RecipeError(f"calibration.seq_len {seq_len} exceeds the model's max_position_embeddings ({limit}). "
-                          f"Fix: set `seq_len` <= {limit}.")
-    return {"quantized": quantized, "skipped": skipped, "ignore": skipped}
 
 
 def run_oneshot_(model, tokenizer, modifiers: list[Any], ids: "torch.Tensor | None", log: Path, console=None) -> float:

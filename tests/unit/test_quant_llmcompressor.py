@@ -206,7 +206,7 @@ def test_bad_values_rejected_when_the_recipe_loads(stage, message):
      r"group_size 48 does not divide the input width 64 of `model\.layers\.0\.self_attn\.q_proj` \(\d+ layers "
      r"affected\)\. Fix: use a divisor of 64, 128 such as 32 or 64, or -1"),
     ({"type": "quantize", "method": "llmc-awq-w4a16", "skip": ["lm_head", "model.*"]},
-     r"`skip` leaves no linear layer to compress"),
+     r"`skip` leaves no linear layer to quantize"),
     ({"type": "quantize", "method": "llmc-w8a8", "calibration": {"source": "missing/calib.txt"}},
      r"no such file `.*missing/calib\.txt`"),
     ({"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "skip": []},
