@@ -274,12 +274,13 @@ def test_docstring_sample_loads(tiny_model_dir):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_hqq_sft_recipe_runs_on_the_tiny_model(tmp_path):
-    pytest.importorskip("hqq")
+@pytest.mark.parametrize("name,extra", [("smollm2-hqq-sft", "hqq"), ("smollm2-gptq-sft", "gptqmodel")])
+def test_sft_recipe_runs_on_the_tiny_model(tmp_path, name, extra):
+    pytest.importorskip(extra)
     from llmcompress.pipeline import run_recipe
     from llmcompress.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "smollm2-hqq-sft.yaml", [
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", [
         "model=tiny-random-llama", "dtype=float32", "stages.2.epochs=1", "stages.2.r=4", "stages.2.data.samples=16"])
     report = run_recipe(recipe, tmp_path / "run", show_progress=False)
     data = report["stages"][2]["data"]
