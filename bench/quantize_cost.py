@@ -35,8 +35,8 @@ def quantize_only(recipe_path: Path, threads: int) -> dict:
         run_recipe(recipe, out, fresh=True, show_progress=False)
         wall = time.perf_counter() - t0
         stages = sorted(Path(out).glob("*/result.json"))
-        results = [json.loads(p.read_text()) for p in stages]
-    quant = [r for r in results if r.get("type") in ("prune", "quantize")][-1]
+        results = [json.loads(p.read_text())["result"] for p in stages]  # {fingerprint, config, result}
+    quant = [r for r in results if r["type"] in ("prune", "quantize")][-1]
     return {
         "threads": threads,
         "quantize_seconds": quant["data"].get("quantize_seconds") or quant["data"].get("prune_seconds"),

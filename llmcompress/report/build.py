@@ -132,7 +132,8 @@ def _model_entry(role: str, info: dict, evaluate: dict | None, benchmark: dict |
         "meta": info.get("meta") or {},
         "eval": evals,
         "bench": bench,
-        "measured_with": {"eval": _measured_with(evaluate, environment), "bench": _measured_with(benchmark, environment)},
+        "measured_with": {"eval": _measured_with(evaluate, environment),
+                          "bench": _measured_with(benchmark, environment)},
     }
     if role == "compressed":
         entry["kl"] = kl or {}
@@ -144,7 +145,8 @@ def _comparison(models: dict, evaluate: dict | None, benchmark: dict | None) -> 
     out: dict[str, Any] = {"size": _size_entry(orig["size_bytes"], comp["size_bytes"])}
     out["eval"] = None
     if evaluate is not None:
-        out["eval"] = {"measured_with": orig["measured_with"]["eval"], "metrics": _eval_entries(orig["eval"], comp["eval"])}
+        out["eval"] = {"measured_with": orig["measured_with"]["eval"],
+                       "metrics": _eval_entries(orig["eval"], comp["eval"])}
     out["kl"] = None
     if comp.get("kl"):
         out["kl"] = {
@@ -280,7 +282,8 @@ def _notes(report: dict, stages: list[dict]) -> list[str]:
         if not runs:
             notes.append(f"No {kind} stage: {what} not measured.")
         elif len(runs) > 1:
-            notes.append(f"{len(runs)} {kind} stages ran; the tables show the last ({runs[-1]['dir'] or runs[-1]['label']}).")
+            last = runs[-1]["dir"] or runs[-1]["label"]
+            notes.append(f"{len(runs)} {kind} stages ran; the tables show the last ({last}).")
     resumed = [s["dir"] or s["label"] for s in stages if s["resumed"]]
     if resumed:
         notes.append(f"Reused from an earlier run (resumed): {', '.join(resumed)}.")

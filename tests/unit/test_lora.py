@@ -308,16 +308,6 @@ def test_nf4_recover_recipe_runs_on_the_tiny_model(tmp_path):
     assert rec["bench"] and rec["size"]["after_bytes"] > rec["size"]["before_bytes"]
     assert set(report["comparison"]["merges"]["modes"]) == {"keep", "requantize", "dequantized"}
 
-
-def test_loading_a_lora_recipe_is_light():
-    code = ("from llmcompress import load_recipe\n"
-            "load_recipe({'name': 'x', 'model': 'smollm2-135m', 'stages': [{'type': 'quantize', 'method': 'bnb-nf4'}, "
-            "{'type': 'lora', 'objective': 'distill', 'init': 'loftq', 'merge': ['keep', 'requantize']}]})\n"
-            "import sys; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
 @pytest.mark.parametrize("quantize, extra", [
     ({"method": "bnb-int8"}, "bitsandbytes"),
     ({"method": "hqq", "group_size": 32}, "hqq"),
