@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from ..context import RunContext
 
 
+def check_group_size(v: int) -> int:
+    """A ``group_size`` field: a positive number of input weights per scale, or -1 (one scale per output row)."""
+    if v != -1 and v < 1:
+        raise ValueError("must be a positive divisor of the layers' input width (e.g. 32, 64), or -1")
+    return v
+
+
 class QuantizeConfig(StageConfig):
     """Base of all quantization methods (``type: quantize``)."""
 

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from ..data.calibration import CalibrationConfig, check_calibration, load_calibration
 from ..errors import LLMCompressError, RecipeError, require
 from ..stage import StageResult
-from .base import QuantizeConfig
+from .base import QuantizeConfig, check_group_size
 from .plan import meta_model, plan_layers
 
 if TYPE_CHECKING:
@@ -158,9 +158,7 @@ class _WeightOnlyConfig(_LlmcConfig):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("must be a positive divisor of the layers' input width (e.g. 32, 64), or -1")
-        return v
+        return check_group_size(v)
 
     def group_size_or_none(self) -> int | None:
         return None if self.group_size == -1 else self.group_size

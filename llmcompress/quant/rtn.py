@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from ..errors import RecipeError
-from .base import QuantizeConfig
+from .base import QuantizeConfig, check_group_size
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -39,9 +39,7 @@ class RTNConfig(QuantizeConfig):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("must be a positive divisor of the layers' input width (e.g. 64, 128), or -1")
-        return v
+        return check_group_size(v)
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
         import copy
