@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -106,11 +105,9 @@ def test_hf_source_offline_fails_at_once(monkeypatch):
     import llmcompress.utils.net as net
 
     monkeypatch.setattr(net, "hub_reachable", lambda *a, **k: False)
-    t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=r"`hf:allenai/c4:en` needs the Hugging Face hub, which is not reachable.*"
                                           r"Fix: use `builtin:pydoc` or a local"):
         read_calibration_texts(_cfg(source="hf:allenai/c4:en"))
-    assert time.perf_counter() - t0 < 2
 
 
 @pytest.mark.parametrize("source,message", [

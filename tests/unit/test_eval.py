@@ -201,7 +201,7 @@ def test_hub_task_while_offline_fails_at_once(tiny, monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=r"`hellaswag` is not a local task .* hub, which is offline \(HF_"):
         harness.run_tasks(model, tok, ["hellaswag"])
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 30  # no network wait (a connection timeout is minutes); slack for a busy box
 
 
 def test_unreachable_hub_is_detected_quickly(monkeypatch):
@@ -210,7 +210,7 @@ def test_unreachable_hub_is_detected_quickly(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     t0 = time.perf_counter()
     reason = harness.hub_offline_reason()
-    assert reason and "127.0.0.1:9 cannot be reached" in reason and time.perf_counter() - t0 < 3
+    assert reason and "127.0.0.1:9 cannot be reached" in reason and time.perf_counter() - t0 < 30
     with pytest.raises(RecipeError, match="cannot be reached"):
         harness.check_tasks(["arc_easy"])
 

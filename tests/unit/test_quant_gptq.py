@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -181,10 +180,8 @@ def test_bad_values_rejected_when_the_recipe_loads(field, value, message):
 ])
 def test_bad_settings_fail_before_weights_load(make_ctx, change, message):
     ctx = make_ctx(stages=[{**GPTQ, **change}])
-    t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=message):
         ctx.recipe.stages[0].run(ctx)
-    assert time.perf_counter() - t0 < 10
     assert ctx.original._loaded is None and not (ctx.stage_dir / "model").exists()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -215,10 +214,8 @@ def test_bad_values_rejected_when_the_recipe_loads(stage, message):
 ])
 def test_bad_settings_fail_before_compressing(make_ctx, stage, message):
     ctx = make_ctx(stages=[stage])
-    t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=message):
         ctx.recipe.stages[0].run(ctx)
-    assert time.perf_counter() - t0 < 10
     assert not (ctx.stage_dir / "model").exists() and not (ctx.stage_dir / "llmcompressor.log").exists()
 
 
