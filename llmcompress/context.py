@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the weight files under ``folder`` (tokenizer and configs aside)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: without them torch emulates bf16 matmuls on CPU, far slower than fp32."""
     try:
@@ -110,7 +115,7 @@ class ModelHandle:
     @property
     def size_bytes(self) -> int:
         """Bytes of the weight files on disk (what a user downloads, tokenizer and configs aside)."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        return weight_bytes(self.path)
 
     def fingerprint(self) -> str:
         """Identifies the weights (file names, sizes, mtimes) plus how they load, for result caches."""

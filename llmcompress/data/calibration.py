@@ -25,7 +25,6 @@ Paths are relative to the recipe's folder.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import RecipeError, require
+from ..utils.io import read_jsonl
 from .corpora import BUILTIN_PREFIX, builtin_documents, check_builtin
 
 if TYPE_CHECKING:
@@ -206,13 +206,7 @@ def _jsonl_texts(path: Path, tokenizer: Any) -> list[str]:
 def _jsonl_rows(path: Path) -> list[dict]:
     """The rows of a .jsonl file, each checked to have ``text``, ``messages`` or ``prompt`` + ``response``."""
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+    for i, row in read_jsonl(path):
         if _row_text(row, None) is None:
             keys = ", ".join(f"`{k}`" for k in row) if isinstance(row, dict) else type(row).__name__
             raise RecipeError(f"{path}:{i}: no `text`, `messages` or `prompt` + `response` (got {keys}). {_ROW_FIX}")

@@ -8,7 +8,6 @@ the start). The same windows serve the KL comparison in ``kl.py``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..data.corpora import BUILTIN_PREFIX, builtin_text, check_builtin
 from ..errors import RecipeError
+from ..utils.io import read_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -66,13 +66,7 @@ def load_corpus(corpus: str, base_dir: Path | None = None) -> str:
         text = path.read_text(encoding="utf-8")
     else:
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+        for i, row in read_jsonl(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise RecipeError(f'{path}:{i}: no string `text` field. Fix: write lines like {{"text": "..."}}.')
             texts.append(row["text"])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..context import weight_bytes
 from ..errors import RecipeError
 from ..utils.io import atomic_dir, atomic_write_json
 
@@ -253,12 +254,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
-
-
-def weight_bytes(folder: Path) -> int:
-    from ..context import WEIGHT_SUFFIXES
-
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 def _method(base_meta: dict, mode: str) -> str:

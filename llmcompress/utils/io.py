@@ -36,6 +36,19 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line; RecipeError naming the line on invalid JSON."""
+    from ..errors import RecipeError
+
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+
+
 @contextmanager
 def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it becomes ``final`` in one rename, on failure it is removed.

@@ -140,6 +140,9 @@ def test_corpus_files(tmp_path):
     assert load_corpus(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
     with pytest.raises(RecipeError, match=r"c\.jsonl:2: no string `text` field"):
         load_corpus("c.jsonl", tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n{"text": "two"\n')
+    with pytest.raises(RecipeError, match=r"d\.jsonl:2: not valid JSON .* Fix: one JSON object per line"):
+        load_corpus("d.jsonl", tmp_path)
     with pytest.raises(RecipeError, match="no such file"):
         load_corpus("missing.txt", tmp_path)
 
