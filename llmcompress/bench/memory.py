@@ -84,7 +84,7 @@ def probe(path: str | Path, device: str, dtype: str, threads: int, prompt_tokens
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the base RSS
 
     from ..models.loading import load_model
-    from .hf import HFBackend
+    from ..backends.hf import HFBackend
 
     torch.set_num_threads(threads)
     base = rss_bytes()

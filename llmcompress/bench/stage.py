@@ -11,12 +11,15 @@ in the other's figures.
 from __future__ import annotations
 
 import gc
+import re
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..serving.config import VLLMConfig
 from ..stage import StageConfig, StageResult
 
 if TYPE_CHECKING:
@@ -27,32 +30,40 @@ PROBE_NEW_TOKENS = 4
 
 
 class BenchmarkStage(StageConfig):
-    """Speed, memory and size of the original and the compressed model, measured side by side.
+    """Speed, memory and size of the original and the compressed model, measured side by side, per backend.
 
     Recipe sample::
 
         - type: benchmark
-          batch_sizes: [1, 8]
+          backends: [hf]           # [hf, vllm]: also a vLLM server per model (`llmcompress setup vllm` installs it)
+          batch_sizes: [1, 8]      # concurrent requests; the largest gives the TTFT/ITL percentiles
           prompt_tokens: 16
           new_tokens: 16
           repeats: 3
           warmup: 1
           memory: true
-          backend: hf
+          compare: []              # more models: run folders, model folders, or recipe files (run first)
+          vllm: {}                 # engine settings, e.g. {kv_cache_gib: 1, tensor_parallel_size: 2}
 
-    Prompts are windows of real text (Python's reference docs), the same for both models; generation is greedy and
-    always exactly ``new_tokens`` long.
+    Prompts are windows of real text (Python's reference docs), the same for every model and backend; generation
+    is greedy and always exactly ``new_tokens`` long (``ignore_eos`` under vLLM). Every (backend, model) pair is
+    timed in one interleaved loop, so ratios between models and between backends are paired, round by round.
 
-    Figures per model: ``size_bytes`` (weight files), ``param_bytes`` (weights in memory); from the fresh process:
-    ``load_s``, ``rss_load_bytes`` (after load; safetensors are mmapped, so untouched weights do not count yet),
-    ``peak_rss_bytes`` and ``peak_rss_model_bytes`` (peak minus the process with torch and transformers imported);
-    timed, at the smallest batch size: ``ttft_ms`` (call to first token), ``prefill_tok_s`` (prompt tokens / TTFT),
-    ``decode_ms_per_token_bs{B}``; at every batch size: ``decode_tok_s_bs{B}`` (batch x (new_tokens - 1) / time from
-    the first to the last token).
+    Figures per backend and model: ``size_bytes`` (weight files), ``param_bytes`` (weights in memory; vLLM: what it
+    reports loading); memory: hf from a fresh process per model (``load_s``, ``peak_rss_bytes``, ...), vLLM from the
+    server's process tree (``load_s`` = start to ready, ``peak_rss_bytes`` sampled). At the smallest batch size:
+    ``ttft_ms``, ``prefill_tok_s``, ``decode_ms_per_token_bs{B}``; at every batch size: ``decode_tok_s_bs{B}``,
+    ``output_tok_s_bs{B}`` (offline throughput: batch x new_tokens / wall time), ``requests_per_s_bs{B}``; at the
+    largest: ``ttft_p50_ms``/``ttft_p95_ms`` and ``itl_p50_ms``/``itl_p95_ms`` over every request of every round.
+    A model vLLM cannot serve here (e.g. W4A16 on a CPU without AVX-512) is listed with the reason, not timed.
     """
 
     type: Literal["benchmark"] = "benchmark"
-    backend: Literal["hf"] = Field("hf", description="Generation engine: hf = transformers `generate`.")
+    backends: list[Literal["hf", "vllm"]] = Field(
+        default_factory=lambda: ["hf"], description="Generation engines: hf = transformers `generate`, "
+        "vllm = a vLLM server per model (`llmcompress setup vllm` installs it). The first one fills the report's "
+        "original-vs-compressed tables; all appear in its serving table."
+    )
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 8], description="Batch sizes to time decode at (sorted; the smallest gives TTFT)."
     )
@@ -63,6 +74,29 @@ class BenchmarkStage(StageConfig):
         1, description="Untimed calls per model before timing, at the smallest batch size (the first call is slower)."
     )
     memory: bool = Field(True, description="Measure load time and peak RSS, one fresh process per model.")
+    compare: list[str] = Field(
+        default_factory=list, description="More models to measure beside the compressed one: run folders (their "
+        "final model), model folders, or recipe files (run, or resumed, into runs/<name> first). Paths are "
+        "relative to the recipe file."
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "backend" in data:  # the single-backend spelling of earlier recipes
+            if "backends" in data:
+                raise ValueError("give `backends: [...]` only (`backend` is its one-engine spelling)")
+            data = {**data, "backends": [data["backend"]]}
+            del data["backend"]
+        return data
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"needs one or more distinct backends, e.g. [hf, vllm]; got {v}")
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -96,40 +130,97 @@ class BenchmarkStage(StageConfig):
             raise ValueError("must be >= 0 (0 = no warm-up call)")
         return v
 
+    def preflight(self) -> None:
+        """vLLM installed (its own environment is fine) before any model is loaded."""
+        if "vllm" in self.backends:
+            from ..serving.runtime import vllm_python
+
+            vllm_python(f"stages (benchmark{': ' + self.name if self.name else ''}): backend vllm")
+
     def run(self, ctx: "RunContext") -> StageResult:
         import torch
 
         t0 = time.perf_counter()
         torch.set_num_threads(ctx.runtime.threads)  # deliberate: on a shared 2-core box 2 threads ran 4-10x slower
+        self.preflight()
         same = ctx.current is ctx.original
         handles = {"original": ctx.original} if same else {"original": ctx.original, "compressed": ctx.current}
+        handles.update(self._compare_handles(ctx, handles))
+        where = f"stages[{ctx.stage_index}] ({self.label})"
+        backends, unsupported = self._open(ctx, handles, where)  # starts servers, loads and checks every model
         calls_per_model = self.warmup + self.repeats * len(self.batch_sizes)
-        total = (len(handles) if self.memory else 0) + calls_per_model * len(handles)
-        with ctx.task(f"{self.label} ({self.backend})", total=total) as advance:
-            backends = self._backends(ctx, handles)  # loads and checks both models before any timing
-            memory = {role: self._memory(ctx, h, advance) for role, h in handles.items()} if self.memory else {}
+        probes = [k for k, b in backends.items() if self.memory and b.memory() is None]
+        with ctx.task(f"{self.label} ({', '.join(self.backends)})",
+                      total=len(probes) + calls_per_model * len(backends)) as advance:
+            memory = {k: self._memory(ctx, handles[_role(k)], advance) for k in probes}
             calls = self.time_interleaved(backends, advance)
-        figures, per_repeat = {}, {}
-        for role, handle in handles.items():
-            per_repeat[role] = _per_repeat(calls, role, self.batch_sizes[0])
-            figures[role] = self._figures(handle, backends[role], memory.get(role), per_repeat[role])
-        if same:
-            figures["compressed"] = dict(figures["original"])
-        paired = {} if same else _paired_ratios(per_repeat)
-        ratios = {k: _ratio(figures["compressed"][k], v) for k, v in figures["original"].items()}
-        ratios.update({k: round(statistics.median(v), 4) for k, v in paired.items() if None not in v})
+        for key, backend in backends.items():  # vLLM: measured by the server's own process tree, after the load
+            if self.memory and key not in memory:
+                memory[key] = backend.memory()
+        per_repeat = {k: _per_repeat(calls, k, self.batch_sizes) for k in backends}
+        results: dict[str, dict[str, Any]] = {}
+        for name in self.backends:
+            figs = {role: self._figures(h, backends[f"{name}/{role}"], memory.get(f"{name}/{role}"),
+                                        per_repeat[f"{name}/{role}"])
+                    for role, h in handles.items() if f"{name}/{role}" in backends}
+            if same and "original" in figs:
+                figs["compressed"] = dict(figs["original"])
+            ratios = {role: self._ratios(figs, per_repeat, name, role)
+                      for role in figs if role != "original" and "original" in figs}
+            engines = [b.describe() for k, b in backends.items() if k.startswith(name + "/")]
+            results[name] = {"engine": engines[0] if engines else {}, "figures": figs, "ratios": ratios,
+                             "unsupported": {r: why for (b, r), why in unsupported.items() if b == name}}
+        first = results[self.backends[0]]
         data = {
             "settings": self._settings(ctx, backends),
             "same_model": same,
-            "models": {"original": ctx.original.describe(), "compressed": ctx.current.describe()},
-            **figures,
-            "ratios": ratios,
-            "raw": {"calls": calls, "per_repeat": per_repeat, "memory": memory,
-                    "paired_ratios": paired},
+            "models": {role: h.describe() for role, h in handles.items()} | (
+                {"compressed": ctx.current.describe()} if same else {}),
+            "original": first["figures"].get("original", {}),
+            "compressed": first["figures"].get("compressed", {}),
+            "ratios": first["ratios"].get("compressed", {}),
+            "backends": results,
+            "cross": _cross(per_repeat, self.backends, list(handles)) if len(self.backends) > 1 else {},
+            "raw": {"calls": calls, "per_repeat": per_repeat, "memory": memory},
         }
         seconds = time.perf_counter() - t0
         return StageResult(type="benchmark", label=self.label, seconds=seconds, data=data,
-                           summary=summarize(figures, ratios, same))
+                           summary=summarize(first["figures"].get("original", {}),
+                                             first["figures"].get("compressed", {}),
+                                             first["ratios"].get("compressed", {}), same) | _serving_summary(data))
+
+    def _compare_handles(self, ctx: "RunContext", taken: dict) -> dict[str, "ModelHandle"]:
+        from ..context import ModelHandle
+
+        out: dict[str, ModelHandle] = {}
+        for i, entry in enumerate(self.compare):
+            where = f"stages[{ctx.stage_index}] ({self.label}): compare[{i}] `{entry}`"
+            name, path = _resolve_compare(ctx, entry, where)
+            if name in taken or name in out:
+                name = f"{name}-{i}"
+            out[name] = ModelHandle(name, path, ctx.runtime)
+        return out
+
+    def _open(self, ctx: "RunContext", handles: dict, where: str) -> tuple[dict[str, Any], dict]:
+        """``{"backend/role": backend}`` for every pair vLLM (or hf) can run, and ``{(backend, role): why}`` else."""
+        from ..backends import BACKENDS
+        from ..backends.vllm import Unservable
+
+        backends, unsupported = {}, {}
+        for name in self.backends:
+            cls = BACKENDS.get(name)
+            extra = {"prefix_caching": False, **self.vllm.overrides()} if name == "vllm" else {}
+            for role, handle in handles.items():
+                try:
+                    backends[f"{name}/{role}"] = cls.open(handle, ctx, **extra)
+                except Unservable as e:
+                    unsupported[(name, role)] = str(e)
+                    ctx.log(f"benchmark: {role} is not timed under {name}: {e}")
+        for b in backends.values():  # servers started above in parallel; this waits for each
+            b.check(self.prompt_tokens, self.new_tokens, where=where)
+        if "vllm/original" not in backends and "vllm" in self.backends:
+            ctx.log("benchmark: vLLM cannot serve the original here, so no vLLM ratios")
+        return backends, unsupported
 
     def _memory(self, ctx: "RunContext", handle: "ModelHandle", advance) -> dict:
         """The memory probe's JSON. The original's is cached across runs (same weights, settings and versions)."""
@@ -144,26 +235,17 @@ class BenchmarkStage(StageConfig):
                                   prompt_tokens=self.prompt_tokens, new_tokens=PROBE_NEW_TOKENS)
 
         if handle is ctx.original:
-            key = {"backend": self.backend, "prompt_tokens": self.prompt_tokens, "new_tokens": PROBE_NEW_TOKENS}
+            key = {"backend": "hf", "prompt_tokens": self.prompt_tokens, "new_tokens": PROBE_NEW_TOKENS}
             result = ctx.baseline("bench-memory", key, probe)
         else:
             result = probe()
         advance(1, description=f"benchmark: memory of the {handle.role} model")
         return {**result, "cached": not fresh}
 
-    def _backends(self, ctx: "RunContext", handles: dict[str, "ModelHandle"]) -> dict[str, Any]:
-        from . import BACKENDS
-
-        cls = BACKENDS.get(self.backend)
-        backends = {role: cls.from_handle(h) for role, h in handles.items()}
-        for b in backends.values():
-            b.check(self.prompt_tokens, self.new_tokens, where=f"stages[{ctx.stage_index}] ({self.label})")
-        return backends
-
     def time_interleaved(self, backends: dict[str, Any], advance=lambda *a, **k: None) -> list[dict]:
         """Time every (round, batch size), alternating models call by call. Returns one dict per call, in order."""
-        prompts = {role: {bs: b.prompts(bs, self.prompt_tokens) for bs in self.batch_sizes}
-                   for role, b in backends.items()}
+        prompts = {key: {bs: b.prompts(bs, self.prompt_tokens) for bs in self.batch_sizes}
+                   for key, b in backends.items()}
         # Warm-up at the smallest batch only: measured on CPU, the very first call is ~10% slow and the first call
         # at a larger batch is not, while a bf16 warm-up at batch 8 costs ~10 s per model on a 2-core box.
         plan = [("warmup", r, [self.batch_sizes[0]]) for r in range(self.warmup)]
@@ -172,68 +254,154 @@ class BenchmarkStage(StageConfig):
         for phase, r, batch_sizes in plan:
             gc.collect()  # once a round: a full collection costs ~0.2 s with torch and transformers loaded
             for bs in batch_sizes:
-                for role, backend in backends.items():
+                for key, backend in backends.items():
                     gc.disable()  # no collector pause inside a timed call
                     try:
-                        timing = backend.generate(prompts[role][bs], self.new_tokens)
+                        timing = backend.generate(prompts[key][bs], self.new_tokens)
                     finally:
                         gc.enable()
-                    calls.append({"phase": phase, "repeat": r, "role": role, **timing.as_dict()})
-                    advance(1, description=f"benchmark: {phase} {r + 1}, batch {bs}, {role}")
+                    calls.append({"phase": phase, "repeat": r, "role": key, **timing.as_dict()})
+                    advance(1, description=f"benchmark: {phase} {r + 1}, batch {bs}, {key}")
         return calls
 
     def _figures(self, handle: "ModelHandle", backend: Any, memory: dict | None, per_repeat: dict) -> dict:
-        out: dict[str, Any] = {"size_bytes": handle.size_bytes, "param_bytes": backend.param_bytes()}
+        out: dict[str, Any] = {"size_bytes": handle.size_bytes}
+        param = backend.param_bytes()
+        if param is not None:
+            out["param_bytes"] = param
         if memory:
-            out.update(load_s=memory["load_s"], rss_load_bytes=memory["rss_load_bytes"],
-                       peak_rss_bytes=memory["peak_rss_bytes"],
-                       peak_rss_model_bytes=memory["peak_rss_bytes"] - memory["rss_base_bytes"])
+            out.update(load_s=memory["load_s"], peak_rss_bytes=memory["peak_rss_bytes"])
+            if "rss_base_bytes" in memory:
+                out.update(rss_load_bytes=memory["rss_load_bytes"],
+                           peak_rss_model_bytes=memory["peak_rss_bytes"] - memory["rss_base_bytes"])
             if "peak_gpu_bytes" in memory:
                 out["peak_gpu_bytes"] = memory["peak_gpu_bytes"]
         out.update({k: round(statistics.median(v), 4) for k, v in per_repeat.items()})
         return out
 
+    def _ratios(self, figs: dict, per_repeat: dict, backend: str, role: str) -> dict[str, float | None]:
+        """role / original: paired per-round medians for timings, plain quotients for sizes and memory."""
+        ratios = {k: _ratio(figs[role].get(k), v) for k, v in figs["original"].items() if k in figs[role]}
+        paired = _paired(per_repeat.get(f"{backend}/original", {}), per_repeat.get(f"{backend}/{role}", {}))
+        ratios.update({k: round(statistics.median(v), 4) for k, v in paired.items() if v and None not in v})
+        return ratios
+
     def _settings(self, ctx: "RunContext", backends: dict[str, Any]) -> dict:
-        from .prompts import SOURCE
+        from ..backends.prompts import SOURCE
 
         ids = [b.prompts(self.batch_sizes[0], self.prompt_tokens) for b in backends.values()]
         return {
-            "backend": self.backend, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "backends": list(self.backends), "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
             "batch_sizes": list(self.batch_sizes), "repeats": self.repeats, "warmup": self.warmup,
             **ctx.runtime.describe(),
-            "ttft_batch_size": self.batch_sizes[0], "prompt_source": SOURCE,
-            "same_prompt_ids": all(i == ids[0] for i in ids), "decoding": "greedy",
-            "memory": "fresh process per model, peak = VmHWM" if self.memory else "off",
+            "ttft_batch_size": self.batch_sizes[0], "latency_batch_size": self.batch_sizes[-1],
+            "prompt_source": SOURCE, "same_prompt_ids": all(i == ids[0] for i in ids), "decoding": "greedy",
+            "memory": "hf: fresh process per model, peak = VmHWM; vllm: server process tree, sampled"
+            if self.memory else "off",
         }
 
 
-def _per_repeat(calls: list[dict], role: str, ttft_batch: int) -> dict[str, list[float]]:
-    """Timed figures of one model, one value per round (in round order)."""
-    out: dict[str, list[float]] = {}
+def _role(key: str) -> str:
+    return key.split("/", 1)[1]
 
-    def add(key: str, value: float) -> None:
-        out.setdefault(key, []).append(round(value, 4))
 
-    for c in calls:
-        if c["phase"] != "timed" or c["role"] != role:
+def _resolve_compare(ctx: "RunContext", entry: str, where: str) -> tuple[str, Path]:
+    """``(name, model folder)`` of a ``compare`` entry: a recipe file is run (or resumed) into runs/<name> first."""
+    from ..errors import LLMCompressError
+    from ..runs import final_model, model_of
+
+    path = ctx.recipe.resolve_path(entry)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise LLMCompressError(f"{where}: recipe file `{path}` does not exist. Fix: correct the path "
+                                   "(relative to this recipe's folder).")
+        from ..pipeline import run_recipe
+        from ..recipe import load_recipe
+
+        other = load_recipe(path)
+        run_dir = Path("runs") / other.name
+        ctx.log(f"benchmark: running (or resuming) {path} into {run_dir} for `compare`")
+        run_recipe(other, run_dir, console=ctx.console, show_progress=False)
+        model = final_model(run_dir)
+        if model is None:
+            raise LLMCompressError(f"{where}: recipe `{path}` produced no model. Fix: compare a recipe with a "
+                                   "quantize, prune, lora or export stage.")
+        return other.name, model
+    model = model_of(path, where)
+    name = path.name if (path / "manifest.json").is_file() else f"{model.parent.parent.name}"
+    return name or model.name, model
+
+
+def _cross(per_repeat: dict, backends: list[str], roles: list[str]) -> dict[str, dict[str, float]]:
+    """Paired per-round medians across backends: ``{"vllm/compressed vs hf/original": {figure: x}}``.
+
+    Throughput figures only (higher is better): each backend over the first for the same model, and every model
+    under every other backend over the original under the first backend (the speedup a user gets by switching).
+    """
+    first = backends[0]
+    out = {}
+    pairs = [(f"{b}/{r}", f"{first}/{r}") for b in backends[1:] for r in roles]
+    pairs += [(f"{b}/{r}", f"{first}/original") for b in backends[1:] for r in roles if r != "original"]
+    for new, old in pairs:
+        if new not in per_repeat or old not in per_repeat:
             continue
-        if c["batch_size"] == ttft_batch:
-            add("ttft_ms", 1000 * c["ttft_s"])
-            add("prefill_tok_s", c["prefill_tok_s"])
-        add(f"decode_tok_s_bs{c['batch_size']}", c["decode_tok_s"])
-        if c["batch_size"] == ttft_batch:
-            add(f"decode_ms_per_token_bs{ttft_batch}", 1000 * c["decode_s"] / (c["new_tokens"] - 1))
+        paired = _paired(per_repeat[old], per_repeat[new])
+        figs = {k: round(statistics.median(v), 4) for k, v in paired.items()
+                if v and None not in v and ("tok_s" in k or k.startswith("requests_per_s"))}
+        if figs:
+            out[f"{new} vs {old}"] = figs
     return out
 
 
-def _ratio(new: float, old: float) -> float | None:
-    return round(new / old, 4) if old else None
+def _serving_summary(data: dict) -> dict[str, str]:
+    """Summary lines for the backends beyond the first: throughput at the largest batch and the cross ratios."""
+    out = {}
+    bs = data["settings"]["batch_sizes"][-1]
+    key = f"output_tok_s_bs{bs}"
+    for name, res in list(data["backends"].items())[1:]:
+        for role, figs in res["figures"].items():
+            if key in figs:
+                out[f"{name} {role} output bs{bs}"] = f"{figs[key]:.1f} tok/s"
+        for role, why in res["unsupported"].items():
+            out[f"{name} {role}"] = "not served here: " + re.sub(r"^`[^`]*` ", "", why).split(";")[0][:70]
+    for pair, figs in data["cross"].items():
+        if key in figs:
+            out[f"{pair} (output bs{bs})"] = f"{figs[key]:.2f}x"
+    return out
 
 
-def _paired_ratios(per_repeat: dict[str, dict[str, list[float]]]) -> dict[str, list[float | None]]:
-    """compressed / original per round: the two calls of a pair ran back to back, so this shows the ratio's noise."""
-    o, c = per_repeat["original"], per_repeat["compressed"]
-    return {k: [_ratio(b, a) for a, b in zip(o[k], c[k])] for k in o if k in c}
+def _per_repeat(calls: list[dict], key: str, batch_sizes: list[int]) -> dict[str, list[float]]:
+    """Timed figures of one (backend, model), one value per round (in round order)."""
+    out: dict[str, list[float]] = {}
+    small, large = batch_sizes[0], batch_sizes[-1]
+
+    def add(name: str, value: float) -> None:
+        out.setdefault(name, []).append(round(value, 4))
+
+    for c in calls:
+        if c["phase"] != "timed" or c["role"] != key:
+            continue
+        bs = c["batch_size"]
+        if bs == small:
+            add("ttft_ms", 1000 * c["ttft_s"])
+            add("prefill_tok_s", c["prefill_tok_s"])
+            add(f"decode_ms_per_token_bs{bs}", 1000 * c["decode_s"] / (c["new_tokens"] - 1))
+        add(f"decode_tok_s_bs{bs}", c["decode_tok_s"])
+        add(f"output_tok_s_bs{bs}", c["output_tok_s"])
+        add(f"requests_per_s_bs{bs}", c["requests_s"])
+        if bs == large:
+            for q in ("ttft_p50", "ttft_p95", "itl_p50", "itl_p95"):
+                add(f"{q}_ms_bs{bs}", 1000 * c[f"{q}_s"])
+    return out
+
+
+def _ratio(new: float | None, old: float | None) -> float | None:
+    return round(new / old, 4) if old and new is not None else None
+
+
+def _paired(old: dict[str, list[float]], new: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    """new / old per round: the two calls of a pair ran back to back, so slow drift of the machine cancels."""
+    return {k: [_ratio(b, a) for a, b in zip(old[k], new[k])] for k in old if k in new}
 
 
 _UNITS = [  # figure prefix -> (summary label, unit, scale, digits)
@@ -248,10 +416,9 @@ _UNITS = [  # figure prefix -> (summary label, unit, scale, digits)
 ]
 
 
-def summarize(figures: dict[str, dict], ratios: dict[str, float | None], same: bool) -> dict[str, str]:
+def summarize(orig: dict, comp: dict, ratios: dict[str, float | None], same: bool) -> dict[str, str]:
     """Short lines like ``"decode bs1": "41.2 -> 55.0 tok/s (1.33x)"``; the ratio is ``ratios[figure]``."""
     out = {}
-    orig, comp = figures["original"], figures["compressed"]
     for key, value in orig.items():
         for prefix, label, unit, scale, digits in _UNITS:
             if key == prefix or (prefix.endswith("_bs") and key.startswith(prefix)):

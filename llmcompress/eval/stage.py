@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..serving.config import VLLMConfig
 from ..stage import StageConfig, StageResult
 from .perplexity import PerplexityConfig
 
@@ -35,6 +36,7 @@ class EvaluateStage(StageConfig):
       batch_size: 8
       perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 2048}  # null to skip
       kl: true                          # KL(original || compressed) on the perplexity windows
+      backend: hf                       # vllm: tasks through lm-eval's vllm model (`llmcompress setup vllm`)
     ```
     """
 
@@ -58,6 +60,12 @@ class EvaluateStage(StageConfig):
         True, description="KL(original || compressed) and top-1 agreement on the perplexity windows "
         "(needs `perplexity`; both models in memory)."
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Engine for the lm-eval tasks: hf = transformers in this process (lm-eval's HFLM); "
+        "vllm = lm-eval's `vllm` model type on the model folder, in the vLLM environment "
+        "(`llmcompress setup vllm`). Perplexity and KL always run under transformers (they need full logits)."
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
 
     @field_validator("tasks")
     @classmethod
@@ -83,8 +91,13 @@ class EvaluateStage(StageConfig):
             from ..errors import require
             from .harness import check_tasks
 
+            where = f"stages (evaluate{': ' + self.name if self.name else ''})"
             require("lm_eval", "eval", "The evaluate stage")
-            check_tasks(self.tasks, where=f"stages (evaluate{': ' + self.name if self.name else ''})")
+            check_tasks(self.tasks, where=where)
+            if self.backend == "vllm":
+                from ..serving.runtime import vllm_python
+
+                vllm_python(f"{where}: backend vllm")
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -141,7 +154,9 @@ class EvaluateStage(StageConfig):
             "perplexity": self.perplexity.model_dump() if self.perplexity else None,
             "corpus_fingerprint": text_fingerprint(text) if text is not None else None,
             "kl": self.kl and self.perplexity is not None,
-            "backend": "hf",  # transformers forward passes; tasks through lm-eval's HFLM
+            # tasks through lm-eval's HFLM (hf) or its vllm model type (vllm); perplexity/KL always transformers
+            "backend": self.backend,
+            **({"vllm": self.vllm.model_dump()} if self.backend == "vllm" else {}),
             **ctx.runtime.describe(),
             "notes": notes,
         }
@@ -164,8 +179,9 @@ class EvaluateStage(StageConfig):
         from .harness import run_tasks
         from .perplexity import check_context, make_windows, perplexity
 
-        model, tokenizer = handle.load()
         n_windows = 0
+        if text is not None or self.backend == "hf":
+            model, tokenizer = handle.load()
         if text is not None:
             check_context(model, self.perplexity)
             if "w" not in windows:
@@ -176,7 +192,16 @@ class EvaluateStage(StageConfig):
             t = time.perf_counter()
             if self.tasks:
                 args = (self.tasks, self.limit, self.num_fewshot, self.batch_size)
-                out.update(run_tasks(model, tokenizer, *args, progress=advance))
+                if self.backend == "vllm":
+                    from .vllm import run_tasks_vllm
+
+                    log = ctx.run_dir / "logs" / f"lm-eval-vllm-{ctx.stage_index:02d}-{handle.role}.log"
+                    ctx.log(f"evaluate: {handle.role} tasks through lm-eval's vllm model (log: {log})")
+                    out.update(run_tasks_vllm(handle.path, ctx.runtime, self.vllm, *args, log_path=log,
+                                              where=f"{handle.role} model, backend vllm"))
+                    advance(len(self.tasks))
+                else:
+                    out.update(run_tasks(model, tokenizer, *args, progress=advance))
                 timing["tasks_s"] = round(time.perf_counter() - t, 3)
             if text is None:
                 return out

@@ -14,7 +14,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VERSION = 1  # bump when the architecture or tokenizer below changes
+VERSION = 2  # bump when the architecture or tokenizer below changes (2: head_dim 32, which vLLM CPU supports)
 
 
 def corpus_text() -> str:
@@ -52,7 +52,7 @@ def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2, vocab_size: 
     tok = build_tokenizer(vocab_size)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
@@ -67,7 +67,7 @@ def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2, vocab_size: 
 
 
 def tiny_random_llama() -> Path:
-    """Cached tiny random llama folder (hidden 64, 2 layers, vocab 512)."""
+    """Cached tiny random llama folder (hidden 64, 2 layers, 2 heads of 32 + 1 KV head, vocab 512)."""
     target = cache_dir("models", f"tiny-random-llama-v{VERSION}")
     if (target / "llmcompress.json").is_file():
         return target

@@ -17,7 +17,9 @@ SPEED_TOLERANCE = 0.05
 SIZE_TOLERANCE = 0.005
 
 _LOWER = re.compile(r"(perplexity|bits_per_byte|^loss$|^nll$|^kl_|_ms$|_ms_|_s$|_seconds$|_bytes$|^ttft)")
-_HIGHER = re.compile(r"(^acc|^exact_match$|^em$|^f1$|^mcc$|^bleu|^rouge|^top\d+_agreement$|tok_s|^recovery)")
+_HIGHER = re.compile(
+    r"(^acc|^exact_match$|^em$|^f1$|^mcc$|^bleu|^rouge|^top\d+_agreement$|tok_s|^requests_per_s|^recovery)"
+)
 #: Numbers that describe a measurement rather than score it (kept in the report, never compared).
 _META = re.compile(r"(_stderr$|^tokens$|^samples$|^n$|^count$|^num_|^alias$|^corpus$)")
 
@@ -33,6 +35,13 @@ _BENCH_LABELS = {
     "prefill_tok_s": "prefill tokens/s",
     "decode_tok_s": "decode tokens/s",
     "decode_ms_per_token": "decode ms/token",
+    "output_tok_s": "output tokens/s (offline)",
+    "requests_per_s": "requests/s",
+    "ttft_p50_ms": "TTFT p50",
+    "ttft_p95_ms": "TTFT p95",
+    "itl_p50_ms": "inter-token latency p50",
+    "itl_p95_ms": "inter-token latency p95",
+    "model_memory_bytes": "weights in memory (vLLM)",
 }
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -118,6 +127,8 @@ def fmt_value(name: str, value: Any) -> str:
         return fmt_bytes(value)
     if "tok_s" in base:
         return f"{value:,.1f} tok/s"
+    if base == "requests_per_s":
+        return f"{value:,.2f} req/s"
     if base.endswith("_ms") or "_ms_" in base:
         return f"{value:,.1f} ms"
     if base.endswith("_s") or base.endswith("_seconds"):

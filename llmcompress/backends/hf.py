@@ -6,8 +6,9 @@ the time to first token and the decode time (prefill excluded) without a second 
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import RecipeError
 from .base import GenTiming
@@ -39,9 +40,18 @@ class HFBackend:
         self.model, self.tokenizer, self.device = model, tokenizer, device
 
     @classmethod
-    def from_handle(cls, handle: "ModelHandle") -> "HFBackend":
+    def open(cls, handle: "ModelHandle", ctx: Any = None) -> "HFBackend":
         model, tokenizer = handle.load()
         return cls(model, tokenizer, handle.runtime.device)
+
+    def __enter__(self) -> "HFBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass  # the model belongs to its ModelHandle, which releases it
 
     def check(self, prompt_tokens: int, new_tokens: int, where: str) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -59,6 +69,16 @@ class HFBackend:
 
         return param_bytes(self.model)
 
+    def memory(self) -> None:
+        return None  # measured by the fresh-process probe (bench/memory.py)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        return {"engine": f"transformers {transformers.__version__}", "batching": "static (one generate per batch)",
+                "threads": torch.get_num_threads(), "dtype": str(next(self.model.parameters()).dtype).split(".")[-1]}
+
     def _sync(self) -> None:
         if self.device == "cuda":
             import torch
@@ -71,14 +91,13 @@ class HFBackend:
         device = next(self.model.parameters()).device
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (B, T)
         batch, plen = ids.shape
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         clock = _Clock()
         self._sync()
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, streamer=clock,
+                min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=self._pad(), streamer=clock,
             )
             self._sync()
             t_end = time.perf_counter()
@@ -89,5 +108,41 @@ class HFBackend:
                 f"{new_tokens}; min_new_tokens did not hold (does the model's generation_config stop early?)."
             )
         first, last = clock.times[1], clock.times[-1]
-        return GenTiming(batch_size=batch, prompt_tokens=plen, new_tokens=new_tokens,
-                         ttft_s=first - t0, decode_s=last - first, total_s=t_end - t0)
+        steps_s = tuple(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
+        return GenTiming(batch_size=batch, prompt_tokens=plen, new_tokens=new_tokens, ttft_s=first - t0,
+                         decode_s=last - first, total_s=t_end - t0, ttfts_s=(first - t0,) * batch,
+                         itls_s=steps_s * batch)
+
+    def _pad(self) -> int:
+        t = self.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+        ids = ids.to(next(self.model.parameters()).device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        temperature = float(sampling.get("temperature", 0.0))
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      streamer=streamer, pad_token_id=self._pad(), do_sample=temperature > 0)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=float(sampling.get("top_p", 1.0)))
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,87 @@
+"""lm-eval tasks through vLLM: lm-eval's own ``vllm`` model type on a model folder, in the vLLM environment.
+
+vLLM cannot share this environment (see ``llmcompress.serving``), so lm-eval runs in a child process of the vLLM
+Python (``serving/lm_eval_entry.py``), on the same rendered local tasks, and its results come back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import LLMCompressError
+from .harness import BOOTSTRAP_ITERS, check_tasks, clean_results
+from .tasks import local_tasks, render_include_dir
+
+if TYPE_CHECKING:
+    from ..context import Runtime
+    from ..serving.config import VLLMConfig
+
+ENTRY = Path(__file__).resolve().parents[1] / "serving" / "lm_eval_entry.py"
+
+
+def model_args(path: Path, runtime: "Runtime", config: "VLLMConfig") -> dict[str, Any]:
+    """lm-eval ``vllm`` model_args for a folder (a base + LoRA folder becomes pretrained + lora_local_path)."""
+    from ..backends.vllm import max_len
+    from ..serving.support import adapter_base
+
+    base, adapter = adapter_base(path)
+    args: dict[str, Any] = {
+        "pretrained": str(base), "dtype": runtime.dtype, "seed": runtime.seed, "enforce_eager": config.enforce_eager,
+        "max_model_len": config.max_model_len or max_len(base), "tensor_parallel_size": config.tensor_parallel_size,
+    }
+    if config.pipeline_parallel_size > 1:
+        args["pipeline_parallel_size"] = config.pipeline_parallel_size
+    if runtime.device == "cuda":
+        args["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if adapter is not None:
+        rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 16)
+        args.update(lora_local_path=str(adapter), max_lora_rank=max(16, int(rank)))
+    return args
+
+
+def run_tasks_vllm(
+    path: Path, runtime: "Runtime", config: "VLLMConfig", tasks: Sequence[str], limit: int | None,
+    num_fewshot: int, batch_size: int, log_path: Path, where: str = "evaluate", timeout_s: float = 3600,
+) -> dict[str, dict[str, float]]:
+    """Evaluate the folder ``path`` on lm-eval tasks with vLLM; returns ``{task: {metric: value}}``."""
+    from ..serving.runtime import vllm_python
+    from ..serving.server import ServerOptions
+    from ..serving.support import unservable_reason
+
+    check_tasks(tasks, where=where)
+    python = vllm_python(where)
+    why = unservable_reason(path, runtime.device)
+    if why is not None:
+        raise LLMCompressError(f"{where}: vLLM cannot evaluate this model here: {why}")
+    env = ServerOptions(device=runtime.device, threads=runtime.threads, kv_cache_gib=config.kv_cache_gib).env()
+    with tempfile.TemporaryDirectory(prefix="llmcompress-lmeval-") as tmp:
+        spec = {
+            "model_args": model_args(path, runtime, config), "tasks": list(tasks), "limit": limit,
+            "num_fewshot": num_fewshot, "batch_size": batch_size, "include_path": str(render_include_dir()),
+            "include_defaults": any(t not in local_tasks() for t in tasks), "bootstrap_iters": BOOTSTRAP_ITERS,
+            "output": str(Path(tmp) / "results.json"),
+        }
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"$ {python} {ENTRY} {json.dumps(spec)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.run([python, str(ENTRY), str(Path(tmp) / "spec.json")], stdout=log,
+                                      stderr=subprocess.STDOUT, env={**os.environ, **env}, timeout=timeout_s,
+                                      start_new_session=True)
+            except subprocess.TimeoutExpired:
+                raise LLMCompressError(f"{where}: lm-eval under vLLM ran over {timeout_s:.0f} s. "
+                                       f"Fix: lower `limit`, or read {log_path}.") from None
+        if proc.returncode != 0:
+            lines = log_path.read_text(errors="replace").splitlines()
+            tail = "\n".join([ln for ln in lines if "Error" in ln][-6:] or lines[-8:])
+            raise LLMCompressError(f"{where}: lm-eval under vLLM failed (exit {proc.returncode}):\n{tail}\n"
+                                   f"Fix: read the whole log in {log_path}.")
+        results = json.loads((Path(tmp) / "results.json").read_text())["results"]
+    return clean_results(results)

@@ -1,0 +1,54 @@
+"""Finding the model a user means: a model folder, a run folder (its last model), or a builtin model name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import LLMCompressError
+from .utils.io import read_json
+
+
+def final_model(run_dir: Path) -> Path | None:
+    """The folder of the last model a finished run produced (None when no stage changed the model)."""
+    manifest = read_json(run_dir / "manifest.json")
+    found = None
+    for entry in manifest.get("stages", []):
+        try:
+            result = read_json(run_dir / entry["dir"] / "result.json")
+        except (OSError, ValueError):
+            continue
+        if result.get("model_dir"):
+            found = run_dir / entry["dir"] / result["model_dir"]
+    return found
+
+
+def model_of(target: str | Path, where: str) -> Path:
+    """A model folder for ``target``: a model folder, a run folder (its final model) or a builtin model's name."""
+    path = Path(target).expanduser()
+    if (path / "manifest.json").is_file():
+        model = final_model(path)
+        if model is None:
+            raise LLMCompressError(
+                f"{where}: run folder `{path}` has no stage that produced a model. Fix: point at a run with a "
+                "quantize, prune, lora or export stage, or at a model folder."
+            )
+        return model
+    if (path / "config.json").is_file():
+        return path
+    if not path.exists():
+        from .models import MODELS
+
+        if str(target) in MODELS:
+            from .models.source import materialize
+            from .models import resolve_source
+            from .recipe import ModelSpec
+
+            return materialize(resolve_source(ModelSpec(source=str(target)), Path.cwd()))
+        raise LLMCompressError(
+            f"{where}: `{target}` does not exist. Fix: pass a run folder (runs/<name>), a model folder with a "
+            f"config.json, or a builtin model ({', '.join(MODELS.names())})."
+        )
+    raise LLMCompressError(
+        f"{where}: `{path}` is neither a run folder (no manifest.json) nor a model folder (no config.json). "
+        "Fix: pass runs/<name> of a finished run, or a folder written by save_pretrained."
+    )

