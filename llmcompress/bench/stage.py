@@ -146,7 +146,7 @@ class BenchmarkStage(StageConfig):
         same = ctx.current is ctx.original
         handles = {"original": ctx.original} if same else {"original": ctx.original, "compressed": ctx.current}
         handles.update(self._compare_handles(ctx, handles))
-        where = f"stages[{ctx.stage_index}] ({self.label})"
+        where = self.label  # the pipeline prefixes the recipe file and stage index
         backends, unsupported = self._open(ctx, handles, where)  # starts servers, loads and checks every model
         calls_per_model = self.warmup + self.repeats * len(self.batch_sizes)
         probes = [k for k, b in backends.items() if self.memory and b.memory() is None]
@@ -194,7 +194,7 @@ class BenchmarkStage(StageConfig):
 
         out: dict[str, ModelHandle] = {}
         for i, entry in enumerate(self.compare):
-            where = f"stages[{ctx.stage_index}] ({self.label}): compare[{i}] `{entry}`"
+            where = f"compare[{i}] `{entry}`"
             name, path = _resolve_compare(ctx, entry, where)
             if name in taken or name in out:
                 name = f"{name}-{i}"
@@ -204,7 +204,7 @@ class BenchmarkStage(StageConfig):
     def _open(self, ctx: "RunContext", handles: dict, where: str) -> tuple[dict[str, Any], dict]:
         """``{"backend/role": backend}`` for every pair vLLM (or hf) can run, and ``{(backend, role): why}`` else."""
         from ..backends import BACKENDS
-        from ..backends.vllm import Unservable
+        from ..serving.support import Unservable
 
         backends, unsupported = {}, {}
         for name in self.backends:

@@ -104,6 +104,12 @@ class EvaluateStage(StageConfig):
     def run(self, ctx: "RunContext") -> StageResult:
         t0 = time.perf_counter()
         self.preflight()
+        if self.backend == "vllm" and self.tasks:  # before any model runs: a refusal costs nothing
+            from ..serving.support import require_servable
+
+            for handle in (ctx.original, ctx.current):
+                require_servable(handle.path, ctx.runtime.device, f"backend vllm cannot evaluate the {handle.role} "
+                                 "model here")
         text = self._corpus_text(ctx)  # file errors surface before any weights load
         settings = self._settings(ctx, text)
         windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models

@@ -51,13 +51,11 @@ def run_tasks_vllm(
     """Evaluate the folder ``path`` on lm-eval tasks with vLLM; returns ``{task: {metric: value}}``."""
     from ..serving.runtime import vllm_python
     from ..serving.server import ServerOptions
-    from ..serving.support import unservable_reason
+    from ..serving.support import require_servable
 
     check_tasks(tasks, where=where)
     python = vllm_python(where)
-    why = unservable_reason(path, runtime.device)
-    if why is not None:
-        raise LLMCompressError(f"{where}: vLLM cannot evaluate this model here: {why}")
+    require_servable(path, runtime.device, f"{where}: vLLM cannot evaluate this model here")
     env = ServerOptions(device=runtime.device, threads=runtime.threads, kv_cache_gib=config.kv_cache_gib).env()
     with tempfile.TemporaryDirectory(prefix="llmcompress-lmeval-") as tmp:
         spec = {

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import metrics as M
 from .lora import merges_markdown, recovery_markdown
+from .serving import serving_markdown
 
 _BETTER = {"lower": "lower is better", "higher": "higher is better", None: ""}
 
@@ -23,6 +24,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         merges_markdown(report),
         _bench(report, "speed", "Speed"),
         _bench(report, "memory", "Memory"),
+        serving_markdown(report, _table),
         _plots(plots or []),
         _notes(report),
         _environment(report),

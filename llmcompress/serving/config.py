@@ -17,7 +17,8 @@ class VLLMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, "
+                              "which vllm-cpu reads as an integer: 0.5 would stop the engine at start-up).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="CUDA only: share of GPU memory vLLM takes.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to split each layer over (multi-GPU).")
     pipeline_parallel_size: int = Field(1, ge=1, description="GPUs to split the layer stack over (multi-GPU).")

