@@ -116,7 +116,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: half the cores)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the "
                                                 "model's, at most 2048)."),
-    kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", help="CPU: KV cache size in GiB."),
+    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU: KV cache size in GiB (whole GiB)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="GPUs per layer."),
     pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "--pp", help="GPUs per layer stack."),
     name: str = typer.Option("model", "--name", help="Model name clients ask for (a LoRA run serves it as "

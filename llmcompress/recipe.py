@@ -245,6 +245,23 @@ def _stage_class(stage: Any) -> type[StageConfig] | None:
     return STAGES.get(stage["type"])
 
 
+def _nested_model(cls: type[BaseModel], path: list) -> type[BaseModel]:
+    """The pydantic model a location inside ``cls`` points into (``["vllm"]`` -> VLLMConfig), else ``cls``."""
+    import typing
+
+    current = cls
+    for part in path:
+        field = current.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return cls if current is cls else current
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return current
+        current = nested[0]
+    return current
+
+
 def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
     """Turn pydantic's errors into lines like ``x.yaml: stages[1] (quantize): `bits` must be ..., got 5``."""
     lines = []
@@ -263,10 +280,13 @@ def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
         field = ".".join(str(p) for p in loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            allowed = sorted(cls.model_fields)
+            owner = _nested_model(cls, loc[:-1])
+            allowed = sorted(owner.model_fields)
             name = str(loc[-1]) if loc else field
+            inside = f" in `{'.'.join(map(str, loc[:-1]))}`" if owner is not cls else ""
             lines.append(
-                f"{prefix} unknown key `{name}`.{did_you_mean(name, allowed)} Allowed keys: {', '.join(allowed)}."
+                f"{prefix} unknown key `{name}`{inside}.{did_you_mean(name, allowed)} "
+                f"Allowed keys: {', '.join(allowed)}."
             )
             continue
         if e["type"] == "missing":

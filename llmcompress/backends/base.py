@@ -77,8 +77,8 @@ class Backend(Protocol):
     name: str
 
     @classmethod
-    def open(cls, handle: Any, ctx: Any = None) -> "Backend":
-        """Load (or reuse, within a run: ``ctx``) the model of a ``ModelHandle``."""
+    def open(cls, handle: Any, ctx: Any = None, **overrides: Any) -> "Backend":
+        """Load (or reuse, within a run: ``ctx``) the model of a ``ModelHandle``; ``overrides``: engine settings."""
 
     def check(self, prompt_tokens: int, new_tokens: int, where: str) -> None:
         """Raise RecipeError when the model cannot take prompts this long (before any timing)."""

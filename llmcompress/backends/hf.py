@@ -40,7 +40,9 @@ class HFBackend:
         self.model, self.tokenizer, self.device = model, tokenizer, device
 
     @classmethod
-    def open(cls, handle: "ModelHandle", ctx: Any = None) -> "HFBackend":
+    def open(cls, handle: "ModelHandle", ctx: Any = None, **overrides: Any) -> "HFBackend":
+        if overrides:
+            raise TypeError(f"the hf backend takes no engine settings, got {sorted(overrides)}")
         model, tokenizer = handle.load()
         return cls(model, tokenizer, handle.runtime.device)
 

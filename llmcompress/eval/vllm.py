@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -69,13 +70,19 @@ def run_tasks_vllm(
         with open(log_path, "ab") as log:
             log.write(f"$ {python} {ENTRY} {json.dumps(spec)}\n".encode())
             log.flush()
+            proc = subprocess.Popen([python, str(ENTRY), str(Path(tmp) / "spec.json")], stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
             try:
-                proc = subprocess.run([python, str(ENTRY), str(Path(tmp) / "spec.json")], stdout=log,
-                                      stderr=subprocess.STDOUT, env={**os.environ, **env}, timeout=timeout_s,
-                                      start_new_session=True)
+                proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 raise LLMCompressError(f"{where}: lm-eval under vLLM ran over {timeout_s:.0f} s. "
                                        f"Fix: lower `limit`, or read {log_path}.") from None
+            finally:  # vLLM's engine processes share the child's session: none may outlive it (or a Ctrl-C)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
         if proc.returncode != 0:
             lines = log_path.read_text(errors="replace").splitlines()
             tail = "\n".join([ln for ln in lines if "Error" in ln][-6:] or lines[-8:])
