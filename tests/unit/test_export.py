@@ -172,7 +172,7 @@ def test_gguf_export_names_tensors_like_llama_cpp_and_reloads(exported):
     assert len(names) == 2 * 9 + 2
     fields = {k: reader.get_field(k).contents() for k in ("general.architecture", "llama.block_count",
                                                            "llama.attention.head_count_kv", "tokenizer.ggml.model")}
-    assert fields == {"general.architecture": "llama", "llama.block_count": 2, "llama.attention.head_count_kv": 2,
+    assert fields == {"general.architecture": "llama", "llama.block_count": 2, "llama.attention.head_count_kv": 1,
                       "tokenizer.ggml.model": "gpt2"}
     # q8_0 on top of 4-bit rtn: a second rounding, so close but not exact (q/k permutation undone by the reader)
     assert fresh["layer"] == "Linear"

@@ -158,8 +158,8 @@ def test_gptq_skip_keeps_layers_dense_in_every_loader(make_ctx):
     ("group_size", 0, r"`group_size`: must be a positive divisor"),
     ("damp_percent", 1.5, r"`damp_percent`: Input should be less than 1"),
     ("calibration", {"samples": 0}, r"`calibration\.samples`: Input should be greater than or equal to 1"),
-    # (recipe.py suggests keys of the stage, not of `calibration`, for a nested unknown key: reported, not ours)
-    ("calibration", {"sample": 4}, r"unknown key `sample`\."),
+    # a nested unknown key names its block and suggests that block's keys
+    ("calibration", {"sample": 4}, r"unknown key `sample` in `calibration`\. Did you mean `samples`\?"),
 ])
 def test_bad_values_rejected_when_the_recipe_loads(field, value, message):
     from llmcompress.recipe import load_recipe
