@@ -1,0 +1,192 @@
+"""Many runs side by side: one flat row per run (read from its report.json), the Pareto front, and its plot.
+
+Used by sweep leaderboards and by the app's report browser::
+
+    rows = [run_row(load_report(d)) for d in run_dirs]
+    front = pareto_front(rows)                       # [True, False, ...] aligned with rows
+    fig = pareto_figure(rows, front)                 # size vs quality, speed as colour, the frontier drawn
+
+A row's figures come from the report's own headline (``comparison.headline``), so every run is judged by the same
+rules the single-run report uses. ``quality_recovery`` puts perplexity and accuracy on one "higher is better" scale:
+original / compressed for a lower-is-better metric (perplexity), compressed / original for a higher-is-better one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import metrics as M
+
+#: Default Pareto objectives: smaller on disk, closer to the original's quality, faster.
+OBJECTIVES: tuple[tuple[str, str], ...] = (
+    ("size_bytes", "lower"), ("quality_recovery", "higher"), ("speedup", "higher"),
+)
+
+#: Row keys in the order a table shows them, with their column titles.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("name", "run"), ("method", "method"), ("size_bytes", "size"), ("size_shrink", "smaller by"),
+    ("quality", "quality"), ("quality_recovery", "quality recovery"), ("kl_mean", "KL vs original"),
+    ("top1_agreement", "top-1 agreement"), ("accuracy", "accuracy"), ("accuracy_recovery", "accuracy recovery"),
+    ("speed", "speed"), ("speedup", "speedup"),
+)
+
+
+def recovery(better: str | None, original: Any, compressed: Any) -> float | None:
+    """Share of the original's quality kept (1.0 = no loss; > 1 = better than the original)."""
+    if not (M.is_number(original) and M.is_number(compressed)) or better not in ("lower", "higher"):
+        return None
+    if better == "lower":
+        return original / compressed if compressed else None
+    return compressed / original if original else None
+
+
+def run_row(report: dict, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """The leaderboard row of one run: size, quality, KL, accuracy and speed of its compressed model, with the
+    original's figures beside them (``*_original``) and the conditions the numbers were measured under."""
+    cmp = report.get("comparison") or {}
+    head = cmp.get("headline") or {}
+    size = cmp.get("size") or {}
+    kl = ((cmp.get("kl") or {}).get("metrics") or {})
+    row: dict[str, Any] = {
+        "name": report.get("name"), "method": report.get("method"), "run_dir": str(run_dir) if run_dir else None,
+        "same_model": bool(report.get("same_model")),
+        "size_bytes": size.get("compressed_bytes"), "size_original_bytes": size.get("original_bytes"),
+        "size_shrink": size.get("shrink"),
+        "kl_mean": (kl.get("kl_mean") or {}).get("value"),
+        "top1_agreement": (kl.get("top1_agreement") or {}).get("value"),
+    }
+    for key in ("quality", "accuracy"):
+        entry = head.get(key) or {}
+        row[f"{key}_metric"] = _metric_name(entry) if entry else None
+        row[key], row[f"{key}_original"] = entry.get("compressed"), entry.get("original")
+        row[f"{key}_better"], row[f"{key}_change"] = entry.get("better"), entry.get("change")
+        row[f"{key}_recovery"] = recovery(entry.get("better"), entry.get("original"), entry.get("compressed"))
+    speed = head.get("speed") or {}
+    row.update(speed_figure=speed.get("figure"), speed=speed.get("compressed"), speed_original=speed.get("original"),
+               speedup=speed.get("speedup"), speed_change=speed.get("change"))
+    env = report.get("environment") or {}
+    bench = (cmp.get("bench") or {}).get("measured_with") or {}
+    row["measured"] = {k: env.get(k) for k in ("device", "threads", "dtype") if env.get(k) is not None}
+    if bench.get("backends"):
+        row["measured"]["backends"] = bench["backends"]
+    return row
+
+
+def original_row(report: dict) -> dict[str, Any]:
+    """A row for the original model of a run (recovery 1.0, speedup 1.0): the reference point of a scatter."""
+    row = run_row(report)
+    row.update(name="original", method="original", same_model=True, size_bytes=row["size_original_bytes"],
+               size_shrink=1.0, kl_mean=0.0, top1_agreement=1.0, speed=row["speed_original"],
+               speedup=1.0 if row["speed_original"] is not None else None, speed_change="reference")
+    for key in ("quality", "accuracy"):
+        row[key] = row[f"{key}_original"]
+        row[f"{key}_recovery"] = 1.0 if row[key] is not None else None
+        row[f"{key}_change"] = "reference" if row[key] is not None else None
+    return row
+
+
+def _metric_name(entry: dict) -> str:
+    task, metric = entry.get("task"), M.base_name(str(entry.get("metric")))
+    return metric if task in (None, metric) else f"{task}:{metric}"
+
+
+def _value(row: dict, key: str, better: str) -> float | None:
+    v = row.get(key)
+    if not M.is_number(v):
+        return None
+    return -float(v) if better == "lower" else float(v)  # larger = better from here on
+
+
+def dominates(a: dict, b: dict, objectives: Iterable[tuple[str, str]] = OBJECTIVES) -> bool:
+    """``a`` is at least as good as ``b`` on every objective both rows measured, and better on one."""
+    strictly = False
+    shared = 0
+    for key, better in objectives:
+        va, vb = _value(a, key, better), _value(b, key, better)
+        if va is None or vb is None:
+            continue
+        shared += 1
+        if va < vb:
+            return False
+        strictly = strictly or va > vb
+    return shared > 0 and strictly
+
+
+def pareto_front(rows: list[dict], objectives: Iterable[tuple[str, str]] = OBJECTIVES) -> list[bool]:
+    """For each row, True when no other row dominates it. Objectives a row lacks are compared on what it has;
+    a row that measured none of them is never on the front."""
+    objectives = tuple(objectives)
+    measured = [any(_value(r, k, b) is not None for k, b in objectives) for r in rows]
+    return [ok and not any(dominates(other, row, objectives) for j, other in enumerate(rows) if j != i)
+            for i, (row, ok) in enumerate(zip(rows, measured))]
+
+
+def pareto_figure(rows: list[dict], front: list[bool] | None = None, x: str = "size_bytes",
+                  y: str = "quality_recovery", color: str = "speedup", title: str = "Size vs quality vs speed",
+                  caption: str | None = None):
+    """A matplotlib Figure: one point per row (``x`` against ``y``, coloured by ``color``), the frontier joined and
+    ringed, every point labelled. Uses ``Figure`` + Agg, never pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    front = pareto_front(rows) if front is None else front
+    points = [(r, f) for r, f in zip(rows, front) if M.is_number(r.get(x)) and M.is_number(r.get(y))]
+    fig = Figure(figsize=(8, 5.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    scale = 2**20 if x.endswith("_bytes") else 1
+    xs = [r[x] / scale for r, _ in points]
+    ys = [r[y] for r, _ in points]
+    cs = [r.get(color) if M.is_number(r.get(color)) else float("nan") for r, _ in points]
+    if points:
+        sc = ax.scatter(xs, ys, c=cs, cmap="viridis", s=60, edgecolors="black", linewidths=0.5, zorder=3)
+        if any(c == c for c in cs):  # at least one measured colour value (nan != nan)
+            fig.colorbar(sc, ax=ax, label=_label(color))
+        on = sorted((xv, yv) for (r, f), xv, yv in zip(points, xs, ys) if f)
+        if on:
+            ax.plot([p[0] for p in on], [p[1] for p in on], color="crimson", lw=1.2, zorder=2, label="Pareto front")
+            ax.scatter([p[0] for p in on], [p[1] for p in on], s=160, facecolors="none", edgecolors="crimson",
+                       lw=1.5, zorder=4)
+            ax.legend(loc="lower right")
+        for (r, _), xv, yv in zip(points, xs, ys):
+            ax.annotate(str(r.get("name")), (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run measured both figures", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(_label(x) + (" (MiB)" if scale != 1 else ""))
+    ax.set_ylabel(_label(y))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
+        fig.subplots_adjust(bottom=0.18)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a Figure as PNG atomically (temp name, then rename)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _label(key: str) -> str:
+    return dict(COLUMNS).get(key, key.replace("_", " "))
+
+
+def format_cell(key: str, value: Any) -> str:
+    """A row value as a table shows it (sizes in MiB, ratios as 1.23x, recoveries as %)."""
+    if value is None:
+        return "—"
+    if key.endswith("_bytes"):
+        return M.fmt_bytes(value)
+    if key in ("size_shrink", "speedup") and M.is_number(value):
+        return M.fmt_ratio(value)
+    if key.endswith("_recovery") or key == "top1_agreement":
+        return f"{value:.1%}" if M.is_number(value) else str(value)
+    return M.fmt_number(value)
