@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import psutil
 import pytest
@@ -160,6 +161,53 @@ def test_close_leaves_no_process_and_frees_the_port(server):
     assert not server.alive() and _alive(tree) == [] and _in_session(sid) == []
     assert not port_in_use(port)
     server.close()  # twice is fine
+
+
+def _greedy_ids(url: str, model: str, prompt: list[int], n: int) -> list[int]:
+    """The token ids a server generates greedily (``return_tokens_as_token_ids`` spells them ``token_id:N``)."""
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}
+    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return [int(t.split(":")[1]) for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_lora_adapter_of_a_keep_run_is_served_with_enable_lora(tiny_model_dir, tmp_path):
+    """A `merge: keep` LoRA run (base + peft adapter) through vLLM's LoRA path gives transformers+peft's tokens;
+    the plain base model, served by the same engine, gives the base's."""
+    import torch
+
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.backends.vllm import ADAPTER_NAME, make_server
+    from llmcompress.models.loading import load_model
+    from llmcompress.runs import final_model
+
+    data = Path(__file__).resolve().parents[2] / "recipes" / "data" / "pydoc-qa-train.jsonl"
+    recipe = load_recipe({"name": "vllm-lora", "model": str(tiny_model_dir), "threads": 1, "dtype": "float32",
+                          "stages": [{"type": "lora", "objective": "sft", "r": 8, "steps": 6, "lr": 0.05,
+                                      "data": {"source": str(data), "samples": 8, "seq_len": 64},
+                                      "merge": "keep"}]})
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    folder = final_model(tmp_path / "run")
+    peft_model, tok = load_model(folder, "cpu", "float32")
+    base_model, _ = load_model(tiny_model_dir, "cpu", "float32")
+    prompt = tok("What does len() return?")["input_ids"][:12]
+
+    def hf_ids(model) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        return out[0, len(prompt):].tolist()
+
+    want_lora, want_base = hf_ids(peft_model), hf_ids(base_model)
+    assert want_lora != want_base, "the adapter should change the greedy reply (else this test shows nothing)"
+    srv = make_server(folder, OPTIONS, tmp_path / "lora.log", name="tiny")
+    assert srv.adapters == {ADAPTER_NAME: folder} and srv.model == folder / "base"
+    with srv:
+        assert _greedy_ids(srv.url, ADAPTER_NAME, prompt, 8) == want_lora
+        assert _greedy_ids(srv.url, "tiny", prompt, 8) == want_base
+    assert not srv.alive() and _in_session(srv.proc.pid) == []
 
 
 def test_bad_model_folder_fails_with_the_log_tail(tmp_path):
