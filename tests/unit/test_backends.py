@@ -185,10 +185,29 @@ def test_refuses_asymmetric_gptq(tmp_path, device, monkeypatch):
     assert support.unservable_reason(sym, device) is None
 
 
-def test_refuses_torchao_on_cpu(tmp_path):
-    folder = _folder(tmp_path, "ao", DENSE, quantization_config={"quant_method": "torchao"})
-    assert "torchao" in support.unservable_reason(folder, "cpu")
+def _torchao_qc(kind: str) -> dict:
+    return {"quant_method": "torchao", "quant_type": {"default": {"_type": kind, "_version": 2, "_data": {}}}}
+
+
+@pytest.mark.parametrize("kind", ["Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"])
+def test_serves_torchao_int8_on_cpu(tmp_path, kind):
+    folder = _folder(tmp_path, "ao", DENSE, meta={"format": "torchao", "torchao": {"layout": "hf"}},
+                     quantization_config=_torchao_qc(kind))
+    assert support.unservable_reason(folder, "cpu") is None and support.unservable_reason(folder, "cuda") is None
+
+
+def test_refuses_other_torchao_configs_on_cpu(tmp_path):
+    folder = _folder(tmp_path, "ao", DENSE, quantization_config=_torchao_qc("Float8WeightOnlyConfig"))
+    why = support.unservable_reason(folder, "cpu")
+    assert "torchao Float8WeightOnlyConfig" in why and "Fix: use torchao-int8wo" in why
     assert support.unservable_reason(folder, "cuda") is None
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_refuses_the_plain_int4_torchao_layout(tmp_path, device):
+    folder = _folder(tmp_path, "int4", DENSE, meta={"format": "torchao", "torchao": {"layout": "int4-plain"}})
+    why = support.unservable_reason(folder, device)
+    assert "plain-int4 layout" in why and "`dequantize: true`" in why
 
 
 @pytest.mark.parametrize("qc, name", [
