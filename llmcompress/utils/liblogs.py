@@ -37,7 +37,7 @@ def libraries_log_to(path: Path) -> Iterator[Path]:
     root.addHandler(handler)  # with a handler on the root, logging's last-resort stderr printer stays quiet
     logging.captureWarnings(True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _tqdm_disabled():
             warnings.simplefilter("default")
             yield path
     finally:
@@ -60,3 +60,26 @@ def _enable_hf_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _tqdm_disabled() -> Iterator[None]:
+    """Other libraries' tqdm bars (compressed-tensors' "Decompressing model", lm-eval's): every tqdm made inside
+    the block is disabled. tqdm reads TQDM_DISABLE only when it is imported, so its constructor is wrapped instead."""
+    try:
+        import tqdm.std
+    except ImportError:
+        yield
+        return
+    cls = tqdm.std.tqdm
+    original = cls.__dict__["__init__"]  # a partialmethod (tqdm's env wrapper): bind it through the descriptor
+
+    def quiet(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original.__get__(self, type(self))(*args, **kwargs)
+
+    cls.__init__ = quiet
+    try:
+        yield
+    finally:
+        cls.__init__ = original

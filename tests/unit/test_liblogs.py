@@ -24,3 +24,15 @@ def test_library_chatter_goes_to_the_run_log_not_the_console(tmp_path, capfd):
     assert logging.getLogger("transformers").handlers == before and hf_logging.is_progress_bar_enabled()
     logging.getLogger("torchao").warning("after the run")
     assert "after the run" not in log.read_text()
+
+
+def test_other_libraries_tqdm_bars_stay_off_the_console(tmp_path, capfd):
+    from tqdm.auto import tqdm
+
+    with libraries_log_to(tmp_path / "libraries.log"):
+        for _ in tqdm(range(3), desc="Decompressing model"):  # as compressed-tensors draws it
+            pass
+    assert "Decompressing model" not in capfd.readouterr().err
+    for _ in tqdm(range(3), desc="after the run"):  # put back afterwards
+        pass
+    assert "after the run" in capfd.readouterr().err
