@@ -162,7 +162,8 @@ def _divergence_notes(cols: dict[str, Column], entries: list[PoolEntry]) -> tupl
             notes[e.key] = f"greedy: identical to {ref}'s reply ({col.tokens} tokens)"
         else:
             where[e.key] = i
-            notes[e.key] = f"greedy: same as {ref} for {i} tokens, then differs (highlighted from token {i + 1})"
+            notes[e.key] = (f"greedy: differs from {ref}'s reply from its first token (highlighted)" if i == 0 else
+                            f"greedy: same as {ref} for {i} tokens, then differs (highlighted from token {i + 1})")
     return notes, where
 
 
@@ -221,8 +222,9 @@ def header(entry: PoolEntry) -> str:
     mem = []
     if entry.weights_bytes:
         mem.append(f"weights in memory {fmt_bytes(entry.weights_bytes)}")
-    if entry.rss_added_bytes is not None:
-        mem.append(f"RSS +{fmt_bytes(entry.rss_added_bytes)} at load ({entry.load_s:.1f} s)")
+    if entry.peak_rss_bytes:
+        mem.append(f"peak RSS alone {fmt_bytes(entry.peak_rss_bytes)} (its run's benchmark)")
+    mem.append(f"loaded in {entry.load_s:.1f} s")
     if mem:
         lines.append(" · ".join(mem))
     for name, engine in entry.engines.items():

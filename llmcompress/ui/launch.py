@@ -143,10 +143,13 @@ def backends_of(config: AppConfig) -> tuple[str, ...]:
 
 def prepare(config: AppConfig, log: Callable[[str], None] = print):
     """Build what was asked for and load the pool (the slow part of a start)."""
+    from transformers.utils import logging as hf_logging
+
     from .pool import ModelPool, find_runs, plan
 
     backends = backends_of(config)
     build_recipes(config, log)
+    hf_logging.disable_progress_bar()  # one line per model instead of a bar per weight file (after the runs)
     candidates, skipped = plan(find_runs(config.runs_dir), config.original, config.runs, config.max_models)
     return ModelPool.load(candidates, runtime_of(config), backends, skipped=skipped, log=log)
 
@@ -161,14 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: the app needs gradio. Fix: pip install 'llmcompress[app]'", file=sys.stderr)
         return 2
+    import signal
+
     from .app import build_app, launch
 
+    def stop(signum, frame):  # SIGTERM (docker stop, a Space restart) like Ctrl-C: vLLM servers are stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         config = parse_args(argv)
         pool = prepare(config, log=lambda m: print(m, file=sys.stderr))
     except LLMCompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+        return 130
     try:
         launch(build_app(pool, config), config, block=True)
     except KeyboardInterrupt:

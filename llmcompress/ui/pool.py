@@ -30,6 +30,7 @@ class Candidate:
     run_dir: Path | None = None
     method: str | None = None
     source: str | None = None  # how the original was named (builtin name, hub id, folder)
+    peak_rss_bytes: int | None = None  # measured alone in a fresh process by the run's benchmark, if it had one
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
@@ -70,11 +71,16 @@ def _original_of(run_dir: Path) -> tuple[Path | None, str | None]:
     return None, source
 
 
-def _method_of(run_dir: Path) -> str | None:
+def _report_of(run_dir: Path) -> dict:
     try:
-        return read_json(run_dir / "report.json").get("method")
+        return read_json(run_dir / "report.json")
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def _peak_rss(report: dict, role: str) -> int | None:
+    value = (((report.get("models") or {}).get(role) or {}).get("bench") or {}).get("peak_rss_bytes")
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 def plan(runs: list[Path], original: str | None = None, only: tuple[str, ...] = (), max_models: int = 4,
@@ -109,10 +115,13 @@ def plan(runs: list[Path], original: str | None = None, only: tuple[str, ...] = 
         if base is None:
             skipped.append(f"{run.name}: its original model could not be found ({source or 'no recipe'})")
             continue
+        report = _report_of(run)
         if original is None and base.resolve() not in originals:
             key = ORIGINAL if not originals else f"{ORIGINAL} ({Path(source or base).name})"
-            originals[base.resolve()] = Candidate(key, ORIGINAL, base, source=source)
-        compressed.append(Candidate(run.name, "compressed", model, run_dir=run, method=_method_of(run)))
+            originals[base.resolve()] = Candidate(key, ORIGINAL, base, source=source,
+                                                  peak_rss_bytes=_peak_rss(report, "original"))
+        compressed.append(Candidate(run.name, "compressed", model, run_dir=run, method=report.get("method"),
+                                    peak_rss_bytes=_peak_rss(report, "compressed")))
     if not originals:
         path = model_of("smollm2-135m", "app: the default model")
         originals[path.resolve()] = Candidate(ORIGINAL, ORIGINAL, path, source="smollm2-135m")
@@ -159,7 +168,7 @@ class PoolEntry:
     method: str | None
     size_bytes: int  # weight files on disk
     weights_bytes: int | None  # parameters and buffers in memory (hf; quantized at their packed size)
-    rss_added_bytes: int | None  # this process's RSS growth while it loaded
+    peak_rss_bytes: int | None  # peak RSS of this model alone in a fresh process (the run's benchmark), if measured
     load_s: float
     tokenizer: Any
     engines: dict[str, Engine] = field(default_factory=dict)
@@ -182,8 +191,6 @@ class ModelPool:
              skipped: list[str] | None = None, log: Callable[[str], None] = print) -> "ModelPool":
         """Load every candidate with the hf backend; start vLLM servers (in the background) when asked for."""
         pool = cls(runtime, skipped=skipped)
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the first
-        # model's RSS is taken, so its "RSS added at load" is the model, not the libraries
         try:
             for c in candidates:
                 pool.entries.append(pool._load_hf(c, log))
@@ -197,17 +204,16 @@ class ModelPool:
 
     def _load_hf(self, c: Candidate, log: Callable[[str], None]) -> PoolEntry:
         from ..backends.hf import HFBackend
-        from ..bench.memory import rss_bytes
         from ..context import ModelHandle, weight_bytes
 
-        rss0, t0 = rss_bytes(), time.perf_counter()
+        t0 = time.perf_counter()
         backend = HFBackend.open(ModelHandle(c.role, c.path, self.runtime))
         load_s = time.perf_counter() - t0
         engine = Engine("hf", backend)
         engine._ready.set()
         entry = PoolEntry(key=c.key, role=c.role, path=c.path, run_dir=c.run_dir, method=c.method,
                           size_bytes=weight_bytes(c.path), weights_bytes=backend.param_bytes(),
-                          rss_added_bytes=max(0, rss_bytes() - rss0), load_s=load_s, tokenizer=backend.tokenizer,
+                          peak_rss_bytes=c.peak_rss_bytes, load_s=load_s, tokenizer=backend.tokenizer,
                           engines={"hf": engine}, describe=backend.describe())
         log(f"loaded {c.key} ({c.path}) in {load_s:.1f} s")
         return entry

@@ -103,13 +103,12 @@ def conditions_markdown(result: RaceResult) -> str:
 
 
 def race_frame(result: RaceResult):
-    """A pandas DataFrame of the rows that ran, one bar label per (model, backend)."""
+    """The bars: one per (model, backend) that ran, ``run`` (its label), ``backend``, ``tok_s`` (decode tok/s)."""
     import pandas as pd
 
     ran = [r for r in result.rows if "decode tok/s" in r]
-    frame = pd.DataFrame(ran, columns=[c for c in COLUMNS if c != "note"])
-    frame.insert(0, "run", [f"{r['model']} · {r['backend']}" for r in ran])
-    return frame
+    return pd.DataFrame({"run": [f"{r['model']} ({r['backend']})" for r in ran],
+                         "backend": [r["backend"] for r in ran], "tok_s": [r["decode tok/s"] for r in ran]})
 
 
 def build_race_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
@@ -130,8 +129,9 @@ def build_race_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
                                label="New tokens")
     go = gr.Button("Start the race", variant="primary", elem_id="llmc-race")
     with gr.Row():
-        plot = gr.BarPlot(pd.DataFrame({"run": [], "decode tok/s": [], "backend": []}), x="run", y="decode tok/s",
-                          color="backend", title="Decode throughput (higher is faster)", scale=3, sort=None)
+        # value None at first: an empty frame would fix the axes' types as numbers before the first race
+        plot = gr.BarPlot(None, x="run", y="tok_s", color="backend", title="Decode throughput (higher is faster)",
+                          x_title="model (backend)", y_title="decode tokens/s", scale=3, sort=None)
         conditions = gr.Markdown("", elem_classes=["llmc-conditions"])
     table = gr.Dataframe(headers=list(COLUMNS), interactive=False, wrap=True)
 

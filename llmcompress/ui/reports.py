@@ -131,7 +131,7 @@ def build_reports_tab(runs_dir: Path) -> dict[str, Any]:
     plot = gr.Plot(label="Size vs quality vs speed")
     pick = gr.Dropdown([], label="Report of one run", interactive=True)
     report = gr.Markdown("")
-    images = gr.Gallery(label="Plots", columns=2, height="auto")
+    images = gr.Gallery(label="Plots", columns=2, height=420, object_fit="contain")
 
     def show(name):
         text, pics = run_details(scan(runs_dir), name or "")

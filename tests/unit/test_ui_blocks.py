@@ -73,7 +73,8 @@ def test_default_recipes_validate_and_compress_the_default_model():
 
     for rel in DEFAULT_RECIPES:
         recipe = load_recipe(ROOT / rel)
-        assert recipe.model.source == "smollm2-135m" and [s.type for s in recipe.stages] == ["quantize"]
+        assert recipe.model.source == "smollm2-135m" and recipe.stages[0].type == "quantize"
+        assert [s.type for s in recipe.stages[1:]] == ["evaluate", "benchmark"] and recipe.stages[1].tasks == []
         assert not recipe.model.trust_remote_code
 
 
@@ -319,7 +320,8 @@ def test_race_times_every_model_and_prints_the_conditions(tiny_pool):
     assert [(r["model"], r["backend"]) for r in result.rows] == [("original", "hf"), ("tiny-rtn", "hf")]
     assert all(r["decode tok/s"] > 0 and r["TTFT s"] > 0 for r in result.rows)
     frame = race_frame(result)
-    assert list(frame["run"]) == ["original · hf", "tiny-rtn · hf"]
+    assert list(frame["run"]) == ["original (hf)", "tiny-rtn (hf)"] and list(frame["tok_s"]) == [
+        r["decode tok/s"] for r in result.rows]
     text = conditions_markdown(result)
     for needle in ("device **cpu**", "dtype **float32**", "threads **1**", "batch **2**", "prompt **8**",
                    "**4** new tokens", "transformers"):
@@ -381,3 +383,21 @@ def test_space_requirements_cover_the_package_and_app_dependencies():
     assert needed <= listed, f"requirements.txt lacks {sorted(needed - listed)}"
     assert "torchao" in listed  # the default recipes' method
     assert "app" in project["optional-dependencies"]["all"][0]
+
+
+def test_param_bytes_counts_torchao_tensor_subclasses_at_their_packed_size(tiny_model_dir):
+    """What the columns show as "weights in memory": torchao's weights have no storage of their own (data_ptr 0)."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from llmcompress.models.loading import load_model, param_bytes
+
+    model, _ = load_model(tiny_model_dir, "cpu", "float32")
+    dense = param_bytes(model)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    weights = sum(m.weight.numel() for m in linears)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "lm_head" not in fqn)
+    packed = dense - weights * 4 + weights  # int8 instead of fp32
+    scales = sum(m.weight.shape[0] for m in linears) * 4
+    assert packed <= param_bytes(model) <= packed + 2 * scales

@@ -42,6 +42,6 @@ def fake_pool(backends: dict[str, SlowBackend], roles: dict[str, str] | None = N
         engine._ready.set()
         role = (roles or {}).get(key, "original" if i == 0 else "compressed")
         pool.entries.append(PoolEntry(key=key, role=role, path=Path("/nonexistent") / key, run_dir=None,
-                                      method=None, size_bytes=0, weights_bytes=None, rss_added_bytes=None, load_s=0.0,
+                                      method=None, size_bytes=0, weights_bytes=None, peak_rss_bytes=None, load_s=0.0,
                                       tokenizer=None, engines={"hf": engine}, describe=backend.describe()))
     return pool
