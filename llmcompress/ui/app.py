@@ -30,10 +30,11 @@ def _intro(pool: ModelPool, config: AppConfig) -> str:
 
 def _about(pool: ModelPool, config: AppConfig) -> str:
     lim = config.limits
-    lines = ["## Models", "", "| model | made by | on disk | weights in memory | folder |", "|---|---|---|---|---|"]
+    lines = ["## Models", "", "| model | made by | on disk | weights in memory | from |", "|---|---|---|---|---|"]
     for e in pool.entries:
         lines.append(f"| {e.key} | {e.method or e.role} | {fmt_bytes(e.size_bytes)} | "
-                     f"{fmt_bytes(e.weights_bytes) if e.weights_bytes else '—'} | `{e.path.name}` |")
+                     f"{fmt_bytes(e.weights_bytes) if e.weights_bytes else '—'} | "
+                     f"`{e.run_dir.name if e.run_dir else e.path.name}` |")
     if pool.skipped:
         lines += ["", "Not loaded for chat:", ""] + [f"- {s}" for s in pool.skipped]
     lines += ["", "## Engines", ""]
@@ -73,8 +74,9 @@ def build_app(pool: ModelPool, config: AppConfig | None = None):
             with gr.Tab("Reports", id="reports"):
                 reports = build_reports_tab(config.runs_dir)
             with gr.Tab("About", id="about"):
-                gr.Markdown(_about(pool, config))
+                about = gr.Markdown(_about(pool, config))
         demo.load(reports["load"], outputs=reports["outputs"], api_visibility="private")
+        demo.load(lambda: _about(pool, config), outputs=[about], api_visibility="private")  # engines' live status
     demo.queue(default_concurrency_limit=config.limits.concurrency, max_size=config.limits.queue_size)
     return demo
 
