@@ -1,4 +1,4 @@
-"""Command line: ``llmcompress run | validate | ls | serve | setup vllm``.
+"""Command line: ``llmcompress run | validate | ls | serve | app | setup vllm``.
 
 Thin: it parses arguments and prints; the library does the work.
 
@@ -168,6 +168,16 @@ def serve(
         _fail(e)
     except KeyboardInterrupt:
         err.print("stopped.")
+
+
+@app.command("app", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def app_(ctx: typer.Context) -> None:
+    """The comparison app (Gradio): chat side by side, throughput race, reports. `llmcompress app --help` lists
+    its options (the same as `python app.py`)."""
+    from .ui.launch import main as app_main
+
+    raise typer.Exit(app_main(list(ctx.args)))
 
 
 setup_app = typer.Typer(no_args_is_help=True, help="Install optional runtimes that need their own environment.")

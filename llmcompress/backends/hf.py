@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import RecipeError
@@ -120,16 +121,25 @@ class HFBackend:
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
+        """Stream the reply one token at a time (a piece per generated token; a token that ends inside a multi-byte
+        character waits for the next). Closing the iterator early stops ``generate`` at its next step."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)["input_ids"]
         ids = ids.to(next(self.model.parameters()).device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _token_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stopped = threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stopped.is_set(), dtype=torch.bool, device=input_ids.device)
+
         temperature = float(sampling.get("temperature", 0.0))
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                      streamer=streamer, pad_token_id=self._pad(), do_sample=temperature > 0)
+                      streamer=streamer, pad_token_id=self._pad(), do_sample=temperature > 0,
+                      stopping_criteria=StoppingCriteriaList([_Stop()]))
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=float(sampling.get("top_p", 1.0)))
         errors: list[BaseException] = []
@@ -144,7 +154,37 @@ class HFBackend:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from (piece for piece in streamer if piece)
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:  # also on an early close (a stopped or timed-out chat): the generate thread ends at its next step
+            stopped.set()
         thread.join()
         if errors:
             raise errors[0]
+
+
+@lru_cache(maxsize=1)
+def _token_streamer_class():
+    from transformers import TextIteratorStreamer
+
+    class TokenStreamer(TextIteratorStreamer):
+        """``TextIteratorStreamer`` that emits every token's text as it comes (the stock one waits for a space)."""
+
+        def put(self, value) -> None:
+            if len(value.shape) > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):  # the token ends inside a multi-byte character: wait for the rest
+                return
+            piece = text[self.print_len:]
+            if text.endswith("\n"):  # decode from a fresh cache after a line (as the stock streamer does)
+                self.token_cache, self.print_len = [], 0
+            else:
+                self.print_len = len(text)
+            self.on_finalized_text(piece)
+
+    return TokenStreamer

@@ -136,8 +136,22 @@ def param_bytes(model) -> int:
     """Bytes held by parameters and buffers (quantized weights count at their packed size)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        for part in _stored_parts(t.data):
+            if part.data_ptr() in seen:
+                continue
+            seen.add(part.data_ptr())
+            total += part.numel() * part.element_size()
     return total
+
+
+def _stored_parts(t):
+    """The plain tensors that hold ``t``'s data: a tensor subclass (torchao's Int8Tensor, Int4OpaqueTensor, ...) has
+    no storage of its own (``data_ptr()`` is 0 for every one of them) but inner tensors (qdata, scales)."""
+    import torch
+
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _stored_parts(getattr(t, name))
+    else:
+        yield t

@@ -72,7 +72,7 @@ class _TorchaoConfig(QuantizeConfig):
 
         import torch
 
-        from ..models.loading import torch_dtype
+        from ..models.loading import param_bytes, torch_dtype
 
         t0 = time.perf_counter()
         from torchao.quantization import quantize_  # (~10 s on a busy 2-core box: reported apart)
@@ -118,7 +118,7 @@ class _TorchaoConfig(QuantizeConfig):
             "kernel_dtype": kernel_dtype, "torchao_version": version("torchao"),
         }}
         info = {"quantized_modules": len(names), "skipped_modules": skipped, "layout": layout, "on_disk": on_disk,
-                "kernel_dtype": kernel_dtype, "param_bytes": torchao_param_bytes(model),
+                "kernel_dtype": kernel_dtype, "param_bytes": param_bytes(model),
                 "import_seconds": round(import_seconds, 3), "meta": meta}
         return model, tokenizer, info
 
@@ -219,19 +219,6 @@ def _attach_hf_serialization(model, ao_config, skipped: list[str]) -> None:
     qc = TorchAoConfig(quant_type=ao_config, modules_to_not_convert=[re.escape(n) for n in skipped] or None)
     model.config.quantization_config = qc
     model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
-
-
-def torchao_param_bytes(model) -> int:
-    """Bytes of parameters and buffers, counting torchao tensor subclasses by the tensors they hold inside."""
-    return sum(_tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _tensor_bytes(t) -> int:
-    names = getattr(t, "tensor_data_names", None)
-    if names is None:
-        return t.numel() * t.element_size()
-    names = list(names) + list(getattr(t, "optional_tensor_data_names", None) or [])
-    return sum(_tensor_bytes(x) for x in (getattr(t, n, None) for n in names) if x is not None)
 
 
 # ---- portable CPU int4 -------------------------------------------------------------------------------------------

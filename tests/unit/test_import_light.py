@@ -35,3 +35,9 @@ def test_loading_a_recipe_is_light(stages):
     recipe = {"name": "x", "model": "smollm2-135m", "stages": stages}
     code = f"from llmcompress import load_recipe\nload_recipe({recipe!r})"
     assert _imported_after(code) == []
+
+
+def test_the_cli_and_the_app_building_blocks_import_light():
+    """`llmcompress app` and the ui package load gradio and torch only when the app starts."""
+    code = "import llmcompress.cli, llmcompress.ui, llmcompress.ui.config, llmcompress.ui.launch"
+    assert _imported_after(code) == []

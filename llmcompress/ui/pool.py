@@ -1,0 +1,289 @@
+"""The models the app compares, loaded once at launch and shared by every session (``ModelPool``).
+
+Where they come from: run folders under the runs directory (each run's final model, plus the original it was made
+from; originals shared by several runs load once), or a single original when there is no run. Each model gets one
+engine per backend: ``hf`` in this process, ``vllm`` as a server process started in the background (or the reason
+vLLM cannot serve that model here).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import LLMCompressError
+from ..utils.io import read_json
+
+ORIGINAL = "original"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model to load: ``key`` is its column title (unique), ``path`` its folder."""
+
+    key: str
+    role: str  # "original" | "compressed"
+    path: Path
+    run_dir: Path | None = None
+    method: str | None = None
+    source: str | None = None  # how the original was named (builtin name, hub id, folder)
+    peak_rss_bytes: int | None = None  # measured alone in a fresh process by the run's benchmark, if it had one
+
+
+def find_runs(runs_dir: Path) -> list[Path]:
+    """Run folders (with a manifest.json) directly under ``runs_dir`` or one level deeper, sorted by path."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    found = {p.parent for pattern in ("*/manifest.json", "*/*/manifest.json") for p in runs_dir.glob(pattern)}
+    return sorted(found)
+
+
+def _original_of(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The original model folder of a run (from its report, else its resolved recipe) and how it was named."""
+    report_path = run_dir / "report.json"
+    source = None
+    if report_path.is_file():
+        try:
+            original = read_json(report_path)["models"]["original"]
+            if Path(original["path"]).is_dir():
+                return Path(original["path"]), original.get("meta", {}).get("source") or original.get("description")
+        except (ValueError, KeyError, TypeError):
+            pass
+    resolved = run_dir / "recipe.resolved.yaml"
+    if resolved.is_file():
+        import yaml
+
+        from ..models import resolve_source
+        from ..models.source import materialize
+        from ..recipe import ModelSpec
+
+        raw = (yaml.safe_load(resolved.read_text()) or {}).get("model")
+        spec = ModelSpec(source=raw) if isinstance(raw, str) else ModelSpec.model_validate(raw)
+        source = spec.source
+        try:
+            return materialize(resolve_source(spec.model_copy(update={"trust_remote_code": False}), run_dir)), source
+        except LLMCompressError:
+            return None, source
+    return None, source
+
+
+def _report_of(run_dir: Path) -> dict:
+    try:
+        return read_json(run_dir / "report.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def _peak_rss(report: dict, role: str) -> int | None:
+    value = (((report.get("models") or {}).get(role) or {}).get("bench") or {}).get("peak_rss_bytes")
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def plan(runs: list[Path], original: str | None = None, only: tuple[str, ...] = (), max_models: int = 4,
+         ) -> tuple[list[Candidate], list[str]]:
+    """Which models to load: originals first (one per distinct folder), then each run's final model.
+
+    Returns ``(candidates, skipped)``; ``skipped`` says, per run not loaded, why (shown in the app).
+    """
+    from ..runs import final_model, model_of
+
+    names = {r.name for r in runs}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise LLMCompressError(
+            f"app: --run {', '.join(unknown)}: no such run folder. "
+            f"Fix: pick from {', '.join(sorted(names)) or '(none)'}"
+        )
+    originals: dict[Path, Candidate] = {}
+    compressed: list[Candidate] = []
+    skipped: list[str] = []
+    if original is not None:
+        path = model_of(original, "app: --original")
+        originals[path.resolve()] = Candidate(ORIGINAL, ORIGINAL, path, source=original)
+    for run in runs:
+        if only and run.name not in only:
+            continue
+        model = final_model(run)
+        if model is None or not model.is_dir():
+            skipped.append(f"{run.name}: no compressed model (no stage produced one, or it is unfinished)")
+            continue
+        base, source = _original_of(run)
+        if base is None:
+            skipped.append(f"{run.name}: its original model could not be found ({source or 'no recipe'})")
+            continue
+        report = _report_of(run)
+        if original is None and base.resolve() not in originals:
+            key = ORIGINAL if not originals else f"{ORIGINAL} ({Path(source or base).name})"
+            originals[base.resolve()] = Candidate(key, ORIGINAL, base, source=source,
+                                                  peak_rss_bytes=_peak_rss(report, "original"))
+        compressed.append(Candidate(run.name, "compressed", model, run_dir=run, method=report.get("method"),
+                                    peak_rss_bytes=_peak_rss(report, "compressed")))
+    if not originals:
+        path = model_of("smollm2-135m", "app: the default model")
+        originals[path.resolve()] = Candidate(ORIGINAL, ORIGINAL, path, source="smollm2-135m")
+    chosen = list(originals.values())
+    for c in compressed:
+        if len(chosen) >= max_models:
+            skipped.append(f"{c.key}: not loaded for chat (at most {max_models} models; pick with --run NAME)")
+        else:
+            chosen.append(c)
+    return chosen[:max_models], skipped
+
+
+@dataclass
+class Engine:
+    """One backend of one model: ready to generate, still starting, or unable to (``reason`` says why)."""
+
+    name: str
+    backend: Any = None
+    reason: str | None = None  # why this model cannot run on this backend here
+    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def status(self) -> str | None:
+        """None when ready; otherwise a sentence for the column ("starting", "cannot serve: ...")."""
+        if self.reason is not None:
+            return self.reason
+        if not self._ready.is_set():
+            started = getattr(getattr(self.backend, "server", None), "started_at", None)
+            since = f" for {time.perf_counter() - started:.0f} s" if started else ""
+            return f"the {self.name} engine is still starting{since}; try again shortly, or pick another backend"
+        return None
+
+    def wait(self, timeout_s: float) -> None:
+        self._ready.wait(timeout_s)
+
+
+@dataclass
+class PoolEntry:
+    """A loaded model and what the app shows about it."""
+
+    key: str
+    role: str
+    path: Path
+    run_dir: Path | None
+    method: str | None
+    size_bytes: int  # weight files on disk
+    weights_bytes: int | None  # parameters and buffers in memory (hf; quantized at their packed size)
+    peak_rss_bytes: int | None  # peak RSS of this model alone in a fresh process (the run's benchmark), if measured
+    load_s: float
+    tokenizer: Any
+    engines: dict[str, Engine] = field(default_factory=dict)
+    describe: dict = field(default_factory=dict)  # the hf engine's settings (dtype, threads, ...)
+
+
+class ModelPool:
+    """Every model loaded once; sessions share it. Close it to stop vLLM servers (``with ModelPool.load(...)``)."""
+
+    def __init__(self, runtime: Any, entries: list[PoolEntry] | None = None, skipped: list[str] | None = None):
+        self.runtime = runtime
+        self.entries: list[PoolEntry] = entries or []
+        self.skipped: list[str] = skipped or []
+        self.servers: list[Any] = []
+        self.active = 0  # chat requests generating now (shown beside race results)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, candidates: list[Candidate], runtime: Any, backends: tuple[str, ...] = ("hf",),
+             skipped: list[str] | None = None, log: Callable[[str], None] = print) -> "ModelPool":
+        """Load every candidate with the hf backend; start vLLM servers (in the background) when asked for."""
+        pool = cls(runtime, skipped=skipped)
+        try:
+            for c in candidates:
+                pool.entries.append(pool._load_hf(c, log))
+            if "vllm" in backends:
+                for entry in pool.entries:
+                    entry.engines["vllm"] = pool._start_vllm(entry, log)
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    def _load_hf(self, c: Candidate, log: Callable[[str], None]) -> PoolEntry:
+        from ..backends.hf import HFBackend
+        from ..context import ModelHandle, weight_bytes
+
+        t0 = time.perf_counter()
+        backend = HFBackend.open(ModelHandle(c.role, c.path, self.runtime))
+        load_s = time.perf_counter() - t0
+        engine = Engine("hf", backend)
+        engine._ready.set()
+        entry = PoolEntry(key=c.key, role=c.role, path=c.path, run_dir=c.run_dir, method=c.method,
+                          size_bytes=weight_bytes(c.path), weights_bytes=backend.param_bytes(),
+                          peak_rss_bytes=c.peak_rss_bytes, load_s=load_s, tokenizer=backend.tokenizer,
+                          engines={"hf": engine}, describe=backend.describe())
+        log(f"loaded {c.key} ({c.path}) in {load_s:.1f} s")
+        return entry
+
+    def _start_vllm(self, entry: PoolEntry, log: Callable[[str], None]) -> Engine:
+        from ..backends.vllm import VLLMBackend
+        from ..context import ModelHandle
+        from ..serving.support import unservable_reason
+
+        why = unservable_reason(entry.path, self.runtime.device)
+        if why is not None:
+            return Engine("vllm", reason=f"vLLM cannot serve this model here: {why}")
+        backend = VLLMBackend.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self)
+        engine = Engine("vllm", backend)
+
+        def wait() -> None:
+            try:
+                backend.ready()
+                log(f"vLLM ready for {entry.key} in {backend.server.ready_s:.0f} s")
+                engine._ready.set()
+            except LLMCompressError as e:
+                engine.reason = f"the vLLM server failed to start: {e}"
+                log(f"vLLM failed for {entry.key}: {e}")
+
+        threading.Thread(target=wait, daemon=True, name=f"vllm-start-{entry.key}").start()
+        return engine
+
+    def engine(self, path: Path, options: Any, make: Callable[[Path], Any]) -> Any:
+        """What ``VLLMBackend.open`` asks its context for: a started server, owned (and closed) by the pool."""
+        from ..utils.cache import cache_dir
+
+        log = cache_dir("logs", f"app-vllm-{int(time.time())}-{len(self.servers)}-{Path(path).parent.name}.log")
+        server = make(log).start()
+        self.servers.append(server)
+        return server
+
+    def keys(self) -> list[str]:
+        return [e.key for e in self.entries]
+
+    def get(self, key: str) -> PoolEntry:
+        for e in self.entries:
+            if e.key == key:
+                return e
+        from .config import LimitExceeded
+
+        raise LimitExceeded(f"unknown model {key!r}; this app serves {', '.join(self.keys())}.")
+
+    @property
+    def backends(self) -> list[str]:
+        """Backend names some model has (hf always)."""
+        names = ["hf"]
+        if any("vllm" in e.engines for e in self.entries):
+            names.append("vllm")
+        return names
+
+    def busy(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+
+    def close(self) -> None:
+        """Stop every vLLM server this pool started and drop the models. Safe to call twice."""
+        while self.servers:
+            self.servers.pop().close()
+        self.entries.clear()
+        import gc
+
+        gc.collect()
+
+    def __enter__(self) -> "ModelPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,403 @@
+"""The app's building blocks on the tiny llama and on fake engines: limits, parallel streams, divergence, the pool,
+chat turns, the throughput race, the report browser, and the Space files."""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ui_fakes import SlowBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _last(iterator):
+    return collections.deque(iterator, maxlen=1)[0]
+
+
+# ---- limits and arguments
+
+
+def test_check_chat_refuses_each_limit_with_its_fix():
+    from llmcompress.ui.config import LimitExceeded, Limits, check_chat
+
+    lim = Limits(max_prompt_chars=10, max_system_chars=5, max_conversation_chars=30, max_turns=2,
+                 max_new_tokens=8, default_new_tokens=4)
+    ok = dict(prompt="hi", system="", conversation_chars=0, turns=0, max_new_tokens=8, temperature=0.0, top_p=1.0,
+              limits=lim)
+    check_chat(**ok)
+    cases = [({"prompt": "x" * 11}, "at most 10 characters"), ({"prompt": "  "}, "empty"),
+             ({"system": "y" * 6}, "system prompt is 6 characters"), ({"turns": 2}, "Press Clear"),
+             ({"conversation_chars": 29}, "the limit is 30 characters"), ({"max_new_tokens": 9}, "between 1 and 8"),
+             ({"temperature": 2.5}, "temperature"), ({"top_p": 0.0}, "top-p")]
+    for change, message in cases:
+        with pytest.raises(LimitExceeded, match=message):
+            check_chat(**{**ok, **change})
+
+
+def test_parse_args_maps_flags_and_names_a_bad_one(tmp_path):
+    from llmcompress.errors import LLMCompressError
+    from llmcompress.ui.launch import parse_args
+
+    cfg = parse_args(["--runs", str(tmp_path), "--backends", "hf", "--max-new-tokens", "64", "--default-new-tokens",
+                      "32", "--queue-size", "3", "--port", "0"])
+    assert cfg.runs_dir == tmp_path and cfg.backends == ("hf",) and cfg.port == 0
+    assert cfg.limits.max_new_tokens == 64 and cfg.limits.queue_size == 3
+    with pytest.raises(LLMCompressError, match="--backends.*Fix"):
+        parse_args(["--backends", "hf,tgi"])
+    with pytest.raises(LLMCompressError, match="--concurrency"):
+        parse_args(["--concurrency", "0"])
+
+
+def test_app_cli_rejects_a_bad_recipe_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: tiny-random-llama\nstages:\n  - type: quantize\n    method: rtm\n")
+    proc = subprocess.run([sys.executable, "-m", "llmcompress.cli", "app", "--runs", str(tmp_path / "runs"),
+                           "--recipe", str(bad), "--backends", "hf"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown method `rtm`" in proc.stderr and "rtn" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_recipes_validate_and_compress_the_default_model():
+    from llmcompress.recipe import load_recipe
+    from llmcompress.ui.config import DEFAULT_RECIPES
+
+    for rel in DEFAULT_RECIPES:
+        recipe = load_recipe(ROOT / rel)
+        assert recipe.model.source == "smollm2-135m" and recipe.stages[0].type == "quantize"
+        assert [s.type for s in recipe.stages[1:]] == ["evaluate", "benchmark"] and recipe.stages[1].tasks == []
+        assert not recipe.model.trust_remote_code
+
+
+# ---- parallel streams
+
+
+def test_stream_columns_interleaves_sources_and_times_them():
+    from llmcompress.ui.stream import stream_columns
+
+    a, b = SlowBackend(list("abcdef"), 0.02), SlowBackend(list("uvw"), 0.02)
+    seen_both_streaming = False
+    for cols in stream_columns({"a": lambda: a.chat([]), "b": lambda: b.chat([])}, timeout_s=30, tick_s=0.01):
+        if 0 < cols["a"].tokens < 6 and 0 < cols["b"].tokens < 3:
+            seen_both_streaming = True
+    assert seen_both_streaming  # parallel: both columns were part-way at the same moment
+    assert cols["a"].text == "abcdef" and cols["b"].text == "uvw" and cols["a"].done and cols["b"].done
+    assert cols["a"].ttft_s > 0 and cols["a"].tok_s() > 0
+
+
+def test_stream_columns_sequential_runs_one_at_a_time():
+    from llmcompress.ui.stream import stream_columns
+
+    a, b = SlowBackend(list("abc"), 0.02), SlowBackend(list("xyz"), 0.02)
+    for cols in stream_columns({"a": lambda: a.chat([]), "b": lambda: b.chat([])}, 30, sequential=True,
+                               tick_s=0.01):
+        assert not (0 < cols["a"].tokens < 3 and cols["b"].tokens > 0)
+    assert cols["b"].started >= cols["a"].last
+
+
+def test_stream_columns_time_limit_stops_and_closes_the_stream():
+    from llmcompress.ui.stream import stream_columns
+
+    slow = SlowBackend(["w"] * 1000, 0.01)
+    t0 = time.perf_counter()
+    cols = _last(stream_columns({"slow": lambda: slow.chat([])}, timeout_s=0.3, tick_s=0.02))
+    assert time.perf_counter() - t0 < 5
+    assert "time limit" in cols["slow"].note and 0 < cols["slow"].tokens < 1000
+    assert slow.closed_early
+
+
+def test_stream_columns_closed_early_stops_every_worker():
+    from llmcompress.ui.stream import stream_columns
+
+    backends = [SlowBackend(["w"] * 1000, 0.01) for _ in range(2)]
+    gen = stream_columns({str(i): (lambda b=b: b.chat([])) for i, b in enumerate(backends)}, 60, tick_s=0.02)
+    next(gen)
+    time.sleep(0.1)
+    gen.close()  # what gradio does when the visitor presses Stop
+    deadline = time.time() + 5
+    while not all(b.closed_early for b in backends) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(b.closed_early for b in backends)
+
+
+def test_stream_columns_error_in_one_column_leaves_the_other():
+    from llmcompress.ui.stream import stream_columns
+
+    def broken():
+        yield "x"
+        raise RuntimeError("engine died")
+
+    ok = SlowBackend(list("fine"))
+    cols = _last(stream_columns({"bad": broken, "ok": lambda: ok.chat([])}, 30, tick_s=0.01))
+    assert cols["bad"].error == "engine died" and cols["bad"].text == "x"
+    assert cols["ok"].text == "fine" and cols["ok"].error is None
+
+
+def test_first_divergence_and_mark():
+    from llmcompress.ui.chat import MARK_OPEN, mark
+    from llmcompress.ui.stream import first_divergence
+
+    assert first_divergence(["a", "b"], ["a", "b"]) is None
+    assert first_divergence(["a", "b", "c"], ["a", "x", "c"]) == 1
+    assert first_divergence(["a", "b"], ["a", "b", "c"]) == 2
+    assert mark(["Hi", " there", " <b>"], 1) == "Hi" + MARK_OPEN + " there &lt;b&gt;</mark>"
+
+
+def test_hf_token_streamer_emits_one_piece_per_token(tiny_pool):
+    import torch
+
+    from llmcompress.backends.hf import _token_streamer_class
+
+    tok = tiny_pool.get("original").tokenizer
+    ids = tok("Lists are mutable sequences, tuples are not.\nSo it goes", add_special_tokens=False)["input_ids"]
+    streamer = _token_streamer_class()(tok, skip_prompt=False, skip_special_tokens=True)
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    pieces = [p for p in streamer if p]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert len(pieces) == len(ids)  # a piece per token (the stock streamer waits for whole words)
+
+
+def test_hf_chat_stops_generating_when_the_stream_is_closed(tiny_pool):
+    backend = tiny_pool.get("original").engines["hf"].backend
+    before = threading.active_count()
+    stream = backend.chat([{"role": "user", "content": "hello"}], max_new_tokens=4000, temperature=1.0)
+    next(stream)
+    stream.close()  # generate stops at its next step instead of running to 4000 tokens
+    deadline = time.time() + 6
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+
+
+# ---- the pool
+
+
+def test_plan_finds_the_run_and_its_original(tiny_runs_dir, tiny_model_dir):
+    from llmcompress.ui.pool import find_runs, plan
+
+    runs = find_runs(tiny_runs_dir)
+    assert [r.name for r in runs] == ["tiny-rtn"]
+    candidates, skipped = plan(runs)
+    assert [(c.key, c.role) for c in candidates] == [("original", "original"), ("tiny-rtn", "compressed")]
+    assert candidates[0].path.resolve() == Path(tiny_model_dir).resolve() and skipped == []
+    assert candidates[1].method == "rtn"
+    only_original, skipped = plan(runs, max_models=1)
+    assert len(only_original) == 1 and "at most 1 models" in skipped[0]
+
+
+def test_plan_rejects_an_unknown_run_name(tiny_runs_dir):
+    from llmcompress.errors import LLMCompressError
+    from llmcompress.ui.pool import find_runs, plan
+
+    with pytest.raises(LLMCompressError, match="no such run folder.*tiny-rtn"):
+        plan(find_runs(tiny_runs_dir), only=("tiny-rnt",))
+
+
+def test_pool_loads_each_model_once_with_its_figures(tiny_pool):
+    assert tiny_pool.keys() == ["original", "tiny-rtn"]
+    orig, comp = tiny_pool.get("original"), tiny_pool.get("tiny-rtn")
+    assert comp.size_bytes < orig.size_bytes  # 4-bit on disk
+    assert orig.weights_bytes > 0 and comp.weights_bytes > 0 and orig.describe["threads"] == 1
+    assert orig.engines["hf"].status() is None
+    from llmcompress.ui.config import LimitExceeded
+
+    with pytest.raises(LimitExceeded, match="unknown model"):
+        tiny_pool.get("/etc/passwd")
+
+
+def test_vllm_engine_says_why_a_model_cannot_be_served(tiny_pool):
+    from llmcompress.ui.pool import ModelPool
+
+    engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
+    assert engine.backend is None and "vLLM cannot serve this model here" in engine.status()
+    assert "rtn" in engine.status() and "Fix:" in engine.status()
+
+
+# ---- chat turns
+
+
+def _run_turn(pool, session, prompt, keys=None, **kw):
+    from llmcompress.ui.chat import Sampling, chat_turn
+    from llmcompress.ui.config import Limits
+
+    sampling = kw.pop("sampling", Sampling(greedy=True, max_new_tokens=8))
+    return _last(chat_turn(pool, kw.pop("limits", Limits()), session, prompt, kw.pop("system", ""),
+                           keys or pool.keys(), "hf", sampling, **kw))
+
+
+def test_chat_turn_streams_every_model_and_keeps_the_history(tiny_pool):
+    from llmcompress.ui.chat import ChatSession, Sampling
+
+    session = ChatSession()
+    shown, stats = _run_turn(tiny_pool, session, "Tell me about lists.",
+                             sampling=Sampling(greedy=False, temperature=1.0, max_new_tokens=6))
+    for key in tiny_pool.keys():
+        assert shown[key][0] == {"role": "user", "content": "Tell me about lists."}
+        assert shown[key][1]["role"] == "assistant" and shown[key][1]["content"]
+        assert "**done** (hf)" in stats[key] and "TTFT" in stats[key] and "tokens" in stats[key]
+    assert len(session.turns) == 1 and set(session.turns[0].replies) == set(tiny_pool.keys())
+    _run_turn(tiny_pool, session, "And tuples?", system="Be brief.")
+    msgs = session.messages("tiny-rtn", "Be brief.", "next")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"] == session.turns[0].replies["tiny-rtn"].text  # its own reply, never marked up
+
+
+def test_greedy_marks_where_a_compressed_reply_diverges(make_fake_pool):
+    from llmcompress.ui.chat import MARK_OPEN, ChatSession
+
+    pool = make_fake_pool({"original": SlowBackend(["The", " cat", " sat", "."]),
+                           "q4": SlowBackend(["The", " cat", " ran", "."]),
+                           "q8": SlowBackend(["The", " cat", " sat", "."])})
+    shown, stats = _run_turn(pool, ChatSession(), "hi")
+    assert shown["q4"][1]["content"] == "The cat" + MARK_OPEN + " ran.</mark>"
+    assert "same as original for 2 tokens" in stats["q4"]
+    assert "identical to original's reply (4 tokens)" in stats["q8"]
+    assert MARK_OPEN not in shown["original"][1]["content"]
+
+
+def test_chat_turn_refuses_over_limit_requests_before_generating(make_fake_pool):
+    from llmcompress.ui.chat import ChatSession, Sampling
+    from llmcompress.ui.config import LimitExceeded, Limits
+
+    backend = SlowBackend(["x"])
+    pool = make_fake_pool({"original": backend})
+    lim = Limits(max_prompt_chars=5, max_new_tokens=16, default_new_tokens=8)
+    with pytest.raises(LimitExceeded, match="at most 5 characters"):
+        _run_turn(pool, ChatSession(), "too long", limits=lim)
+    with pytest.raises(LimitExceeded, match="between 1 and 16"):
+        _run_turn(pool, ChatSession(), "ok", limits=lim, sampling=Sampling(max_new_tokens=17))
+    with pytest.raises(LimitExceeded, match="unknown model"):
+        _run_turn(pool, ChatSession(), "ok", keys=["../../etc"], limits=lim)
+    assert backend.calls == []
+
+
+def test_chat_turn_refuses_a_conversation_longer_than_the_model_context(tiny_pool):
+    from llmcompress.ui.chat import ChatSession, Sampling, context_limit
+    from llmcompress.ui.config import LimitExceeded, Limits
+
+    limit = context_limit(tiny_pool.get("original"))
+    lim = Limits(max_new_tokens=limit, default_new_tokens=8)
+    with pytest.raises(LimitExceeded, match=f"exceeds the model's context of {limit}"):
+        _run_turn(tiny_pool, ChatSession(), "hello", limits=lim, sampling=Sampling(max_new_tokens=limit))
+
+
+def test_chat_turn_shows_why_an_engine_did_not_run(make_fake_pool):
+    from llmcompress.ui.chat import ChatSession
+    from llmcompress.ui.pool import Engine
+
+    pool = make_fake_pool({"original": SlowBackend(["a"]), "w4": SlowBackend(["b"])})
+    for e in pool.entries:
+        e.engines["vllm"] = Engine("vllm", reason="vLLM cannot serve this model here: 4-bit on AVX2")
+    pool.entries[0].engines["vllm"] = Engine("vllm", SlowBackend(["served"]))
+    pool.entries[0].engines["vllm"]._ready.set()
+    from llmcompress.ui.chat import Sampling, chat_turn
+    from llmcompress.ui.config import Limits
+
+    *_, (shown, stats) = chat_turn(pool, Limits(), ChatSession(), "hi", "", pool.keys(), "vllm", Sampling())
+    assert shown["original"][1]["content"] == "served"
+    assert "4-bit on AVX2" in shown["w4"][1]["content"] and "**not run** (vllm)" in stats["w4"]
+
+
+# ---- throughput race
+
+
+def test_race_times_every_model_and_prints_the_conditions(tiny_pool):
+    from llmcompress.ui.config import LimitExceeded, Limits
+    from llmcompress.ui.race import conditions_markdown, race_frame, run_race
+
+    result = run_race(tiny_pool, tiny_pool.keys(), ["hf"], batch=2, prompt_tokens=8, new_tokens=4, limits=Limits())
+    assert [(r["model"], r["backend"]) for r in result.rows] == [("original", "hf"), ("tiny-rtn", "hf")]
+    assert all(r["decode tok/s"] > 0 and r["TTFT s"] > 0 for r in result.rows)
+    frame = race_frame(result)
+    assert list(frame["run"]) == ["original (hf)", "tiny-rtn (hf)"] and list(frame["tok_s"]) == [
+        r["decode tok/s"] for r in result.rows]
+    text = conditions_markdown(result)
+    for needle in ("device **cpu**", "dtype **float32**", "threads **1**", "batch **2**", "prompt **8**",
+                   "**4** new tokens", "transformers"):
+        assert needle in text
+    with pytest.raises(LimitExceeded, match="batch size must be between 1 and 8"):
+        run_race(tiny_pool, tiny_pool.keys(), ["hf"], batch=9, prompt_tokens=8, new_tokens=4, limits=Limits())
+
+
+# ---- reports
+
+
+def test_reports_leaderboard_scatter_and_run_details(tiny_runs_dir):
+    from matplotlib.figure import Figure
+
+    from llmcompress.ui.reports import leaderboard, leaderboard_frame, pareto_plot, run_details, scan
+
+    runs = scan(tiny_runs_dir)
+    assert [r.name for r in runs] == ["tiny-rtn"] and runs[0].report is not None
+    rows, front = leaderboard(runs)
+    assert [r["name"] for r in rows] == ["original", "tiny-rtn"] and len(front) == 2
+    frame = leaderboard_frame(rows, front)
+    assert list(frame["run"]) == ["original", "tiny-rtn"] and "Pareto" in frame.columns
+    assert frame.loc[1, "size"].endswith("iB") and frame.loc[1, "speed"] != "—"
+    assert isinstance(pareto_plot(rows, front), Figure)
+    text, images = run_details(runs, "tiny-rtn")
+    assert "tiny-rtn" in text and "![" not in text
+    assert images and images[0][0].size[0] > 100  # plots/tradeoff.png, loaded (not served from a path)
+    assert "No run called" in run_details(runs, "../../etc")[0]
+
+
+# ---- the Space
+
+
+def _front_matter() -> dict:
+    import yaml
+
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n"), "README.md must open with the Space's YAML front matter"
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_readme_front_matter_describes_a_gradio_space():
+    meta = _front_matter()
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    import gradio
+
+    assert meta["sdk_version"] == gradio.__version__  # the version the tests ran
+    assert (ROOT / meta["app_file"]).is_file()
+
+
+def test_space_requirements_cover_the_package_and_app_dependencies():
+    def name(req: str) -> str:
+        return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {name(r) for r in project["dependencies"]} | {name(r) for r in project["optional-dependencies"]["app"]}
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = {name(ln) for ln in lines if ln}
+    assert needed <= listed, f"requirements.txt lacks {sorted(needed - listed)}"
+    assert "torchao" in listed  # the default recipes' method
+    assert "app" in project["optional-dependencies"]["all"][0]
+
+
+def test_param_bytes_counts_torchao_tensor_subclasses_at_their_packed_size(tiny_model_dir):
+    """What the columns show as "weights in memory": torchao's weights have no storage of their own (data_ptr 0)."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from llmcompress.models.loading import load_model, param_bytes
+
+    model, _ = load_model(tiny_model_dir, "cpu", "float32")
+    dense = param_bytes(model)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    weights = sum(m.weight.numel() for m in linears)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "lm_head" not in fqn)
+    packed = dense - weights * 4 + weights  # int8 instead of fp32
+    scales = sum(m.weight.shape[0] for m in linears) * 4
+    assert packed <= param_bytes(model) <= packed + 2 * scales
