@@ -120,10 +120,15 @@ class Recipe(BaseModel):
 # Loading
 
 
-def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises RecipeError with a message naming the file, stage and fix."""
-    where = "recipe"
-    path = None
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *, origin: str | Path | None = None,
+                where: str | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with a message naming the file, stage and fix.
+
+    ``origin``: for a dict, the file it came from (relative paths resolve against its folder). ``where``: how errors
+    name a dict recipe (default ``recipe``), e.g. ``sweep.yaml: grid point 3``.
+    """
+    where = where or "recipe"
+    path = Path(origin) if origin is not None else None
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:

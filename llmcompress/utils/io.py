@@ -72,6 +72,25 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) until the block ends: processes that share a folder
+    (sweep workers on one machine; NFS v4 too) take turns. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash of a JSON-able object, independent of dict order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

@@ -1,0 +1,147 @@
+"""The ``ray`` executor: each recipe a Ray task with its CPU/GPU/memory request; results gathered back as they finish.
+
+- ``address: null`` starts a local cluster for the sweep (``ray.init`` with this machine's cores) and stops it after.
+- ``address: auto`` / ``HOST:6379`` joins a cluster started with ``ray start``; ``ray://HOST:10001`` uses Ray client.
+
+Each task runs in a fresh worker process (``max_calls=1``: its memory goes back when it ends). A task that fails for
+a reason other than bad input (a crash, a lost node, out of memory) is submitted again up to ``retries`` times and
+resumes from its last finished stage; bad input (LLMCompressError) is reported at once. Nothing is lost: every task
+ends as an outcome the leaderboard lists.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..errors import MissingExtraError, RecipeError
+from .config import RayExecutorConfig
+
+
+def _task(job: dict) -> dict:
+    """What a Ray worker runs (module level, so workers import it by name rather than unpickling code)."""
+    from .worker import run_point
+
+    return run_point(job)
+
+
+class RayExecutor:
+    """Runs the jobs as Ray tasks; see the module docstring."""
+
+    def __init__(self, config: RayExecutorConfig, console: Any, show_progress: bool = True):
+        self.config, self.console = config, console
+        self.cluster: dict[str, Any] = {}
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"type": "ray", "address": c.address or "local cluster", "num_cpus": c.num_cpus, "num_gpus": c.num_gpus,
+                "memory_gib": c.memory_gib, "retries": c.retries, "max_concurrent": c.max_concurrent,
+                "cluster": self.cluster}
+
+    def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[dict]:
+        ray = _import_ray()
+        self._connect(ray)
+        try:
+            self._check_fits(ray)
+            return self._gather(ray, jobs, on_done)
+        finally:
+            ray.shutdown()  # stops the local cluster this sweep started; only disconnects from a remote one
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def _connect(self, ray: Any) -> None:
+        import logging
+
+        c = self.config
+        kwargs: dict[str, Any] = {"runtime_env": c.runtime_env, "log_to_driver": False,
+                                  "logging_level": logging.WARNING, "ignore_reinit_error": False}
+        if c.local:
+            kwargs.update(address="local", num_cpus=c.local_cpus or os.cpu_count() or 1, num_gpus=c.local_gpus,
+                          object_store_memory=c.object_store_mib * 2**20, include_dashboard=False)
+            where = "a local Ray cluster"
+        else:
+            kwargs["address"] = c.address
+            where = f"the Ray cluster at {c.address}"
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RecipeError(f"executor: could not connect to {where} ({e}). Fix: start it with "
+                              "`ray start --head` (then `address: auto`), check the address, or leave `address` "
+                              "empty to start a local cluster.") from None
+        resources = ray.cluster_resources()
+        self.cluster = {"address": c.address or "local", "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+                        "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
+                        "memory_gib": round(resources.get("memory", 0) / 2**30, 1)}
+        self.console.log(f"ray: {where}: {self.cluster['nodes']} node(s), {self.cluster['cpus']:g} CPU, "
+                         f"{self.cluster['gpus']:g} GPU; each recipe asks for {c.num_cpus:g} CPU, {c.num_gpus:g} GPU"
+                         + (f", {c.memory_gib:g} GiB" if c.memory_gib else ""))
+
+    def _check_fits(self, ray: Any) -> None:
+        """A request no node can meet would wait forever: say so now."""
+        c = self.config
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        need = {"CPU": c.num_cpus, "GPU": c.num_gpus, "memory": (c.memory_gib or 0) * 2**30}
+        if any(all(node.get(k, 0) >= v for k, v in need.items() if v) for node in nodes):
+            return
+        best = {k: max((node.get(k, 0) for node in nodes), default=0) for k in need}
+        raise RecipeError(
+            f"executor: each recipe asks for {c.num_cpus:g} CPU, {c.num_gpus:g} GPU"
+            + (f", {c.memory_gib:g} GiB" if c.memory_gib else "")
+            + f", and no node of the cluster has that (largest: {best['CPU']:g} CPU, {best['GPU']:g} GPU, "
+            f"{best['memory'] / 2**30:.1f} GiB). Fix: lower `num_cpus`/`num_gpus`/`memory_gib`, or add a node "
+            "that has them."
+        )
+
+    def _gather(self, ray: Any, jobs: list[dict], on_done: Callable[[dict], None]) -> list[dict]:
+        c = self.config
+        remote = ray.remote(max_calls=1)(_task)
+        options: dict[str, Any] = {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus, "max_retries": 0}
+        if c.memory_gib:
+            options["memory"] = int(c.memory_gib * 2**30)
+        queue = list(jobs)
+        pending: dict[Any, tuple[dict, int]] = {}
+        outcomes: list[dict] = []
+
+        def submit(job: dict, attempt: int) -> None:
+            ref = remote.options(name=f"llmcompress:{job['name']}", **options).remote(job)
+            pending[ref] = (job, attempt)
+
+        try:
+            while queue or pending:
+                while queue and (c.max_concurrent is None or len(pending) < c.max_concurrent):
+                    submit(queue.pop(0), 1)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job, attempt = pending.pop(ready[0])
+                outcome = self._outcome(ray, ready[0], job)
+                outcome["attempts"] = attempt
+                if outcome["status"] != "done" and outcome.get("error_kind") != "input" and attempt <= c.retries:
+                    self.console.log(f"ray: {job['name']} failed ({outcome['error']}); retrying "
+                                     f"({attempt}/{c.retries}), it resumes from its last finished stage")
+                    submit({**job, "fresh": False}, attempt + 1)
+                    continue
+                on_done(outcome)
+                outcomes.append(outcome)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        return outcomes
+
+    @staticmethod
+    def _outcome(ray: Any, ref: Any, job: dict) -> dict:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:  # the worker died (OOM, segfault, lost node) or the task was cancelled
+            text = str(e).strip().splitlines()
+            return {"name": job["name"], "run_dir": job["run_dir"], "status": "failed", "error_kind": "runtime",
+                    "error": f"{type(e).__name__}: {text[0] if text else ''}"[:500]}
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtraError("ray", "ray", "The ray sweep executor") from None
+    return ray
