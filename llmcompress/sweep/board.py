@@ -129,7 +129,8 @@ def render_markdown(summary: dict, rows: list[dict], recommendations: list[dict]
     for r in sorted((r for r in rows if r.get("status") != "reference"), key=lambda r: str(r["name"])):
         over = " ".join(f"`{o}`" for o in r.get("overrides") or []) or "—"
         folder = f"`{r['run_dir']}`" if r.get("run_dir") else "—"
-        lines.append(f"| {r['name']} | {r['status']} | {over} | {folder} | {format_cell('seconds', r.get('seconds'))} |")
+        seconds = format_cell("seconds", r.get("seconds"))
+        lines.append(f"| {r['name']} | {r['status']} | {over} | {folder} | {seconds} |")
     if done and summary.get("base"):
         common = " ".join(f"--set {o}" for o in summary.get("set") or [])
         lines += ["", f"Re-run one alone: `llmcompress run {summary['base']} {common + ' ' if common else ''}"

@@ -41,8 +41,8 @@ class Point:
     @property
     def label(self) -> str:
         """How messages name the point: ``grid point 3 (stages.0.method=hqq, stages.0.bits=8)``."""
-        what = "grid point" if self.source == "grid" else self.source
-        return f"{what} {self.index}" + (f" ({', '.join(self.overrides)})" if self.overrides else "")
+        what = f"grid point {self.index}" if self.source == "grid" else self.source
+        return what + (f" ({', '.join(self.overrides)})" if self.overrides else "")
 
 
 def yaml_value(value: Any) -> str:

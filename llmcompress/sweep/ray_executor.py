@@ -3,7 +3,8 @@
 - ``address: null`` starts a local cluster for the sweep (``ray.init`` with this machine's cores) and stops it after.
 - ``address: auto`` / ``HOST:6379`` joins a cluster started with ``ray start``; ``ray://HOST:10001`` uses Ray client.
 
-Each task runs in a fresh worker process (``max_calls=1``: its memory goes back when it ends). A task that fails for
+CPU workers are reused between recipes (imports are paid once); GPU tasks, or every task with ``fresh_process: true``,
+get a new process whose memory all goes back when the recipe ends. A task that fails for
 a reason other than bad input (a crash, a lost node, out of memory) is submitted again up to ``retries`` times and
 resumes from its last finished stage; bad input (LLMCompressError) is reported at once. Nothing is lost: every task
 ends as an outcome the leaderboard lists.
@@ -96,16 +97,19 @@ class RayExecutor:
 
     def _gather(self, ray: Any, jobs: list[dict], on_done: Callable[[dict], None]) -> list[dict]:
         c = self.config
-        remote = ray.remote(max_calls=1)(_task)
         options: dict[str, Any] = {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus, "max_retries": 0}
         if c.memory_gib:
             options["memory"] = int(c.memory_gib * 2**30)
+        if c.fresh_process is not None:
+            options["max_calls"] = 1 if c.fresh_process else 0
+        # Resources go to ray.remote itself: that is where Ray decides that a GPU task gets a new process.
+        remote = ray.remote(**options)(_task)
         queue = list(jobs)
         pending: dict[Any, tuple[dict, int]] = {}
         outcomes: list[dict] = []
 
         def submit(job: dict, attempt: int) -> None:
-            ref = remote.options(name=f"llmcompress:{job['name']}", **options).remote(job)
+            ref = remote.options(name=f"llmcompress:{job['name']}").remote(job)
             pending[ref] = (job, attempt)
 
         try:
