@@ -129,6 +129,9 @@ def ls() -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     for f in sorted(recipes.glob("*.yaml")):
         table.add_row("recipe", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f), "")
+    for f in sorted(recipes.glob("sweeps/*.yaml")):
+        table.add_row("sweep", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f),
+                      "llmcompress sweep FILE")
     out.print(table)
 
 

@@ -185,13 +185,11 @@ def _worker_main(job_file: str) -> None:
 
     job = read_json(job_file)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = job["runtime"]["device"]
-    if device == "cuda":
+    if job["runtime"]["device"] == "cuda":
         import torch
 
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    runtime = Runtime(**{**job["runtime"], "device": device})
+        torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU (loaders and .to("cuda") use it)
+    runtime = Runtime(**job["runtime"])
     runtime.apply()
     recipe = load_recipe(job["recipe"], origin=job["origin"])
     original = ModelHandle("original", Path(job["original"]), runtime)

@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError
 from ..registry import did_you_mean
+from ..utils.io import read_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -135,22 +135,16 @@ class RecommendRule(_Strict):
             return self.title
         words = {"smallest": "smallest model", "fastest": "fastest model", "best-quality": "best quality",
                  "best-accuracy": "best accuracy"}[self.pick]
-        parts = []
-        if self.min_quality_recovery is not None:
-            parts.append(f"quality recovery ≥ {self.min_quality_recovery:.0%}")
-        if self.min_accuracy_recovery is not None:
-            parts.append(f"accuracy recovery ≥ {self.min_accuracy_recovery:.0%}")
-        if self.max_kl is not None:
-            parts.append(f"KL ≤ {self.max_kl:g}")
-        if self.min_top1_agreement is not None:
-            parts.append(f"top-1 agreement ≥ {self.min_top1_agreement:.0%}")
-        if self.max_size_mib is not None:
-            parts.append(f"size ≤ {self.max_size_mib:g} MiB")
-        if self.max_size_gb is not None:
-            parts.append(f"size ≤ {self.max_size_gb:g} GB")
-        if self.min_speedup is not None:
-            parts.append(f"speedup ≥ {self.min_speedup:g}x")
+        parts = [text.format(getattr(self, field)) for field, text in _WORDS if getattr(self, field) is not None]
         return words + (" with " + " and ".join(parts) if parts else "")
+
+
+#: How ``describe`` words each bound.
+_WORDS = (
+    ("min_quality_recovery", "quality recovery ≥ {:.0%}"), ("min_accuracy_recovery", "accuracy recovery ≥ {:.0%}"),
+    ("max_kl", "KL ≤ {:g}"), ("min_top1_agreement", "top-1 agreement ≥ {:.0%}"), ("max_size_mib", "size ≤ {:g} MiB"),
+    ("max_size_gb", "size ≤ {:g} GB"), ("min_speedup", "speedup ≥ {:g}x"),
+)
 
 
 class SweepConfig(_Strict):
@@ -227,12 +221,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such sweep file. Fix: check the path (examples: recipes/sweeps/).")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a sweep is a mapping with `name`, `base` and `grid` and/or `list`.")
     raw.setdefault("name", _name_from(path))

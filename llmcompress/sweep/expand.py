@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import LLMCompressError, RecipeError
 from ..recipe import Recipe, apply_override, load_recipe
+from ..utils.io import read_yaml
 from .config import NAME_PATTERN, SweepConfig
 
 
@@ -61,10 +62,7 @@ def base_recipe(sweep: SweepConfig, sweep_path: Path) -> tuple[dict, Path]:
     if not path.is_file():
         raise RecipeError(f"{sweep_path}: `base`: no recipe file {path}. Fix: a path relative to the sweep file "
                           "(e.g. ../quickstart.yaml), or an inline recipe mapping.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with `name`, `model` and `stages`.")
     return raw, path

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from llmcompress.errors import RecipeError
-from llmcompress.sweep.config import RecommendRule, load_sweep
+from llmcompress.sweep.config import RayExecutorConfig, RecommendRule, load_sweep
 from llmcompress.sweep.expand import expand
 from llmcompress.sweep.recommend import recommend
 from llmcompress.sweep.runner import run_sweep
@@ -109,6 +109,21 @@ def test_cli_dry_run_lists_the_recipes_and_bad_sweeps_exit_2(tmp_path):
     bad = write_sweep(tmp_path, grid={"stages.0.bits": [4]}, executor="slurm")
     r = cli("sweep", bad)
     assert r.returncode == 2 and "executor" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_command_line_executor_and_address_override_the_file(tmp_path):
+    from llmcompress.sweep.runner import resolve_executor
+
+    local = load_sweep(write_sweep(tmp_path, grid={"stages.0.bits": [4]}))
+    assert resolve_executor(local).type == "local"
+    assert resolve_executor(local, "ray").model_dump() == RayExecutorConfig().model_dump()
+    assert resolve_executor(local, address="auto").address == "auto"
+    ray = load_sweep(write_sweep(tmp_path, grid={"stages.0.bits": [4]}, executor={"type": "ray", "num_gpus": 1}))
+    got = resolve_executor(ray, address="ray://head:10001")
+    assert (got.num_gpus, got.address, got.local) == (1, "ray://head:10001", False)
+    assert resolve_executor(ray, "local").type == "local"
+    with pytest.raises(RecipeError, match="unknown sweep executor `slurm`"):
+        resolve_executor(ray, "slurm")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
