@@ -144,7 +144,8 @@ def _facts(summary: dict, rows: list[dict]) -> list[str]:
     where = ex["type"] + (f" ({ex.get('address')})" if ex.get("type") == "ray" else "")
     lines = [f"- Base recipe: `{summary.get('base') or 'inline'}`; executor: {where}; "
              f"{c['done']} ran, {c['resumed']} finished earlier (skipped), {c['failed']} failed, "
-             f"{c['skipped']} skipped as invalid; wall time {summary['seconds']:.0f} s."]
+             f"{c['skipped']} skipped as invalid; this command took {summary['seconds']:.0f} s (the recipes' own "
+             f"run times, summed: {sum(r.get('seconds') or 0 for r in rows):.0f} s)."]
     cond = summary.get("measured") or {}
     if cond.get("eval"):
         lines.append(f"- Quality measured with: {M.describe_conditions(cond['eval'])}.")

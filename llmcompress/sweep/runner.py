@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from . import EXECUTORS
 from .board import LEADERBOARD_CSV, LEADERBOARD_MD, PARETO_PNG, build_rows, render_markdown, write_csv, write_pareto
 from .config import LocalExecutorConfig, RayExecutorConfig, SweepConfig, load_sweep
@@ -60,25 +60,10 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
         return {"name": sweep.name, "points": [_point_entry(p) for p in points]}
     started, t0 = _now(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    outcomes: dict[str, dict] = {}
-    jobs = []
-    for p in points:
-        run_dir = (out / RUNS_DIR / p.name).resolve()
-        if not p.valid:
-            outcomes[p.name] = {"name": p.name, "status": "skipped", "error": p.error, "run_dir": None}
-            continue
-        if fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-        report = finished_report(run_dir, p.recipe.model_dump(mode="json", exclude_none=True))
-        if report is not None:
-            outcomes[p.name] = {"name": p.name, "status": "resumed", "report": report, "run_dir": str(run_dir),
-                                "seconds": (report.get("environment") or {}).get("seconds")}
-            continue
-        origin = str(p.recipe.path) if p.recipe.path else None
-        jobs.append({"name": p.name, "raw": p.raw, "origin": origin, "run_dir": str(run_dir), "fresh": False})
-    if len(jobs) < len([p for p in points if p.valid]):
-        console.log(f"{len([o for o in outcomes.values() if o['status'] == 'resumed'])} recipe(s) finished earlier: "
-                    "skipped (resume)")
+    outcomes, jobs = _plan(points, out, fresh)
+    resumed = sum(o["status"] == "resumed" for o in outcomes.values())
+    if resumed:
+        console.log(f"{resumed} recipe(s) finished earlier: skipped (resume)")
     runner = EXECUTORS.get(ex_cfg.type)(ex_cfg, console, show_progress=show_progress)
     state = {"sweep": sweep, "path": path, "points": points, "out": out, "outcomes": outcomes, "started": started,
              "t0": t0, "executor": runner}
@@ -98,6 +83,39 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
         summary = _write(state, final=True)
     _print_result(console, summary, out)
     return summary
+
+
+def _previous(out: Path) -> dict[str, dict]:
+    """How each recipe ran last time (host, attempts, seconds), from the sweep.json an earlier run left."""
+    try:
+        saved = read_json(out / SWEEP_JSON)
+    except (OSError, ValueError):
+        return {}
+    keep = ("host", "attempts", "seconds")
+    return {o["name"]: {k: o[k] for k in keep if o.get(k) is not None} for o in saved.get("outcomes", [])
+            if o.get("status") in ("done", "resumed")}
+
+
+def _plan(points: list[Point], out: Path, fresh: bool) -> tuple[dict[str, dict], list[dict]]:
+    """Outcomes known before running (skipped as invalid, finished earlier) and the jobs left to run."""
+    before = {} if fresh else _previous(out)
+    outcomes: dict[str, dict] = {}
+    jobs = []
+    for p in points:
+        run_dir = (out / RUNS_DIR / p.name).resolve()
+        if not p.valid:
+            outcomes[p.name] = {"name": p.name, "status": "skipped", "error": p.error, "run_dir": None}
+            continue
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        report = finished_report(run_dir, p.recipe.model_dump(mode="json", exclude_none=True))
+        if report is not None:  # exactly this recipe finished here earlier: nothing is loaded
+            outcomes[p.name] = {"name": p.name, "status": "resumed", "report": report, "run_dir": str(run_dir),
+                                "seconds": (report.get("environment") or {}).get("seconds"), **before.get(p.name, {})}
+            continue
+        origin = str(p.recipe.path) if p.recipe.path else None
+        jobs.append({"name": p.name, "raw": p.raw, "origin": origin, "run_dir": str(run_dir), "fresh": False})
+    return outcomes, jobs
 
 
 def _keep_report(outcome: dict) -> None:
