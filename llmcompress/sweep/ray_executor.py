@@ -13,10 +13,13 @@ ends as an outcome the leaderboard lists.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import MissingExtraError, RecipeError
 from .config import RayExecutorConfig
+
+AUTH_MODE = "RAY_AUTH_MODE"
 
 
 def _task(job: dict) -> dict:
@@ -40,13 +43,16 @@ class RayExecutor:
                 "cluster": self.cluster}
 
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[dict]:
+        set_auth = _token_auth_for(self.config)  # before the import: Ray reads its settings when it loads
         ray = _import_ray()
-        self._connect(ray)
         try:
+            self._connect(ray)
             self._check_fits(ray)
             return self._gather(ray, jobs, on_done)
         finally:
             ray.shutdown()  # stops the local cluster this sweep started; only disconnects from a remote one
+            if set_auth:
+                os.environ.pop(AUTH_MODE, None)
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -67,10 +73,14 @@ class RayExecutor:
             ray.shutdown()
         try:
             ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RecipeError(f"executor: could not connect to {where} ({e}). Fix: start it with "
-                              "`ray start --head` (then `address: auto`), check the address, or leave `address` "
-                              "empty to start a local cluster.") from None
+        except Exception as e:  # noqa: BLE001 - connection, auth and address errors come in many types
+            chain = [e, e.__cause__, e.__context__]
+            auth = any("authentication" in f"{type(x).__name__} {x}".lower() for x in chain if x is not None)
+            fix = ("copy the cluster's token to ~/.ray/auth_token (or set RAY_AUTH_TOKEN) and set RAY_AUTH_MODE=token"
+                   if auth else "start it with `ray start --head` (then `address: auto`), check the address, or "
+                   "leave `address` empty to start a local cluster")
+            first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            raise RecipeError(f"executor: could not connect to {where} ({first}). Fix: {fix}.") from None
         resources = ray.cluster_resources()
         self.cluster = {"address": c.address or "local", "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                         "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
@@ -141,6 +151,19 @@ class RayExecutor:
             text = str(e).strip().splitlines()
             return {"name": job["name"], "run_dir": job["run_dir"], "status": "failed", "error_kind": "runtime",
                     "error": f"{type(e).__name__}: {text[0] if text else ''}"[:500]}
+
+
+def _token_auth_for(config: RayExecutorConfig) -> bool:
+    """Ray 2.60 enables token auth for clusters `ray start` runs, but a driver joining one sends no token unless
+    RAY_AUTH_MODE=token is set (even with the token in ~/.ray/auth_token): set it for the connection when a token is
+    at hand and the user chose no mode. Returns whether it was set here."""
+    if config.local or AUTH_MODE in os.environ:
+        return False
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        return False
+    os.environ[AUTH_MODE] = "token"
+    return True
 
 
 def _import_ray() -> Any:

@@ -59,3 +59,22 @@ def test_a_request_no_node_can_meet_is_an_error_not_a_wait():
         ex._check_fits(_FakeRay([{"CPU": 16, "memory": 64 * 2**30}, {"CPU": 2, "GPU": 1, "memory": 2 * 2**30}]))
     assert "no node of the cluster has that" in str(e.value) and "Fix: lower" in str(e.value)
     ex._check_fits(_FakeRay([{"CPU": 8, "GPU": 2, "memory": 32 * 2**30}]))  # fits: no error
+
+
+def test_joining_a_cluster_sends_the_token_ray_start_set_up(tmp_path, monkeypatch):
+    """Ray 2.60: a driver joining a `ray start` cluster needs RAY_AUTH_MODE=token even with ~/.ray/auth_token
+    (checked by hand against `ray start --head` on loopback, by GCS address and ray://: docs/notes/issue8-sweeps.md)."""
+    import os
+
+    from llmcompress.sweep.ray_executor import _token_auth_for
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    remote = RayExecutorConfig(address="ray://head:10001")
+    assert not _token_auth_for(remote) and "RAY_AUTH_MODE" not in os.environ  # no token at hand: nothing to send
+    (tmp_path / "auth_token").write_text("x" * 64)
+    assert not _token_auth_for(RayExecutorConfig())  # a local cluster sets itself up
+    assert _token_auth_for(remote) and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not _token_auth_for(remote) and os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands
