@@ -1,4 +1,4 @@
-"""Command line: ``llmcompress run | validate | ls | serve | app | setup vllm``.
+"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | setup vllm``.
 
 Thin: it parses arguments and prints; the library does the work.
 
@@ -47,6 +47,32 @@ def run(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished stages are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML file (base recipe + grid/list of overrides)."),
+    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="local | ray (default: the file's)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
+                                          "(implies --executor ray; default: start a local cluster)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Sweep folder (default: runs/sweeps/<name>)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the sweep's finished runs and start over."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Expand and validate every recipe; run nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run a sweep: every recipe of the grid/list, then leaderboard.csv/.md, pareto.png and sweep.json."""
+    from .sweep import run_sweep
+
+    try:
+        summary = run_sweep(sweep_file, output, executor=executor, address=address, fresh=fresh, console=err,
+                            show_progress=not quiet, dry_run=dry_run)
+    except LLMCompressError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: finished recipes are kept; run the same command again to resume.")
+        raise typer.Exit(130) from None
+    if summary.get("counts", {}).get("failed"):
+        raise typer.Exit(1)  # the leaderboard is written; the exit code tells scripts that some recipes failed
 
 
 @app.command()
@@ -103,6 +129,9 @@ def ls() -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     for f in sorted(recipes.glob("*.yaml")):
         table.add_row("recipe", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f), "")
+    for f in sorted(recipes.glob("sweeps/*.yaml")):
+        table.add_row("sweep", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f),
+                      "llmcompress sweep FILE")
     out.print(table)
 
 

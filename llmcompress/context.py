@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .utils.cache import cache_dir
-from .utils.io import atomic_dir, atomic_write_json, read_json, stable_hash
+from .utils.io import atomic_dir, atomic_write_json, file_lock, read_json, stable_hash
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -208,11 +208,13 @@ class RunContext:
 
         key = stable_hash([self.original.fingerprint(), kind, config, versions(methods=False), self.runtime.describe()])
         path = cache_dir("baseline", f"{kind}-{key}.json")
-        if path.is_file():
-            try:
-                return read_json(path)
-            except ValueError:
-                path.unlink(missing_ok=True)  # a torn file from another writer: recompute
-        result = compute()
-        atomic_write_json(path, result)
+        # Locked: recipes of a sweep running at once wait for the first to compute it instead of each computing it.
+        with file_lock(path.with_name(path.name + ".lock")):
+            if path.is_file():
+                try:
+                    return read_json(path)
+                except ValueError:
+                    path.unlink(missing_ok=True)  # a torn file from another writer: recompute
+            result = compute()
+            atomic_write_json(path, result)
         return result

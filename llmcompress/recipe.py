@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import RecipeError
 from .registry import did_you_mean
 from .stage import STAGES, StageConfig
+from .utils.io import read_yaml
 
 
 class ModelSpec(BaseModel):
@@ -120,10 +121,15 @@ class Recipe(BaseModel):
 # Loading
 
 
-def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises RecipeError with a message naming the file, stage and fix."""
-    where = "recipe"
-    path = None
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *, origin: str | Path | None = None,
+                where: str | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with a message naming the file, stage and fix.
+
+    ``origin``: for a dict, the file it came from (relative paths resolve against its folder). ``where``: how errors
+    name a dict recipe (default ``recipe``), e.g. ``sweep.yaml: grid point 3``.
+    """
+    where = where or "recipe"
+    path = Path(origin) if origin is not None else None
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -131,12 +137,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
         where = str(source)
         if not path.is_file():
             raise RecipeError(f"{where}: no such recipe file. Fix: check the path (try `llmcompress ls` for examples).")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"{where}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        raw = read_yaml(path, where)
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{where}: a recipe is a mapping with `name`, `model` and `stages`, got {type(raw).__name__}."

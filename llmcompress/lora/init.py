@@ -131,17 +131,19 @@ def lora_layers(peft_model: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
 
 
-def save_adapter(peft_model: Any, path: Path, info: dict, dtype: str | None = None) -> None:
+def save_adapter(peft_model: Any, path: Path, info: dict, dtype: str | None = None,
+                 state_dict: dict | None = None) -> None:
     """peft's ``save_pretrained``; a PiSSA adapter is converted to a plain LoRA on the unchanged base first.
 
     ``dtype``: store the adapter's float tensors in this dtype (the original's storage dtype: bf16 halves an adapter
-    trained in fp32; later stages measure the adapter as stored).
+    trained in fp32; later stages measure the adapter as stored). ``state_dict``: the full weights when the model is
+    sharded (FSDP gathers them; peft keeps the adapter's part).
     """
     init_dir = info.get("_pissa_init_dir")
     if init_dir:
         peft_model.save_pretrained(str(path), path_initial_model_for_weight_conversion=init_dir)
     else:
-        peft_model.save_pretrained(str(path))
+        peft_model.save_pretrained(str(path), **({"state_dict": state_dict} if state_dict is not None else {}))
     if dtype is not None:
         from safetensors.torch import load_file, save_file
 

@@ -12,6 +12,7 @@ from ..data.calibration import CalibrationConfig
 from ..errors import require
 from ..stage import StageConfig, StageResult
 from . import INITS, MERGES, OBJECTIVES
+from .distributed import AccelerateConfig
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -57,6 +58,7 @@ class LoraStage(StageConfig):
       temperature: 1.0              # distill only
       merge: keep                   # keep | requantize | dequantized; a list measures each, passes on the first
       requantize_from: original     # requantize merges into W (original) or into deq(Q) (dequantized)
+      accelerate: {mixed_precision: "no", num_processes: 1}   # + fsdp: {version: 2} to shard over GPUs
     ```
     """
 
@@ -95,6 +97,10 @@ class LoraStage(StageConfig):
     merge: str | list[str] = Field(
         "keep", description="`keep`, `requantize` or `dequantized`; a list builds and measures each (perplexity, KL, "
         "size) and passes the first on to later stages.",
+    )
+    accelerate: AccelerateConfig = Field(
+        default_factory=AccelerateConfig, description="Mixed precision, training processes (torchrun, one per GPU) "
+        "and FSDP sharding through 🤗 Accelerate (llmcompress/lora/distributed.py).",
     )
     requantize_from: Literal["original", "dequantized"] = Field(
         "original", description="`merge: requantize` merges into the weights quantize started from (`original`, "
@@ -152,6 +158,10 @@ class LoraStage(StageConfig):
         if self.objective != "distill" and self.generate is not None:
             raise ValueError("`generate` needs `objective: distill` (the original model writes the text). "
                              "Fix: remove `generate`, or set `objective: distill`")
+        if self.init == "pissa" and self.accelerate.launches:
+            raise ValueError("`init: pissa` rewrites the base weights before training, which the separate training "
+                             "processes of `accelerate.num_processes`/`fsdp` cannot share. Fix: use `init: default`, "
+                             "or train in one process")
         if self.objective != "distill" and self.temperature != 1.0:
             raise ValueError("`temperature` applies to `objective: distill` only. Fix: remove it")
         return self

@@ -6,6 +6,8 @@ sequences; the loss shown is the mean over the step's micro-batches.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +36,12 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     from ..models.loading import load_model
     from . import INITS, OBJECTIVES
     from .data import build_data
+    from .distributed import in_worker, launch_training
 
+    if not in_worker():
+        cfg.accelerate.check_device(ctx.runtime.device, f"stages[{ctx.stage_index}] (lora)")
+    if cfg.accelerate.launches and not in_worker():
+        return launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
     if ctx.current.meta.get("format") == "peft":
         raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
                           "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
@@ -54,15 +61,16 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     total = sum(p.numel() for p in model.parameters())
     loss_fn = OBJECTIVES.get(cfg.objective)
     t = time.perf_counter()
-    losses = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
+    losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
     train_seconds = time.perf_counter() - t
 
     adapter_dir = ctx.stage_dir / "adapter"
     from ..models.loading import storage_dtype_of
     from .init import save_adapter
 
-    save_adapter(model, adapter_dir, init_info, dtype=storage_dtype_of(ctx.original.path))
-    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors"))
+    if main:  # with several processes, rank 0 writes the adapter
+        save_adapter(model, adapter_dir, init_info, dtype=storage_dtype_of(ctx.original.path), state_dict=state_dict)
+    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")) if main else 0
     steps = len(losses)
     k = max(1, min(5, steps // 4))  # first/last: means of a few steps, one step's loss is noisy
     data_out = {
@@ -84,6 +92,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         "trainable_params": trainable,
         "total_params": total,
         "adapter_bytes": adapter_bytes,
+        "accelerate": cfg.accelerate.model_dump(exclude_none=True),
         **{k2: v for k2, v in init_info.items() if not k2.startswith("_")},
         **({"data_notes": data.notes} if data.notes else {}),
     }
@@ -103,38 +112,52 @@ def total_steps(cfg: "LoraStage", n_sequences: int) -> int:
 
 
 def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", ctx: "RunContext", teacher: Any,
-                seed: int) -> list[float]:
-    """Train the trainable parameters of ``model`` in place; returns the loss of every optimizer step."""
+                seed: int) -> tuple[list[float], dict | None, bool]:
+    """Train the trainable parameters of ``model`` in place through an ``Accelerator`` (``cfg.accelerate``).
+
+    Returns the loss of every optimizer step (the mean over processes), the gathered state dict when the model is
+    sharded (FSDP; else None: save the model itself), and whether this is the process that saves.
+    """
     import torch
     from transformers import get_scheduler
+
+    from .distributed import make_accelerator
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RecipeError("the adapter has no trainable parameters. Fix: check `target_modules`")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, len(data))
-    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     if cfg.gradient_checkpointing:
         # non-reentrant: works with a frozen base (the reentrant variant needs inputs that require grad)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
-    batches = data.batches(cfg.batch_size, seed)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    acc = make_accelerator(cfg.accelerate, ctx.runtime.device)
+    wrapped, opt = acc.prepare(model, opt)  # one process: the same objects back (no wrapper, no device move)
+    rank, world = acc.process_index, acc.num_processes
+    # Every process draws the same seeded order and keeps every world-th micro-batch: its share, none twice.
+    batches = itertools.islice(data.batches(cfg.batch_size, seed), rank, None, world)
     losses: list[float] = []
     log_every, t0 = max(1, steps // 8), time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad(), ctx.task(f"lora {cfg.objective}", total=steps) as advance:
         for step in range(steps):
             step_loss = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = next(batches)
-                loss = loss_fn(model, batch, teacher=teacher, temperature=cfg.temperature)
-                (loss / cfg.grad_accum).backward()
+                # gradients are averaged across processes once per optimizer step, on the last micro-batch
+                with acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+                    loss = loss_fn(wrapped, batch, teacher=teacher, temperature=cfg.temperature)
+                    acc.backward(loss / cfg.grad_accum)
                 step_loss += loss.item() / cfg.grad_accum
+            if world > 1:
+                step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean"))
             if not math.isfinite(step_loss):
                 raise RecipeError(f"lora: the loss became {step_loss} at step {step + 1}. Fix: lower `lr` "
                                   f"(now {cfg.lr}) or raise `warmup_steps`")
             if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -143,7 +166,8 @@ def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", c
             if (step + 1) % log_every == 0 or step + 1 == steps:  # a few lines in the log too (the bar is transient)
                 ctx.log(f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f} "
                         f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
+    state_dict = acc.get_state_dict(wrapped) if cfg.accelerate.fsdp is not None else None  # collective: all ranks
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    return losses
+    return losses, state_dict, acc.is_main_process

@@ -149,8 +149,9 @@ def pareto_figure(rows: list[dict], front: list[bool] | None = None, x: str = "s
             ax.scatter([p[0] for p in on], [p[1] for p in on], s=160, facecolors="none", edgecolors="crimson",
                        lw=1.5, zorder=4)
             ax.legend(loc="lower right")
-        for (r, _), xv, yv in zip(points, xs, ys):
-            ax.annotate(str(r.get("name")), (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        names = [str(r.get("name")) for r, _ in points]
+        for (r, _), xv, yv, offset in zip(points, xs, ys, _label_offsets(ax, xs, ys, names)):
+            ax.annotate(str(r.get("name")), (xv, yv), textcoords="offset points", xytext=offset, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no run measured both figures", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(_label(x) + (" (MiB)" if scale != 1 else ""))
@@ -161,6 +162,25 @@ def pareto_figure(rows: list[dict], front: list[bool] | None = None, x: str = "s
         fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
         fig.subplots_adjust(bottom=0.18)
     return fig
+
+
+def _label_offsets(ax, xs: list[float], ys: list[float], names: list[str]) -> list[tuple[int, int]]:
+    """Label offsets (points) such that no label box covers an earlier one: close runs stay readable."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72  # display pixels per point
+    slots = [(5, 5), (5, -11), (-8, 12), (-8, -18), (5, 19), (5, -25), (-8, 26), (-8, -32)]
+    boxes: list[tuple[float, float, float, float]] = []
+    out = []
+    for (x, y), name in zip(ax.transData.transform(list(zip(xs, ys))), names):
+        w, h = 4.3 * len(name) * scale, 8 * scale  # ~ the width of a 7-point label
+        for dx, dy in slots:
+            x0 = x + dx * scale - (w if dx < 0 else 0)
+            box = (x0, y + dy * scale, x0 + w, y + dy * scale + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        out.append((dx, dy) if dx > 0 else (dx - int(w / scale), dy))
+    return out
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -36,6 +36,20 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_yaml(path: Path, where: str | None = None) -> Any:
+    """Parse a YAML file; RecipeError naming ``where`` (default: the path) and the line on invalid YAML."""
+    import yaml
+
+    from ..errors import RecipeError
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{where or path}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` for each non-blank line; RecipeError naming the line on invalid JSON."""
     from ..errors import RecipeError
@@ -70,6 +84,25 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) until the block ends: processes that share a folder
+    (sweep workers on one machine; NFS v4 too) take turns. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
