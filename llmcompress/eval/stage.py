@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..serving.config import VLLMConfig
+from ..vision.data import ImageDataConfig
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class EvaluateStage(StageConfig):
         "(`llmcompress setup vllm`). Perplexity and KL always run under transformers (they need full logits)."
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
+    data: ImageDataConfig | None = Field(
+        None, description="Vision models only: the images to evaluate on (default builtin:digits, test split).")
 
     @field_validator("tasks")
     @classmethod
@@ -101,6 +105,7 @@ class EvaluateStage(StageConfig):
 
     # -----------------------------------------------------------------------------------------------------------------
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         t0 = time.perf_counter()
         self.preflight()

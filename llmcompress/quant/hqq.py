@@ -173,10 +173,13 @@ def empty_model(path: Path, dtype):
     (a bf16 skeleton would raise the load's peak memory by the dense model's size). Buffers (rotary tables) stay
     real. Attach weights with ``load_state_dict(..., assign=True)``."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from ..vision.kind import auto_model_class
+
+    config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        return auto_model_class(config).from_config(config, dtype=dtype)
 
 
 def _set(model, name: str, module) -> None:

@@ -179,15 +179,16 @@ def _no_init():
 def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """Rebuild an rtn folder: the architecture from config.json, RTNLinear where the metadata says, then the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..models.loading import read_meta, torch_dtype
+    from ..vision.kind import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["rtn"]
     config = AutoConfig.from_pretrained(path)
     with _no_init():  # weights come from the checkpoint; skip the random init
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+        model = auto_model_class(config).from_config(config, dtype=torch_dtype(dtype))
     cls = __getattr__("RTNLinear")
     for name in info["modules"]:
         lin = model.get_submodule(name)
