@@ -41,6 +41,20 @@ def _load_hf(path: str | Path, device: str, dtype: str, **kwargs: Any):
     return model.eval()
 
 
+def to_model_keys(model: Any, state: dict) -> dict:
+    """A state dict read from safetensors, renamed to the model's module names: transformers 5 saves some models
+    (Llava and other VLMs) under their legacy checkpoint names and renames them only inside ``from_pretrained``."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: saved names are module names
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+
+
 def read_meta(path: Path) -> dict:
     f = Path(path) / META
     return read_json(f) if f.is_file() else {"format": "hf"}

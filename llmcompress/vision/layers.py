@@ -107,7 +107,7 @@ def load_swapped(path: str | Path, device: str, dtype: str, swap: Callable[[Any,
     import torch
     from transformers import AutoConfig
 
-    from ..models.loading import read_meta, torch_dtype
+    from ..models.loading import read_meta, to_model_keys, torch_dtype
     from ..quant.rtn import _no_init
     from .kind import auto_model_class
 
@@ -116,7 +116,7 @@ def load_swapped(path: str | Path, device: str, dtype: str, swap: Callable[[Any,
     dt = torch_dtype(dtype)
     with _no_init():
         model = auto_model_class(config).from_config(config, dtype=dt)
-    state = read_state(path)
+    state = to_model_keys(model, read_state(path))
     resize_structured_(model, read_meta(path), state, dt)
     later = swap(model, state, dt) or {}
     state = {k: v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
