@@ -162,6 +162,9 @@ def _folder(cfg: ImageDataConfig, base_dir: Path | None) -> Path:
 
 def digits_arrays(split: str) -> tuple["np.ndarray", "np.ndarray"]:
     """``(images uint8 (N, 8, 8) in 0..255, labels (N,))`` of one split of scikit-learn's digits."""
+    from ..errors import require
+
+    require("sklearn", "vision", "The builtin digits data")
     import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

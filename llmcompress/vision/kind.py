@@ -18,7 +18,6 @@ from ..utils.io import read_json
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-TIMM_PREFIX = "timm:"
 #: transformers' auto class per (kind, task).
 AUTO_CLASSES = {
     ("vision", "image-classification"): "AutoModelForImageClassification",
@@ -48,13 +47,14 @@ def folder_kind(path: str | Path) -> tuple[str, str | None]:
     """``(kind, task)`` of a model folder: its llmcompress.json says, else its config.json (a folder without either,
     or a file, counts as an LLM: the loaders report what is missing)."""
     path = Path(path)
+    conf = path / "config.json"
+    kind, task = kind_of_config(read_json(conf)) if conf.is_file() else ("llm", None)
     meta = path / "llmcompress.json"
     if meta.is_file():
         m = read_json(meta)
-        if m.get("kind"):
-            return m["kind"], m.get("task")
-    conf = path / "config.json"
-    return kind_of_config(read_json(conf)) if conf.is_file() else ("llm", None)
+        if m.get("kind") and m["kind"] != kind:  # an explicit `kind:` the folder was made with
+            return m["kind"], m.get("task") or task
+    return kind, task
 
 
 def auto_class_name(kind: str, task: str | None) -> str:
@@ -83,11 +83,12 @@ def spec_kind(recipe: "Recipe") -> tuple[str | None, str | None]:
     detected: tuple[str | None, str | None] = (None, None)
     if spec.source in VISION_BUILTINS:
         detected = ("vision", VISION_BUILTINS[spec.source][0])
-    elif spec.source.startswith(TIMM_PREFIX):
-        detected = ("vision", "image-classification")
     else:
         path = recipe.resolve_path(spec.source)
         if path.is_dir() and (path / "config.json").is_file():
+            from .timm import check_timm
+
+            check_timm(spec.source, path / "config.json")
             detected = folder_kind(path)
         elif _is_builtin(spec.source):
             detected = ("llm", None)
@@ -103,6 +104,9 @@ def hub_kind(recipe: "Recipe") -> tuple[str | None, str | None]:
         conf = read_json(Path(hf_hub_download(spec.source, "config.json", revision=spec.revision)))
     except Exception:  # noqa: BLE001 - no config.json (GGUF repos), or the hub failed: the loader says more later
         return _reconcile(spec, (None, None))
+    from .timm import check_timm
+
+    check_timm(spec.source, None, conf)
     return _reconcile(spec, kind_of_config(conf))
 
 

@@ -82,7 +82,10 @@ def layer_report(model: Any, stage: Any) -> dict:
     quantized: dict[str, int] = {}
     dense: dict[str, int] = {}
     q_weights = d_weights = 0
+    inner = {id(m.q) for m in model.modules() if type(m).__name__ == "RTNConv2d"}  # counted with their conv
     for m in model.modules():
+        if id(m) in inner:
+            continue
         kind = _type_name(m)
         n = _weight_numel(m)
         if kind in QUANTIZED_TYPES or _torchao_weight(m):
