@@ -12,7 +12,7 @@ from typing import Callable
 from ..utils.cache import cache_dir
 from ..utils.io import atomic_dir, atomic_write_json
 
-VERSION = 1  # bump when an architecture below changes
+VERSION = 2  # bump when an architecture below changes
 LABELS = {i: str(i) for i in range(10)}
 
 
@@ -25,8 +25,9 @@ def build_convnext(path: Path) -> None:
 
     from .builtin import digits_processor
 
+    # layer scale 1 (not ConvNeXt's 1e-6): in a random model the blocks then matter, so adapters on them can learn
     cfg = ConvNextConfig(num_channels=3, patch_size=4, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2,
-                         image_size=32, **_labels())
+                         image_size=32, layer_scale_init_value=1.0, **_labels())
     ConvNextForImageClassification(cfg).save_pretrained(path)
     digits_processor().save_pretrained(path)
 
