@@ -9,8 +9,9 @@ original and the compressed model, plus how far the compressed model's outputs m
 Classification: top-1 (``acc``) and top-5 (``acc_top5``) accuracy with binomial standard errors, so the report
 marks changes within noise. Detection: COCO mAP (``map``, ``map_50``, ``map_75``, ``mar_100``) by pycocotools'
 ``COCOeval`` on the processor's post-processed boxes (no score threshold, every query kept). (torchmetrics'
-``MeanAveragePrecision`` wraps the same code but refuses to run without torchvision, which does not import here.) KL: per image (detection: per query) KL of the class distributions, top-1 agreement of the predicted
-classes, and for detectors the mean L1 shift of the predicted boxes. The original's figures are cached across runs.
+``MeanAveragePrecision`` wraps the same code but refuses to run without torchvision, which does not import here.)
+KL: per image (detection: per query) KL of the class distributions, top-1 agreement of the predicted classes, and
+for detectors the mean L1 shift of the predicted boxes. The original's figures are cached across runs.
 """
 
 from __future__ import annotations

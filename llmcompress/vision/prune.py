@@ -20,7 +20,6 @@ cannot load it, so bnb and torchao (which load through it) cannot follow; rtn, h
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator

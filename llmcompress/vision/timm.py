@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 from ..errors import RecipeError
 
@@ -49,9 +48,3 @@ def check_timm(source: str, conf_path: Path | None, conf: dict | None = None) ->
     problem = timm_problem()
     if problem:
         raise RecipeError(f"model: `{source}` is a timm model, and {problem}. {TIMM_FIX}")
-
-
-def timm_info(model: Any) -> dict:
-    """What a loaded timm model is (for reports)."""
-    return {"architecture": getattr(model.config, "architecture", None),
-            "num_labels": getattr(model.config, "num_labels", None)}

@@ -53,9 +53,10 @@ def test_imagefolder_classes_are_subfolders(tmp_path):
     from PIL import Image
 
     for cls in ("cat", "dog"):
-        (tmp_path / "pets" / "test" / cls).mkdir(parents=True)
+        folder = tmp_path / "pets" / "test" / cls
+        folder.mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "pets" / "test" / cls / f"{i}.png")
+            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     data = load_images(ImageDataConfig(source="imagefolder:pets", split="test"), tmp_path, "image-classification")
     assert data.name == "pets" and data.class_names == ["cat", "dog"] and data.labels == [0, 0, 0, 1, 1, 1]
     with pytest.raises(RecipeError, match="no images in class subfolders"):

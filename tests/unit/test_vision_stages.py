@@ -216,3 +216,14 @@ def test_detector_lora_trains_on_boxes(tmp_path):
                    "data": {"source": "builtin:digits-detect", "samples": 12}, "merge": "dequantized"})
     lora = report["stages"][0]["data"]
     assert lora["steps"] == 3 and all(np.isfinite(lora["loss_curve"]))
+
+
+def test_detection_smoke_recipe_runs(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    report = run_recipe(load_recipe(root / "recipes" / "vision-detect-smoke.yaml", ["stages.1.data.samples=40"]),
+                        tmp_path / "d", show_progress=False)
+    assert report["comparison"]["headline"]["quality"]["metric"] == "map"
+    assert report["models"]["compressed"]["eval"]["digits-detect"]["samples"] == 40
+    assert report["models"]["compressed"]["bench"]["images_per_s_bs8"] > 0
