@@ -41,7 +41,7 @@ def data_config(cfg: "ImageDataConfig | None", task: str | None, split: str) -> 
 
 
 def run_evaluate(stage: Any, ctx: "RunContext") -> "StageResult":
-    from ..eval.stage import summarize
+    from ..eval.stage import measure_both, summarize
     from ..stage import StageResult
     from .adapter import model_kind
     from .data import check_data, load_images
@@ -60,27 +60,14 @@ def run_evaluate(stage: Any, ctx: "RunContext") -> "StageResult":
     settings = {"model_kind": "vision", "task": task, "data": f"{cfg.source} ({cfg.split} split{subset})",
                 "data_fingerprint": data.fingerprint, "images": len(data), "batch_size": batch, "kl": stage.kl,
                 **ctx.runtime.describe(), "notes": list(data.notes)}
-    timing: dict[str, dict] = {"original": {"cached": True}}
 
-    def compute_original() -> dict:
-        timing["original"]["cached"] = False
-        return evaluate_model(ctx.original, data, task, batch)[0]
+    def evaluate(handle: "ModelHandle", timing: dict, reference: "ModelHandle | None") -> dict:
+        results, outputs = evaluate_model(handle, data, task, batch)
+        if reference is not None and stage.kl:
+            results["kl"] = divergence(evaluate_model(reference, data, task, batch)[1], outputs, task)
+        return results
 
-    t = time.perf_counter()
-    key = {**{k: v for k, v in settings.items() if k != "notes"}, "version": EVAL_VERSION}
-    original = ctx.baseline("vision-evaluate", key, compute_original)
-    timing["original"]["seconds"] = round(time.perf_counter() - t, 3)
-    same = ctx.current is ctx.original
-    if same:
-        compressed = dict(original)
-        settings["notes"].append("no earlier stage changed the model: `compressed` repeats the original's figures")
-    else:
-        t = time.perf_counter()
-        compressed, outputs = evaluate_model(ctx.current, data, task, batch)
-        if stage.kl:
-            reference = evaluate_model(ctx.original, data, task, batch)[1]
-            compressed["kl"] = divergence(reference, outputs, task)
-        timing["compressed"] = {"seconds": round(time.perf_counter() - t, 3)}
+    original, compressed, timing, same = measure_both(ctx, "vision-evaluate", settings, EVAL_VERSION, evaluate)
     if not settings["notes"]:
         del settings["notes"]
     applied = {"type": "evaluate", "data": cfg.model_dump(mode="json", exclude_none=True), "kl": stage.kl,

@@ -77,30 +77,23 @@ LOSSES = {"sft": sft_loss, "distill": distill_loss}
 
 def run_lora(stage: Any, ctx: "RunContext") -> "StageResult":
     from ..errors import require
-    from ..models.loading import load_model, storage_dtype_of
+    import torch
+
+    from ..models.loading import storage_dtype_of
     from ..lora import INITS
     from ..lora.init import save_adapter
-    from ..lora.train import train_loop_
+    from ..lora.train import fresh_student, train_loop_
     from ..stage import StageResult
     from .adapter import model_kind
     from .data import check_data
 
     require("peft", "lora", "The lora stage")
-    if ctx.current.meta.get("format") == "peft":
-        raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
-                          "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
     t0 = time.perf_counter()
     _, task = model_kind(ctx)
     task = task or "image-classification"
     cfg_data = train_data_config(stage, task)
-    check_data(cfg_data, ctx.recipe.base_dir, task, "lora: data")
-    seed = ctx.runtime.seed if stage.seed is None else stage.seed
-    import torch
-
-    torch.manual_seed(seed)
-    ctx.current.release()
-    model, processor = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
-    teacher = ctx.original.load()[0] if stage.objective == "distill" else None
+    check_data(cfg_data, ctx.recipe.base_dir, task, "lora: data")  # before any weights load
+    model, processor, teacher, seed = fresh_student(stage, ctx)
     t = time.perf_counter()
     data, n_images = image_train_data(cfg_data, ctx, task, model, processor)
     data_seconds = time.perf_counter() - t
