@@ -41,6 +41,9 @@ def preflight(recipe: Recipe) -> None:
         check_source(resolve_source(recipe.model, recipe.base_dir))
     except LLMCompressError as e:
         raise _located(e, _where(recipe)) from None
+    from .vision.checks import check_recipe_kind
+
+    check_recipe_kind(recipe, _where(recipe), hub=True)  # recipes built in Python; hub models by their config.json
     for i, stage in enumerate(recipe.stages):
         try:
             stage.preflight()

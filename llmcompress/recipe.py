@@ -37,6 +37,10 @@ class ModelSpec(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder or hub repo.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust it.")
+    kind: Literal["auto", "llm", "vision", "vlm"] = Field(
+        "auto", description="auto = from config.json `architectures`; vision = image classification / detection.")
+    task: Literal["image-classification", "object-detection"] | None = Field(
+        None, description="Vision models: the task (default: from config.json).")
 
 
 def _stage_union() -> Any:
@@ -150,6 +154,9 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, raw, where)) from None
     recipe._path = path.resolve() if path else None
+    from .vision.checks import check_recipe_kind
+
+    check_recipe_kind(recipe, where)  # a vision model with an LLM-only setting (and back) fails here
     return recipe
 
 

@@ -26,11 +26,15 @@ MODULE = "llmcompress.bench.memory"
 
 def measure_memory(
     path: str | Path, device: str = "cpu", dtype: str = "bfloat16", threads: int = 1,
-    prompt_tokens: int = 16, new_tokens: int = 4, timeout_s: float = 900,
+    prompt_tokens: int = 16, new_tokens: int = 4, timeout_s: float = 900, module: str = MODULE,
+    args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the probe in a fresh process; return its JSON. Raises LLMCompressError naming the folder and the fix."""
-    cmd = [sys.executable, "-m", MODULE, str(path), "--device", device, "--dtype", dtype, "--threads", str(threads),
-           "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+    """Run the probe in a fresh process; return its JSON. Raises LLMCompressError naming the folder and the fix.
+
+    ``module``/``args``: another probe with the same command line and JSON (the vision probe and its flags).
+    """
+    cmd = [sys.executable, "-m", module, str(path), "--device", device, "--dtype", dtype, "--threads", str(threads)]
+    cmd += args if args is not None else ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     try:

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..serving.config import VLLMConfig
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext
@@ -137,6 +138,7 @@ class BenchmarkStage(StageConfig):
 
             vllm_python(f"stages (benchmark{': ' + self.name if self.name else ''}): backend vllm")
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         import torch
 
@@ -416,11 +418,12 @@ _UNITS = [  # figure prefix -> (summary label, unit, scale, digits)
 ]
 
 
-def summarize(orig: dict, comp: dict, ratios: dict[str, float | None], same: bool) -> dict[str, str]:
+def summarize(orig: dict, comp: dict, ratios: dict[str, float | None], same: bool, units: list = _UNITS,
+              ) -> dict[str, str]:
     """Short lines like ``"decode bs1": "41.2 -> 55.0 tok/s (1.33x)"``; the ratio is ``ratios[figure]``."""
     out = {}
     for key, value in orig.items():
-        for prefix, label, unit, scale, digits in _UNITS:
+        for prefix, label, unit, scale, digits in units:
             if key == prefix or (prefix.endswith("_bs") and key.startswith(prefix)):
                 name = label + key[len(prefix):] if prefix.endswith("_bs") else label
                 a = f"{value * scale:.{digits}f}"

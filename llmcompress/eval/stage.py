@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..serving.config import VLLMConfig
+from ..vision.data import ImageDataConfig
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class EvaluateStage(StageConfig):
         "(`llmcompress setup vllm`). Perplexity and KL always run under transformers (they need full logits)."
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
+    data: ImageDataConfig | None = Field(
+        None, description="Vision models only: the images to evaluate on (default builtin:digits, test split).")
 
     @field_validator("tasks")
     @classmethod
@@ -101,6 +105,7 @@ class EvaluateStage(StageConfig):
 
     # -----------------------------------------------------------------------------------------------------------------
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         t0 = time.perf_counter()
         self.preflight()
@@ -113,25 +118,9 @@ class EvaluateStage(StageConfig):
         text = self._corpus_text(ctx)  # file errors surface before any weights load
         settings = self._settings(ctx, text)
         windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models
-        timing: dict[str, dict[str, Any]] = {"original": {"cached": True}}
-
-        def compute_original() -> dict:
-            timing["original"]["cached"] = False
-            return self._evaluate(ctx, ctx.original, text, windows, timing["original"])
-
-        t = time.perf_counter()
-        key = {**{k: v for k, v in settings.items() if k != "notes"}, "version": EVAL_VERSION}
-        original = ctx.baseline("evaluate", key, compute_original)
-        timing["original"]["seconds"] = round(time.perf_counter() - t, 3)
-        same = ctx.current is ctx.original
-        if same:
-            compressed = dict(original)
-            settings["notes"].append("no earlier stage changed the model: `compressed` repeats the original's figures")
-        else:
-            t = time.perf_counter()
-            timing["compressed"] = {}
-            compressed = self._evaluate(ctx, ctx.current, text, windows, timing["compressed"], reference=ctx.original)
-            timing["compressed"]["seconds"] = round(time.perf_counter() - t, 3)
+        original, compressed, timing, same = measure_both(
+            ctx, "evaluate", settings, EVAL_VERSION,
+            lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference))
         if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
         if not settings["notes"]:
@@ -222,6 +211,34 @@ class EvaluateStage(StageConfig):
                 out["perplexity"] = perplexity(model, windows["w"], advance)
                 timing["perplexity_s"] = round(time.perf_counter() - t, 3)
         return out
+
+
+def measure_both(ctx: "RunContext", kind: str, settings: dict, version: int,
+                 evaluate: Callable[["ModelHandle", dict, "ModelHandle | None"], dict],
+                 ) -> tuple[dict, dict, dict, bool]:
+    """``(original, compressed, timing, same)``: the original's results (cached across runs by ``settings`` but its
+    ``notes``, and ``version``) and the current model's, from ``evaluate(handle, timing, reference)`` (``reference``:
+    the original, for divergence figures; None for the original itself)."""
+    timing: dict[str, dict[str, Any]] = {"original": {"cached": True}}
+
+    def compute_original() -> dict:
+        timing["original"]["cached"] = False
+        return evaluate(ctx.original, timing["original"], None)
+
+    t = time.perf_counter()
+    key = {**{k: v for k, v in settings.items() if k != "notes"}, "version": version}
+    original = ctx.baseline(kind, key, compute_original)
+    timing["original"]["seconds"] = round(time.perf_counter() - t, 3)
+    same = ctx.current is ctx.original
+    if same:
+        compressed = dict(original)
+        settings["notes"].append("no earlier stage changed the model: `compressed` repeats the original's figures")
+    else:
+        t = time.perf_counter()
+        timing["compressed"] = {}
+        compressed = evaluate(ctx.current, timing["compressed"], ctx.original)
+        timing["compressed"]["seconds"] = round(time.perf_counter() - t, 3)
+    return original, compressed, timing, same
 
 
 def primary_metrics(results: dict[str, Any]) -> dict[str, tuple[str, float]]:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 #: Methods whose saved folder is llmcompress's own layout (``llmcompress.json`` format != hf): plain
 #: ``from_pretrained`` cannot rebuild their layers. torchao-int4wo is one of them on CPU only (checked at run time).
-OWN_LAYOUT_METHODS = ("rtn", "hqq")
+OWN_LAYOUT_METHODS = ("rtn", "hqq", "dynamic-int8")
 #: ``llmcompress.json`` keys describing those layouts; an export that rewrites the weights drops them.
 LAYOUT_KEYS = ("rtn", "hqq", "torchao")
 
@@ -127,30 +127,33 @@ def plain_config(model):
 # Reload check
 
 
-def reload_check(ctx: "RunContext", loader: str, folder: Path) -> dict[str, Any]:
+def reload_check(ctx: "RunContext", loader: str, folder: Path, inputs: dict | None = None,
+                 unit: str = "tokens") -> dict[str, Any]:
     """Load the export in a fresh Python process the way its consumer does and compare its logits with the model
-    the run evaluates, on the same 32 tokens of text.
+    the run evaluates, on the same 32 tokens of text (or on ``inputs``, e.g. ``{"pixel_values": ...}``).
 
-    ``loader``: a Python expression for the model, with ``folder`` and ``dtype`` in scope.
+    ``loader``: a Python expression for the model, with ``folder``, ``dtype`` and ``transformers`` in scope.
     """
     import torch
 
     model, tokenizer = ctx.current.load()
-    ids = tokenizer("def quantize(model, bits=4):\n    return model  # a short probe text for the reload check",
-                    return_tensors="pt").input_ids[:, :32]
+    if inputs is None:
+        ids = tokenizer("def quantize(model, bits=4):\n    return model  # a short probe text for the reload check",
+                        return_tensors="pt").input_ids[:, :32]
+        inputs = {"input_ids": ids}
     with torch.no_grad():
-        ours = model(input_ids=ids.to(model.device)).logits.float().cpu()
+        ours = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float().cpu()
     probe = folder.parent / f".{folder.name}.probe.pt"
-    torch.save({"ids": ids.cpu()}, probe)
+    torch.save({"inputs": {k: v.cpu() for k, v in inputs.items()}}, probe)
     code = (
-        "import torch, json, sys\n"
+        "import torch, json, sys, transformers\n"
         f"torch.set_num_threads({ctx.runtime.threads})\n"
         "from transformers import AutoModelForCausalLM\n"
         f"folder, dtype = {str(folder)!r}, torch.{ctx.runtime.dtype}\n"
         f"model = ({loader}).eval()\n"
-        f"ids = torch.load({str(probe)!r})['ids']\n"
+        f"inputs = torch.load({str(probe)!r})['inputs']\n"
         "with torch.no_grad():\n"
-        "    logits = model(input_ids=ids).logits.float()\n"
+        "    logits = model(**inputs).logits.float()\n"
         f"torch.save(logits, {str(probe)!r})\n"
     )
     try:
@@ -163,8 +166,10 @@ def reload_check(ctx: "RunContext", loader: str, folder: Path) -> dict[str, Any]
     finally:
         probe.unlink(missing_ok=True)
     diff = (theirs - ours).abs()
+    first = next(iter(inputs.values()))
     return {
-        "tokens": int(ids.shape[1]),
+        "tokens": int(first.shape[1] if unit == "tokens" else first.shape[0]),
+        **({"unit": unit} if unit != "tokens" else {}),
         "max_abs_logit_diff": round(float(diff.max()), 6),
         "max_abs_logit": round(float(ours.abs().max()), 4),
         "top1_agreement": round(float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()), 4),

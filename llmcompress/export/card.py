@@ -160,7 +160,7 @@ def _measured(report: dict, export: dict) -> str:
         lines += ["", f"Reload check: this folder, loaded in a fresh process by its consumer, gives logits within "
                       f"{M.fmt_number(reload['max_abs_logit_diff'])} (max |Δ|; logits up to "
                       f"{M.fmt_number(reload['max_abs_logit'])}) of the model evaluated above, top-1 token agreement "
-                      f"{reload['top1_agreement']:.0%} over {reload['tokens']} tokens."]
+                      f"{reload['top1_agreement']:.0%} over {reload['tokens']} {reload.get('unit', 'tokens')}."]
     lines += ["", "The full report (all tasks, memory, conditions) is `report.md` in the run folder."]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import LLMCompressError
 from ..registry import did_you_mean
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 from . import EXPORT_FORMATS
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ExportStage(StageConfig):
 
     # -----------------------------------------------------------------------------------------------------------------
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         from ..utils.io import atomic_dir, folder_size
 

@@ -84,10 +84,13 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
     """``get_peft_model`` on the modules ``cfg.target_modules`` names, with errors that say what exists."""
     from peft import LoraConfig, get_peft_model
 
+    from ..vision.kind import kind_of_config
+
     names = target_names(model, cfg.target_modules)
+    vision = kind_of_config(model.config.to_dict())[0] == "vision"  # no causal-LM wrapper around an image model
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$", task_type="CAUSAL_LM",
-                      **lora_kwargs)
+                      target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
+                      task_type=None if vision else "CAUSAL_LM", **lora_kwargs)
     try:
         return get_peft_model(model, lcfg)
     except ValueError as e:

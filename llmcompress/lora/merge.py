@@ -253,6 +253,9 @@ def link_tree(src: Path, dst: Path) -> None:
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     from transformers import AutoTokenizer
 
+    if (Path(src) / "preprocessor_config.json").is_file():  # a vision model: its image processor
+        shutil.copy2(Path(src) / "preprocessor_config.json", Path(dst) / "preprocessor_config.json")
+        return
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
 
 

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.calibration import CalibrationConfig
+from ..vision.data import TrainDataConfig
 from ..errors import require
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 from . import INITS, MERGES, OBJECTIVES
 from .distributed import AccelerateConfig
 
@@ -65,9 +67,10 @@ class LoraStage(StageConfig):
     type: Literal["lora"] = "lora"
     objective: str = Field(description="`distill` (match the original model's next-token distribution, no labels) "
                            "or `sft` (next-token loss on the data; chats: loss on the assistant turns only).")
-    data: CalibrationConfig = Field(
+    data: TrainDataConfig = Field(
         default_factory=lambda: CalibrationConfig(samples=64, seq_len=256),
-        description="Training text: source, samples (windows, or rows of a chat .jsonl), seq_len, seed, skip_tokens.",
+        description="Training text: source, samples (windows, or rows of a chat .jsonl), seq_len, seed, skip_tokens. "
+        "Vision models: images (`{source: builtin:digits, split: train}`; default).",
     )
     generate: GenerateConfig | None = Field(
         None, description="distill only: train on text the original model generates from prompts cut from `data`."
@@ -205,6 +208,7 @@ class LoraStage(StageConfig):
         require("peft", "lora", "The lora stage")
         check_calibration(self.data)  # absolute paths and hub sources now; relative paths when the stage runs
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         from ..data.calibration import check_calibration
         from .train import train_adapter

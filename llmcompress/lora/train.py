@@ -33,7 +33,6 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     """Load a fresh copy of the current model, wrap it with LoRA, train it, save the adapter to <stage>/adapter."""
     import torch
 
-    from ..models.loading import load_model
     from . import INITS, OBJECTIVES
     from .data import build_data
     from .distributed import in_worker, launch_training
@@ -42,15 +41,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         cfg.accelerate.check_device(ctx.runtime.device, f"stages[{ctx.stage_index}] (lora)")
     if cfg.accelerate.launches and not in_worker():
         return launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
-    if ctx.current.meta.get("format") == "peft":
-        raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
-                          "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
-    seed = ctx.runtime.seed if cfg.seed is None else cfg.seed
-    torch.manual_seed(seed)
-    # A fresh copy: the in-memory current model may be the original (the distill teacher) or shared with other stages.
-    ctx.current.release()
-    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
-    teacher = ctx.original.load()[0] if cfg.objective == "distill" else None
+    model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
     t = time.perf_counter()
     with ctx.task(f"lora: {cfg.objective} data"):
         data = build_data(cfg, ctx, tokenizer, teacher)
@@ -101,6 +92,24 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
                      "base": ctx.current.describe()}}
     del model
     return Trained(data=data_out, meta=meta)
+
+
+def fresh_student(cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, Any, Any, int]:
+    """``(model, tokenizer or image processor, teacher or None, seed)``: a fresh copy of the current model to train
+    (the in-memory one may be the original, the distill teacher, or shared with other stages), seeded."""
+    import torch
+
+    from ..models.loading import load_model
+
+    if ctx.current.meta.get("format") == "peft":
+        raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
+                          "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
+    seed = ctx.runtime.seed if cfg.seed is None else cfg.seed
+    torch.manual_seed(seed)
+    ctx.current.release()
+    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
+    teacher = ctx.original.load()[0] if cfg.objective == "distill" else None
+    return model, tokenizer, teacher, seed
 
 
 def total_steps(cfg: "LoraStage", n_sequences: int) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
 from ..registry import Registry, did_you_mean
+from ..vision import VISION_BUILTINS
 
 if TYPE_CHECKING:
     from ..recipe import ModelSpec
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 MODELS: Registry = Registry("builtin model")
 MODELS.register_lazy("smollm2-135m", "llmcompress.models.builtin:smollm2_135m")
 MODELS.register_lazy("tiny-random-llama", "llmcompress.models.tiny:tiny_random_llama")
+for _name, (_task, _target) in VISION_BUILTINS.items():  # digits-convnext, ...: trained here, cached
+    MODELS.register_lazy(_name, _target)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -22,6 +22,8 @@ FORMATS.register_lazy("hqq", "llmcompress.quant.hqq:load_hqq")
 FORMATS.register_lazy("torchao", "llmcompress.quant.torchao:load_torchao")
 FORMATS.register_lazy("peft", "llmcompress.lora.merge:load_peft")  # base folder + LoRA adapter, not merged
 FORMATS.register_lazy("compressed-tensors", "llmcompress.quant.llmcompressor:load_compressed_tensors")
+FORMATS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:load_dynamic_int8")
+FORMATS.register_lazy("structured", "llmcompress.vision.layers:load_structured")  # MLP channels removed
 
 
 def torch_dtype(name: str):
@@ -31,12 +33,26 @@ def torch_dtype(name: str):
 
 
 def _load_hf(path: str | Path, device: str, dtype: str, **kwargs: Any):
-    from transformers import AutoModelForCausalLM
+    from ..vision.kind import auto_model_class  # AutoModelForCausalLM, or the VLM / vision class
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
+    model = auto_model_class(path).from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu" and getattr(model, "hf_quantizer", None) is None:
         model = model.to(device)
     return model.eval()
+
+
+def to_model_keys(model: Any, state: dict) -> dict:
+    """A state dict read from safetensors, renamed to the model's module names: transformers 5 saves some models
+    (Llava and other VLMs) under their legacy checkpoint names and renames them only inside ``from_pretrained``."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: saved names are module names
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
 
 
 def read_meta(path: Path) -> dict:
@@ -48,6 +64,12 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
     """Load a model folder we (or anyone, via ``save_pretrained``) wrote. Returns ``(model, tokenizer)``."""
     from transformers import AutoTokenizer
 
+    from ..vision.kind import folder_kind
+
+    if folder_kind(path)[0] == "vision":  # (model, image processor): the vision adapter's loaders
+        from ..vision.loading import load_vision
+
+        return load_vision(path, device, dtype, **kwargs)
     meta = read_meta(Path(path)) if Path(path).is_dir() else {"format": "hf"}
     loader = FORMATS.get(meta.get("format", "hf"))
     try:

@@ -14,5 +14,6 @@ PRUNERS.register_lazy("magnitude", "llmcompress.prune.magnitude:MagnitudeConfig"
 PRUNERS.register_lazy("wanda", "llmcompress.prune.wanda:WandaConfig")
 PRUNERS.register_lazy("sparsegpt", "llmcompress.prune.llmcompressor:SparseGPTConfig")
 PRUNERS.register_lazy("llmc-wanda", "llmcompress.prune.llmcompressor:LlmcWandaConfig")
+PRUNERS.register_lazy("structured", "llmcompress.vision.prune:StructuredConfig")
 
 PruneStage = Annotated[Union[tuple(PRUNERS.get(name) for name in PRUNERS.names())], Field(discriminator="method")]

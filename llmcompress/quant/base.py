@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from ..errors import RecipeError
 from ..utils.patterns import check_regexes, matches_any
 from ..stage import StageConfig, StageResult
+from ..vision.adapter import vision_aware
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -73,6 +74,7 @@ class QuantizeConfig(StageConfig):
         save_model(model, tokenizer, path, meta, storage_dtype=storage_dtype_of(ctx.original.path))
         return model, tokenizer
 
+    @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         from ..models.loading import param_bytes
 

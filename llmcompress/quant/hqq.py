@@ -129,7 +129,7 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     from hqq.core.quantize import HQQLinear
     from safetensors.torch import load_file
 
-    from ..models.loading import read_meta, torch_dtype
+    from ..models.loading import read_meta, to_model_keys, torch_dtype
 
     path = Path(path)
     info = read_meta(path)["hqq"]
@@ -139,6 +139,7 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
+    state = to_model_keys(model, state)
     # dense parts may be stored in another dtype (the original's) than the one we run in; HQQ's own tensors are
     # converted below, after hqq has decoded them
     dt, hqq_keys = torch_dtype(dtype), tuple(f"{name}." for name in info["modules"])
@@ -173,10 +174,13 @@ def empty_model(path: Path, dtype):
     (a bf16 skeleton would raise the load's peak memory by the dense model's size). Buffers (rotary tables) stay
     real. Attach weights with ``load_state_dict(..., assign=True)``."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from ..vision.kind import auto_model_class
+
+    config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        return auto_model_class(config).from_config(config, dtype=dtype)
 
 
 def _set(model, name: str, module) -> None:

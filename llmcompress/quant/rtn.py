@@ -179,15 +179,16 @@ def _no_init():
 def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """Rebuild an rtn folder: the architecture from config.json, RTNLinear where the metadata says, then the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from ..models.loading import read_meta, torch_dtype
+    from ..models.loading import read_meta, to_model_keys, torch_dtype
+    from ..vision.kind import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["rtn"]
     config = AutoConfig.from_pretrained(path)
     with _no_init():  # weights come from the checkpoint; skip the random init
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+        model = auto_model_class(config).from_config(config, dtype=torch_dtype(dtype))
     cls = __getattr__("RTNLinear")
     for name in info["modules"]:
         lin = model.get_submodule(name)
@@ -197,6 +198,7 @@ def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
+    state = to_model_keys(model, state)
     dt = torch_dtype(dtype)  # dense parts may be stored in another dtype than the one we run in
     state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

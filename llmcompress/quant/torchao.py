@@ -288,9 +288,9 @@ def _int4_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
 def load_torchao(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """Load a torchao folder: through transformers, or (CPU int4) by packing the plain int4 for this CPU."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from ..models.loading import read_meta, torch_dtype
+    from ..vision.kind import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["torchao"]
@@ -302,7 +302,8 @@ def load_torchao(path: str | Path, device: str, dtype: str, **kwargs: Any):
     if info["layout"] == INT4_PLAIN:
         model = _load_int4_plain(path, info, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map=device, **kwargs)
+        model = auto_model_class(path).from_pretrained(str(path), dtype=torch_dtype(dtype), device_map=device,
+                                                       **kwargs)
     for name in info["modules"]:
         _compute_in_(model.get_submodule(name), info.get("kernel_dtype") or dtype, dtype)
     return model.eval()

@@ -32,6 +32,8 @@ _RUNTIME_KEYS = ("device", "gpu", "cpu", "cpu_count", "threads", "dtype")
 #: Preferred headline metrics, in order: (task or None for any, metric).
 _PPL_PREFERENCE = [("perplexity", "perplexity"), (None, "perplexity"), (None, "word_perplexity")]
 _ACC_PREFERENCE = ["acc", "acc_norm", "exact_match"]
+#: Vision runs (no perplexity): quality is detection mAP, else top-1 accuracy; speed is images/s.
+_VISION_QUALITY = ["map", "acc"]
 
 
 def build_report(recipe: Any, environment: dict, stages: list[dict], original: dict, compressed: dict | None) -> dict:
@@ -90,6 +92,8 @@ def _stage_entry(position: int, stage: dict) -> dict:
     config = stage.get("config") or {}
     if hasattr(config, "model_dump"):
         config = config.model_dump(mode="json", exclude_none=True)
+    # a stage may say which settings it applied (vision stages: their own defaults, not the LLM ones)
+    config = (result.get("data") or {}).get("applied_config") or config
     return {
         "index": stage.get("index", position),
         "dir": stage.get("dir"),
@@ -216,11 +220,19 @@ def _headline_figures(comparison: dict) -> dict:
         if hit:
             out["accuracy"] = {"task": hit[0], "metric": hit[1], **metrics[hit[0]][hit[1]]}
             break
+    vision = ((comparison.get("eval") or {}).get("measured_with") or {}).get("model_kind") == "vision"
+    for want in _VISION_QUALITY if vision and out["quality"] is None else []:
+        hit = next(((t, m) for t, ms in metrics.items() for m in ms if M.base_name(m) == want), None)
+        if hit:
+            out["quality"] = {"task": hit[0], "metric": hit[1], **metrics[hit[0]][hit[1]]}
+            break
     figures = (comparison.get("bench") or {}).get("figures") or {}
-    decode = sorted((M.split_batch(f)[1] or 0, f) for f in figures if M.split_batch(f)[0] == "decode_tok_s")
-    if decode:
-        batch, fig = decode[0]
-        out["speed"] = {"figure": fig, "batch": batch or None, **figures[fig]}
+    for speed_figure in ("decode_tok_s", "images_per_s"):
+        decode = sorted((M.split_batch(f)[1] or 0, f) for f in figures if M.split_batch(f)[0] == speed_figure)
+        if decode:
+            batch, fig = decode[0]
+            out["speed"] = {"figure": fig, "batch": batch or None, **figures[fig]}
+            break
     return out
 
 
@@ -249,13 +261,14 @@ def headline_text(report: dict) -> str:
         parts.append(cmp["size"]["change"])
     for key in ("quality", "accuracy"):
         q = head.get(key)
-        if q:
+        if q and not (key == "accuracy" and q == head.get("quality")):  # vision: one figure is both
             name = q["metric"] if q["task"] == q["metric"] else f"{q['task']} {q['metric']}"
             parts.append(f"{name} {q['change']}")
     if head.get("speed"):
         s = head["speed"]
         at = f" at batch {s['batch']}" if s.get("batch") else ""
-        parts.append(f"decode {s['change']}{at}")
+        what = "images/s" if s["figure"].startswith("images_per_s") else "decode"
+        parts.append(f"{what} {s['change']}{at}")
     text = f"{report['method'] or report['name']}: " + (", ".join(parts) if parts else "nothing measured")
     return text + (f" — {cond}" if cond else "")
 

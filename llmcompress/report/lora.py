@@ -35,9 +35,11 @@ def recovery(stages: list[dict]) -> dict | None:
         return None
     b, a = before[-1]["data"], after[0]["data"]
     # Only a distill adapter aims at the original; an sft adapter moves away from it on purpose (a task, not repair).
-    recovering = lora["data"].get("objective") == "distill"
+    # On a vision model sft trains on the task's own labels: it recovers the compressed model's accuracy.
+    vision = (b.get("settings") or {}).get("model_kind") == "vision"
+    recovering = lora["data"].get("objective") == "distill" or vision
     figures = {}
-    for name, (part, key), fixed in _FIGURES:
+    for name, (part, key), fixed in _FIGURES + (_vision_figures(b) if vision else ()):
         o = fixed if fixed is not None else _get(b, "original", part, key)
         vb, va = _get(b, "compressed", part, key), _get(a, "compressed", part, key)
         if not all(M.is_number(x) for x in (o, vb, va)):
@@ -48,6 +50,8 @@ def recovery(stages: list[dict]) -> dict | None:
                          "relative": (va - vb) / vb if vb else None}
     out: dict[str, Any] = {"lora_stage": _where(lora), "before_stage": _where(before[-1]),
                            "after_stage": _where(after[0]), "figures": figures}
+    if vision:
+        out["vision"] = True
     data = lora["data"]
     merge = (data.get("merges") or {}).get(data.get("merge")) or {}
     out["size"] = {"before_bytes": data.get("base_size_bytes"), "after_bytes": merge.get("size_bytes"),
@@ -56,6 +60,15 @@ def recovery(stages: list[dict]) -> dict | None:
                                               "loss_first", "loss_last", "merge")}
     out["bench"] = _bench(stages, lora["index"])
     return out
+
+
+def _vision_figures(data: dict) -> tuple:
+    """Vision evaluations: the headline score (top-1 ``acc``, detection ``map``) of the data evaluated on."""
+    for task, metrics in (data.get("original") or {}).items():
+        for name in ("map", "acc"):
+            if isinstance(metrics, dict) and name in metrics:
+                return ((name, (task, name), None),)
+    return ()
 
 
 def _bench(stages: list[dict], lora_index: int) -> dict | None:
@@ -95,7 +108,7 @@ def recovery_markdown(report: dict) -> str:
     if not rec:
         return ""
     rows = []
-    recovering = rec["train"].get("objective") == "distill"
+    recovering = rec["train"].get("objective") == "distill" or rec.get("vision", False)
     for name, f in rec["figures"].items():
         if recovering:
             change = f"{f['gap_closed'] * 100:.0f}%" if M.is_number(f["gap_closed"]) else "—"
@@ -120,7 +133,9 @@ def recovery_markdown(report: dict) -> str:
              f"{M.fmt_number(t.get('train_seconds'))} s, {M.fmt_number(t.get('trainable_params'))} trainable params, "
              f"loss {M.fmt_number(t.get('loss_first'))} -> {M.fmt_number(t.get('loss_last'))}, merge {t.get('merge')}")
     what = ("Gap closed = (before − after) / (before − original): the share of the gap to the original the adapter "
-            "closes (KL's original value is 0, top-1 agreement's 1)." if recovering else
+            "closes (KL's original value is 0, top-1 agreement's 1)."
+            + (" On images, sft trains on the task's labels: a recovery objective." if rec.get("vision") else "")
+            if recovering else
             "Change = (after − before) / before. An sft adapter learns a task: moving away from the original (KL up) "
             "is expected; judge it on the task's own data.")
     return (f"## LoRA {'recovery' if recovering else 'fine-tune'}\n\n" + _table(header, rows)
@@ -133,15 +148,16 @@ def merges_markdown(report: dict) -> str:
     if not mm:
         return ""
     rows = []
+    score = next((k for k in ("perplexity", "map", "acc") if any(k in m for m in mm["modes"].values())), "perplexity")
     for mode, m in mm["modes"].items():
         name = mode + (" (passed on)" if mode == mm["passed_on"] else "")
-        rows.append([name, M.fmt_number(m.get("perplexity")), M.fmt_number(m.get("kl_mean")),
+        rows.append([name, M.fmt_number(m.get(score)), M.fmt_number(m.get("kl_mean")),
                      M.fmt_number(m.get("top1_agreement")), M.fmt_bytes(m.get("size_bytes")),
                      f"{m['seconds']:.1f} s" if M.is_number(m.get("seconds")) else "—"])
     cond = M.describe_conditions(mm.get("measured_with"))
     return ("## LoRA merge modes\n\n"
-            + _table(["merge", "perplexity", "KL mean vs original", "top-1 agreement", "size on disk", "merge time"],
-                     rows)
+            + _table(["merge", {"acc": "top-1 accuracy", "map": "mAP"}.get(score, score), "KL mean vs original",
+                      "top-1 agreement", "size on disk", "merge time"], rows)
             + f"\n\n*keep: adapter beside the quantized base (loads with peft); requantize: merged into the weights "
               f"before quantization, quantized again with the same method; dequantized: merged into a dense copy of "
               f"the dequantized base. Same adapter, measured with: {cond}.*")

@@ -127,10 +127,16 @@ def _kl(report: dict) -> str:
     rows = [[name, _BETTER[e["better"]], M.fmt_number(e["value"])] for name, e in kl["metrics"].items()]
     tokens = report["models"]["compressed"]["kl"].get("tokens")
     over = f" over {tokens:,} tokens" if M.is_number(tokens) else ""
+    what = ("next-token distributions", "positions", "token")
+    per = report["models"]["compressed"]["kl"].get("per")  # vision: "image" or "detection query"
+    if per:
+        n = report["models"]["compressed"]["kl"].get("samples")
+        over, what = (f" over {n:,} {per}s" if M.is_number(n) else ""), ("class distributions", f"{per}s", "class")
     return ("### Divergence from the original\n\n"
             + _table(["figure", "direction", "compressed vs original"], rows)
-            + f"\n\n*KL(original ‖ compressed) of next-token distributions{over}; top-1 agreement = share of positions "
-              f"where both models pick the same token. Measured with: {M.describe_conditions(kl['measured_with'])}.*")
+            + f"\n\n*KL(original ‖ compressed) of {what[0]}{over}; top-1 agreement = share of {what[1]} "
+              f"where both models pick the same {what[2]}. "
+              f"Measured with: {M.describe_conditions(kl['measured_with'])}.*")
 
 
 def _bench(report: dict, group: str, title: str) -> str:

@@ -18,7 +18,8 @@ SIZE_TOLERANCE = 0.005
 
 _LOWER = re.compile(r"(perplexity|bits_per_byte|^loss$|^nll$|^kl_|_ms$|_ms_|_s$|_seconds$|_bytes$|^ttft)")
 _HIGHER = re.compile(
-    r"(^acc|^exact_match$|^em$|^f1$|^mcc$|^bleu|^rouge|^top\d+_agreement$|tok_s|^requests_per_s|^recovery)"
+    r"(^acc|^exact_match$|^em$|^f1$|^mcc$|^bleu|^rouge|^top\d+_agreement$|tok_s|^requests_per_s|^recovery"
+    r"|^images_per_s|^map(_\d+)?$|^mar_\d+$)"
 )
 #: Numbers that describe a measurement rather than score it (kept in the report, never compared).
 _META = re.compile(r"(_stderr$|^tokens$|^samples$|^n$|^count$|^num_|^alias$|^corpus$)")
@@ -42,6 +43,9 @@ _BENCH_LABELS = {
     "itl_p50_ms": "inter-token latency p50",
     "itl_p95_ms": "inter-token latency p95",
     "model_memory_bytes": "weights in memory (vLLM)",
+    "images_per_s": "images/s",
+    "latency_ms": "latency per batch (median)",
+    "latency_p95_ms": "latency per batch p95",
 }
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -129,6 +133,8 @@ def fmt_value(name: str, value: Any) -> str:
         return f"{value:,.1f} tok/s"
     if base == "requests_per_s":
         return f"{value:,.2f} req/s"
+    if base == "images_per_s":
+        return f"{value:,.1f} img/s"
     if base.endswith("_ms") or "_ms_" in base:
         return f"{value:,.1f} ms"
     if base.endswith("_s") or base.endswith("_seconds"):

@@ -28,7 +28,7 @@ def tradeoff_panels(report: dict) -> list[dict]:
                              [size["original_bytes"] / 2**20], [size["compressed_bytes"] / 2**20]))
     for key in ("quality", "accuracy"):
         q = head.get(key)
-        if q:
+        if q and not (key == "accuracy" and q == head.get("quality")):  # vision: one figure is both
             title = q["metric"] if q["task"] == q["metric"] else f"{q['task']}: {q['metric']}"
             errors = None
             if "stderr" in q:  # per-model stderrs from the model entries
@@ -37,12 +37,15 @@ def tradeoff_panels(report: dict) -> list[dict]:
                 errors = [e.get(f"{name}_stderr{sep}{flt}") or 0 for e in evals]
             panels.append(_panel(title, q["better"], q["change"], [""], [q["original"]], [q["compressed"]], errors))
     figures = (cmp.get("bench") or {}).get("figures") or {}
-    decode = sorted((M.split_batch(f)[1] or 0, f) for f in figures if M.split_batch(f)[0] == "decode_tok_s")
-    if decode:
-        entries = [figures[f] for _, f in decode]
-        change = head["speed"]["change"] + (f" at batch {head['speed']['batch']}" if head["speed"].get("batch") else "")
-        panels.append(_panel("Decode tokens/s", "higher", change, [f"batch {b}" if b else "" for b, _ in decode],
-                             [e["original"] for e in entries], [e["compressed"] for e in entries]))
+    for speed_figure, title in (("decode_tok_s", "Decode tokens/s"), ("images_per_s", "Images/s")):
+        decode = sorted((M.split_batch(f)[1] or 0, f) for f in figures if M.split_batch(f)[0] == speed_figure)
+        if decode:
+            entries = [figures[f] for _, f in decode]
+            speed = head["speed"]
+            change = speed["change"] + (f" at batch {speed['batch']}" if speed.get("batch") else "")
+            panels.append(_panel(title, "higher", change, [f"batch {b}" if b else "" for b, _ in decode],
+                                 [e["original"] for e in entries], [e["compressed"] for e in entries]))
+            break
     return panels
 
 

@@ -1,0 +1,29 @@
+"""Vision models through the same recipes and stages: a compatibility adapter.
+
+Image classification (ViT, ResNet, ConvNeXt, timm models through transformers' ``TimmWrapper``, ...) and object
+detection (DETR, YOLOS, ...) models run through the ordinary stage types. Each stage's ``run`` is wrapped by
+``adapter.vision_aware``: for a vision model it hands over to the implementation registered in ``VISION_STAGES``
+(modules in this package); for an LLM nothing changes. Reading a recipe imports nothing heavy from here.
+"""
+
+from __future__ import annotations
+
+from ..registry import Registry
+
+TASKS = ("image-classification", "object-detection")
+
+#: Builtin vision models: name -> (task, "module:function" building the cached folder).
+VISION_BUILTINS: dict[str, tuple[str, str]] = {
+    "digits-convnext": ("image-classification", "llmcompress.vision.builtin:digits_convnext"),
+    "tiny-random-convnext": ("image-classification", "llmcompress.vision.tiny:tiny_random_convnext"),
+    "tiny-random-yolos": ("object-detection", "llmcompress.vision.tiny:tiny_random_yolos"),
+}
+
+#: Stage type -> the vision implementation of its ``run(stage, ctx)``.
+VISION_STAGES: Registry = Registry("vision stage")
+VISION_STAGES.register_lazy("quantize", "llmcompress.vision.quant:run_quantize")
+VISION_STAGES.register_lazy("prune", "llmcompress.vision.prune:run_prune")
+VISION_STAGES.register_lazy("lora", "llmcompress.vision.lora:run_lora")
+VISION_STAGES.register_lazy("evaluate", "llmcompress.vision.evaluate:run_evaluate")
+VISION_STAGES.register_lazy("benchmark", "llmcompress.vision.bench:run_benchmark")
+VISION_STAGES.register_lazy("export", "llmcompress.vision.export:run_export")

@@ -1,0 +1,335 @@
+"""Images for vision stages: which (``ImageDataConfig``, validated when the recipe loads) and loading them.
+
+Sources:
+- ``builtin:digits``: scikit-learn's bundled ``load_digits`` (1,797 real 8x8 handwritten digits, 10 classes), split
+  once into 1,437 train / 360 test images (stratified, seed 0). Always available, no download.
+- ``builtin:digits-detect``: object detection built from the same digits: 1 to 3 digits of the split, scaled to 12-20
+  px, pasted without overlap on a 64x64 black canvas; the boxes and classes are known exactly (train: 600 canvases
+  from train digits, test: 200 from test digits).
+- ``imagefolder:<path>``: ``<path>/<class name>/<image files>`` (or ``<path>/<split>/<class name>/...``).
+- ``hf:<dataset>[:<config>]``: a hub image dataset (``image_column``, ``label_column``; detection: an ``objects``
+  column with COCO ``bbox`` [x, y, w, h] and ``category``). Needs hub access; offline it fails at once.
+
+Paths are relative to the recipe's folder. Class names are matched to the model's ``id2label`` by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from ..data.calibration import CalibrationConfig
+from ..errors import RecipeError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DIGITS, DIGITS_DETECT = "builtin:digits", "builtin:digits-detect"
+IMAGEFOLDER, HF = "imagefolder:", "hf:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CANVAS = 64  # digits-detect canvas side (pixels)
+_DETECT_COUNTS = {"train": 600, "test": 200}
+#: Keys only an image data config has (a lora `data:` with one of them is images, not text).
+_IMAGE_KEYS = {"split", "image_column", "label_column"}
+
+
+class ImageDataConfig(BaseModel):
+    """Which images a vision stage uses: ``data: {source: builtin:digits, split: test, samples: null}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(DIGITS, description="`builtin:digits`, `builtin:digits-detect` (detection), "
+                        "`imagefolder:<path>` or `hf:<dataset>[:<config>]` (needs hub access).")
+    split: str | None = Field(None, description="`train` or `test` (builtin), a split name (hf) or subfolder "
+                              "(imagefolder). Default: test to evaluate, train to fine-tune.")
+    samples: int | None = Field(None, ge=1, description="Images used (a seeded random subset); null = all.")
+    seed: int = Field(0, description="Seeds the subset drawn when `samples` is set.")
+    image_column: str = Field("image", description="hf: the column holding the images.")
+    label_column: str = Field("label", description="hf: the class column (detection: `objects`).")
+
+    @field_validator("source")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in (DIGITS, DIGITS_DETECT):
+            return v
+        if v.startswith(IMAGEFOLDER) and v[len(IMAGEFOLDER):].strip():
+            return v
+        if v.startswith(HF) and v[len(HF):].split(":")[0].strip():
+            return v
+        raise ValueError(f"source `{v}` must be `{DIGITS}`, `{DIGITS_DETECT}`, `imagefolder:<path>` or "
+                         "`hf:<dataset>[:<config>]`")
+
+    @property
+    def name(self) -> str:
+        """The name results are filed under: ``digits``, the folder's name, the dataset id."""
+        if self.source.startswith("builtin:"):
+            return self.source.split(":", 1)[1]
+        if self.source.startswith(IMAGEFOLDER):
+            return Path(self.source[len(IMAGEFOLDER):]).name or "imagefolder"
+        return self.source[len(HF):]
+
+    @property
+    def task(self) -> str | None:
+        """The task a builtin source is made for (None: any)."""
+        return {DIGITS: "image-classification", DIGITS_DETECT: "object-detection"}.get(self.source)
+
+    def with_split(self, split: str) -> "ImageDataConfig":
+        return self if self.split is not None else self.model_copy(update={"split": split})
+
+
+def _data_kind(v: Any) -> str:
+    if isinstance(v, ImageDataConfig):
+        return "images"
+    if isinstance(v, dict):
+        src = str(v.get("source", ""))
+        if src.startswith(("builtin:digits", IMAGEFOLDER)) or _IMAGE_KEYS & set(v):
+            return "images"
+    return "text"
+
+
+#: The lora stage's ``data:``: text (``CalibrationConfig``) for LLMs, images for vision models (by its source).
+TrainDataConfig = Annotated[
+    Union[Annotated[CalibrationConfig, Tag("text")], Annotated[ImageDataConfig, Tag("images")]],
+    Discriminator(_data_kind),
+]
+
+
+@dataclass
+class ImageSet:
+    """Loaded images: ``labels`` (classification) or ``targets`` (detection: ``{"boxes": (k, 4) xyxy pixels,
+    "labels": (k,)}`` per image), both as dataset class indices into ``class_names``."""
+
+    name: str
+    task: str
+    images: list
+    class_names: list[str]
+    labels: list[int] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def check_data(cfg: ImageDataConfig, base_dir: Path | None, task: str | None, where: str) -> None:
+    """Cheap checks before weights load: the folder exists, the hub is reachable, the source fits the task."""
+    if task is not None and cfg.task is not None and cfg.task != task:
+        fix = DIGITS_DETECT if task == "object-detection" else DIGITS
+        raise RecipeError(f"{where}: `{cfg.source}` is {cfg.task} data, and the model is an {task} model. "
+                          f"Fix: use `source: {fix}`.")
+    if cfg.source.startswith(IMAGEFOLDER):
+        if task == "object-detection":
+            raise RecipeError(f"{where}: an imagefolder has class labels, no boxes. Fix: for detection use "
+                              f"`{DIGITS_DETECT}` or an hf dataset with an `objects` column.")
+        root = _folder(cfg, base_dir)
+        if not root.is_dir():
+            raise RecipeError(f"{where}: no such folder `{root}`. Fix: check the path (relative to the recipe).")
+    elif cfg.source.startswith(HF):
+        from ..errors import require
+        from ..utils.net import hub_reachable
+
+        require("datasets", "eval", f"{where}: `{cfg.source}`")
+        if not hub_reachable():
+            raise RecipeError(f"{where}: `{cfg.source}` needs the Hugging Face hub, which is not reachable from "
+                              f"here. Fix: use `{DIGITS}` or an `imagefolder:<path>`.")
+
+
+def load_images(cfg: ImageDataConfig, base_dir: Path | None, task: str) -> ImageSet:
+    """The images of ``cfg`` (its split must be set: see ``with_split``)."""
+    split = cfg.split or "test"
+    if cfg.source == DIGITS:
+        out = _digits(split)
+    elif cfg.source == DIGITS_DETECT:
+        out = _digits_detect(split)
+    elif cfg.source.startswith(IMAGEFOLDER):
+        out = _imagefolder(_folder(cfg, base_dir), split)
+    else:
+        out = _hf(cfg, split, task)
+    out.name = cfg.name
+    if task != out.task:
+        raise RecipeError(f"data `{cfg.source}` holds {out.task} data, and the model is an {task} model.")
+    return _subset(out, cfg)
+
+
+def _folder(cfg: ImageDataConfig, base_dir: Path | None) -> Path:
+    p = Path(cfg.source[len(IMAGEFOLDER):]).expanduser()
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def digits_arrays(split: str) -> tuple["np.ndarray", "np.ndarray"]:
+    """``(images uint8 (N, 8, 8) in 0..255, labels (N,))`` of one split of scikit-learn's digits."""
+    from ..errors import require
+
+    require("sklearn", "vision", "The builtin digits data")
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise RecipeError(f"builtin digits have the splits `train` and `test`, not `{split}`. Fix: use one of them.")
+    d = load_digits()
+    idx = np.arange(len(d.target))
+    train, test = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
+    pick = np.sort(train if split == "train" else test)
+    images = np.round(d.images[pick] * (255 / 16)).astype(np.uint8)  # digits are 0..16
+    return images, d.target[pick].astype(np.int64)
+
+
+def _digits(split: str) -> ImageSet:
+    import hashlib
+
+    from PIL import Image
+
+    from ..utils.io import stable_hash
+
+    images, labels = digits_arrays(split)
+    return ImageSet(name="digits", task="image-classification", images=[Image.fromarray(x, "L") for x in images],
+                    labels=labels.tolist(), class_names=[str(i) for i in range(10)],
+                    fingerprint=stable_hash(["digits", split, hashlib.sha256(images.tobytes()).hexdigest(),
+                                             labels.tolist()]))
+
+
+def _digits_detect(split: str) -> ImageSet:
+    """Canvases of 1-3 non-overlapping digits with their exact boxes (seeded: the same every time)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..utils.io import stable_hash
+
+    digits, labels = digits_arrays(split)
+    rng = np.random.default_rng(1 if split == "train" else 2)
+    images, targets = [], []
+    for _ in range(_DETECT_COUNTS[split]):
+        canvas = np.zeros((CANVAS, CANVAS), dtype=np.uint8)
+        boxes, classes = [], []
+        for _ in range(int(rng.integers(1, 4))):
+            i, size = int(rng.integers(len(digits))), int(rng.integers(12, 21))
+            for _try in range(20):  # place without overlap
+                x, y = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
+                box = (x, y, x + size, y + size)
+                if all(box[0] >= b[2] or box[2] <= b[0] or box[1] >= b[3] or box[3] <= b[1] for b in boxes):
+                    patch = Image.fromarray(digits[i], "L").resize((size, size), Image.BILINEAR)
+                    canvas[y:y + size, x:x + size] = np.asarray(patch)
+                    boxes.append(box)
+                    classes.append(int(labels[i]))
+                    break
+        images.append(Image.fromarray(canvas, "L"))
+        targets.append({"boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                        "labels": np.asarray(classes, dtype=np.int64)})
+    fp = stable_hash(["digits-detect", split, [t["labels"].tolist() for t in targets],
+                      [t["boxes"].tolist() for t in targets]])
+    return ImageSet(name="digits-detect", task="object-detection", images=images, targets=targets,
+                    class_names=[str(i) for i in range(10)], fingerprint=fp)
+
+
+def _imagefolder(root: Path, split: str) -> ImageSet:
+    from PIL import Image
+
+    from ..utils.io import stable_hash
+
+    base = root / split if (root / split).is_dir() else root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    files = [(f, c) for c_i, c in enumerate(classes) for f in sorted((base / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise RecipeError(f"imagefolder `{base}` has no images in class subfolders (`{base}/<class>/*.png`). "
+                          "Fix: lay the folder out as <class name>/<image files>.")
+    images = []
+    for f, _ in files:
+        with Image.open(f) as im:
+            images.append(im.copy())
+    labels = [classes.index(c) for _, c in files]
+    fp = stable_hash([[str(f.relative_to(base)), f.stat().st_size, int(f.stat().st_mtime)] for f, _ in files])
+    return ImageSet(name=root.name, task="image-classification", images=images, labels=labels,
+                    class_names=classes, fingerprint=fp)
+
+
+def _hf(cfg: ImageDataConfig, split: str, task: str) -> ImageSet:
+    from datasets import load_dataset
+
+    name, _, config = cfg.source[len(HF):].partition(":")
+    try:
+        ds = load_dataset(name, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean the same to the user
+        raise RecipeError(f"data `{cfg.source}` (split `{split}`) did not load: {e}") from None
+    return from_hf_dataset(ds, cfg, task)
+
+
+def from_hf_dataset(ds: Any, cfg: ImageDataConfig, task: str) -> ImageSet:
+    """An ``ImageSet`` from a ``datasets.Dataset`` (classification: a ClassLabel column; detection: ``objects``
+    with COCO ``bbox`` [x, y, w, h] and ``category``)."""
+    import numpy as np
+
+    from ..utils.io import stable_hash
+
+    col = "objects" if task == "object-detection" and cfg.label_column == "label" else cfg.label_column
+    for c in (cfg.image_column, col):
+        if c not in ds.column_names:
+            raise RecipeError(f"data `{cfg.source}` has no column `{c}` (columns: {', '.join(ds.column_names)}). "
+                              "Fix: set `image_column` / `label_column`.")
+    feature = ds.features[col]
+    if task == "image-classification":
+        names = getattr(feature, "names", None) or [str(x) for x in sorted(set(ds[col]))]
+        raw = ds[col]
+        labels = raw if getattr(feature, "names", None) else [names.index(str(x)) for x in raw]
+        return ImageSet(name=cfg.name, task=task, images=[im.convert("RGB") for im in ds[cfg.image_column]],
+                        labels=list(labels), class_names=list(names), fingerprint=stable_hash([ds._fingerprint]))
+    cat = feature["category"] if isinstance(feature, dict) else feature.feature["category"]
+    names = list(getattr(cat, "names", None) or getattr(getattr(cat, "feature", None), "names", []) or [])
+    targets = []
+    for objs in ds[col]:
+        b = np.asarray(objs["bbox"], dtype=np.float32).reshape(-1, 4)
+        b[:, 2:] += b[:, :2]  # COCO xywh -> xyxy
+        targets.append({"boxes": b, "labels": np.asarray(objs["category"], dtype=np.int64)})
+    if not names:
+        names = [str(i) for i in range(int(max((t["labels"].max() for t in targets if len(t["labels"])),
+                                                default=0)) + 1)]
+    return ImageSet(name=cfg.name, task=task, images=[im.convert("RGB") for im in ds[cfg.image_column]],
+                    targets=targets, class_names=names, fingerprint=stable_hash([ds._fingerprint]))
+
+
+def _subset(data: ImageSet, cfg: ImageDataConfig) -> ImageSet:
+    from ..utils.io import stable_hash
+
+    if cfg.samples is None or cfg.samples >= len(data):
+        if cfg.samples is not None:
+            data.notes.append(f"`samples: {cfg.samples}` asked for more than the {len(data)} images there are: "
+                              "all are used")
+        return data
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(cfg.seed).choice(len(data), size=cfg.samples, replace=False)).tolist()
+    data.images = [data.images[i] for i in keep]
+    data.labels = [data.labels[i] for i in keep] if data.labels else []
+    data.targets = [data.targets[i] for i in keep] if data.targets else []
+    data.fingerprint = stable_hash([data.fingerprint, keep])
+    return data
+
+
+def label_ids(data: ImageSet, config: Any) -> list[int]:
+    """For each dataset class, the model's label id: by name (``id2label``), or by position when the model's labels
+    are transformers' placeholders (``LABEL_0``, ...). Raises RecipeError naming the classes that do not match."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    by_name = {v: k for k, v in id2label.items()}
+    if all(c in by_name for c in data.class_names):
+        return [by_name[c] for c in data.class_names]
+    placeholders = all(v == f"LABEL_{k}" for k, v in id2label.items())
+    if placeholders and len(id2label) >= len(data.class_names):
+        data.notes.append("the model's labels are placeholders (LABEL_0..): dataset class i is model label i")
+        return list(range(len(data.class_names)))
+    missing = [c for c in data.class_names if c not in by_name][:5]
+    raise RecipeError(
+        f"the data's classes ({', '.join(data.class_names[:10])}) are not the model's labels "
+        f"({', '.join(list(by_name)[:10])}); no match for {', '.join(missing)}. Fix: evaluate on data with the "
+        "model's classes (class folder names = the model's id2label names), or fine-tune a model on these classes."
+    )
+
+
+def to_model_input(images: list, processor: Any, config: Any):
+    """``pixel_values`` (B, C, H, W) float32 for ``images`` through the model's image processor."""
+    mode = "L" if getattr(config, "num_channels", 3) == 1 else "RGB"
+    return processor(images=[im.convert(mode) for im in images], return_tensors="pt")["pixel_values"]
