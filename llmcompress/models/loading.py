@@ -155,15 +155,39 @@ def versions(methods: bool = True) -> dict[str, str]:
 
 
 def param_bytes(model) -> int:
-    """Bytes held by parameters and buffers (quantized weights count at their packed size)."""
+    """Bytes the weights hold in memory: parameters and buffers (quantized weights at their packed size), plus what
+    quantized layers keep outside them (HQQLinear's scale/zero in ``meta``, dynamic int8's packed weights)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        tensors += _tensors_outside_parameters(m)
+    for t in tensors:
         for part in _stored_parts(t.data):
             if part.data_ptr() in seen:
                 continue
             seen.add(part.data_ptr())
             total += part.numel() * part.element_size()
     return total
+
+
+def _tensors_outside_parameters(module) -> list:
+    """Tensors a quantized layer holds as plain attributes (by class name: no import of hqq or torch.ao here)."""
+    import torch
+
+    kind = type(module).__name__
+    if kind == "HQQLinear":  # W_q is a Parameter; scale, zero (and a plain-tensor bias) are attributes
+        extra = [v for v in (getattr(module, "meta", None) or {}).values() if isinstance(v, torch.Tensor)]
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and not isinstance(bias, torch.nn.Parameter):
+            extra.append(bias)
+        return extra
+    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # packed int8 weight + per-channel qparams
+        weight, bias = module._packed_params._weight_bias()
+        extra = [weight.int_repr()]
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            extra += [weight.q_per_channel_scales(), weight.q_per_channel_zero_points()]
+        return extra + ([bias] if bias is not None else [])
+    return []
 
 
 def _stored_parts(t):

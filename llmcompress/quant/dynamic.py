@@ -60,7 +60,7 @@ class DynamicInt8Config(QuantizeConfig):
                                                     "torch_version": torch.__version__}}
         return model, tokenizer, {"quantized_modules": len(targets),
                                   "skipped_modules": [n for n in linears if n not in targets],
-                                  "param_bytes": dynamic_param_bytes(model), "meta": meta}
+                                  "meta": meta}
 
 
 def quantize_dynamic_(model: Any, names: list[str], per_channel: bool, model_dtype: str) -> None:
@@ -107,20 +107,6 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
     state_dict[prefix + "weight_zero_point"] = zero.long()
     if b is not None:
         state_dict[prefix + "bias"] = b.detach()
-
-
-def dynamic_param_bytes(model: Any) -> int:
-    """Bytes of the model's tensors, the packed int8 weights counted at 1 byte each plus their scales."""
-    import torch
-
-    from ..models.loading import param_bytes
-
-    total = param_bytes(model)
-    for m in model.modules():
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            w, b = m._packed_params._weight_bias()
-            total += w.numel() + 12 * w.shape[0] + (b.numel() * 4 if b is not None else 0)
-    return total
 
 
 def load_dynamic_int8(path: str | Path, device: str, dtype: str, **kwargs: Any):

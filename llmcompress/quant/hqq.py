@@ -71,7 +71,6 @@ class HQQConfig(QuantizeConfig):
         meta = {"format": "hqq", "hqq": {"bits": self.bits, "group_size": self.group_size, "axis": self.axis,
                                           "modules": names, "hqq_version": version("hqq")}}
         return model, tokenizer, {"quantized_modules": len(names), "skipped_modules": skipped,
-                                  "param_bytes": hqq_param_bytes(model),
                                   "import_seconds": round(import_seconds, 3), "meta": meta}
 
 
@@ -104,23 +103,6 @@ def quantize_hqq_(model, cfg: HQQConfig, device: str, compute_dtype) -> tuple[li
     if any(n == "lm_head" for n, _ in targets) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # lm_head now has its own (quantized) weights
     return [n for n, _ in targets], skipped
-
-
-def hqq_param_bytes(model) -> int:
-    """Bytes of the model's tensors, counting what HQQLinear keeps outside parameters (scale/zero in ``meta``)."""
-    import torch
-    from hqq.core.quantize import HQQLinear
-
-    from ..models.loading import param_bytes
-
-    total = param_bytes(model)  # W_q is a Parameter; the rest of HQQLinear's tensors are plain attributes
-    for m in model.modules():
-        if isinstance(m, HQQLinear):
-            extra = [v for v in (m.meta or {}).values() if isinstance(v, torch.Tensor)]
-            if isinstance(m.bias, torch.Tensor) and not isinstance(m.bias, torch.nn.Parameter):
-                extra.append(m.bias)
-            total += sum(t.numel() * t.element_size() for t in extra)
-    return total
 
 
 def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):

@@ -135,7 +135,9 @@ def _per_repeat(calls: list[dict], role: str) -> dict[str, list[float]]:
 
 
 def _figures(handle: "ModelHandle", model: Any, memory: dict | None, per_repeat: dict) -> dict:
-    out: dict[str, Any] = {"size_bytes": handle.size_bytes, "param_bytes": weight_memory_bytes(model)}
+    from ..models.loading import param_bytes
+
+    out: dict[str, Any] = {"size_bytes": handle.size_bytes, "param_bytes": param_bytes(model)}
     if memory:
         out.update(load_s=memory["load_s"], peak_rss_bytes=memory["peak_rss_bytes"],
                    rss_load_bytes=memory["rss_load_bytes"],
@@ -172,27 +174,6 @@ def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> di
         result = probe()
     advance(1, description=f"benchmark: memory of the {handle.role} model")
     return {**result, "cached": not fresh}
-
-
-def weight_memory_bytes(model: Any) -> int:
-    """Bytes the weights hold in memory: plain tensors, torchao subclasses by their parts, hqq's scale/zero, and
-    dynamic int8's packed weights (which are neither parameters nor buffers)."""
-    from ..quant.torchao import torchao_param_bytes
-
-    total = torchao_param_bytes(model)
-    names = {type(m).__name__ for m in model.modules()}
-    if "HQQLinear" in names:
-        from ..models.loading import param_bytes
-        from ..quant.hqq import hqq_param_bytes
-
-        total += hqq_param_bytes(model) - param_bytes(model)
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            w, b = m._packed_params._weight_bias()
-            total += w.numel() + 12 * w.shape[0] + (b.numel() * 4 if b is not None else 0)
-    return total
 
 
 def _dtype(model: Any) -> Any:

@@ -88,6 +88,9 @@ def _vision_problem(stage: Any, task: str | None) -> str | None:
                     "`data: {source: builtin:digits, split: train}` (or `imagefolder:<path>`).")
         if stage.generate is not None:
             return "`generate` makes text with a language model. Fix: remove it."
+        if stage.accelerate.launches:
+            return ("vision LoRA trains in one process (`accelerate` with several processes or FSDP is wired for "
+                    "language models only). Fix: remove `accelerate.num_processes` / `accelerate.fsdp`.")
         return _data_task(stage.data, task) if isinstance(stage.data, ImageDataConfig) else None
     if t == "export" and stage.format != "hf":
         return (f"`format: {stage.format}` writes a language model for its runtime. Fix: use `format: hf` "

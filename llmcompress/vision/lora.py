@@ -104,7 +104,7 @@ def run_lora(stage: Any, ctx: "RunContext") -> "StageResult":
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     t = time.perf_counter()
-    losses = train_loop_(model, data, LOSSES[stage.objective], stage, ctx, teacher, seed)
+    losses, _, _ = train_loop_(model, data, LOSSES[stage.objective], stage, ctx, teacher, seed)  # one process
     train_seconds = time.perf_counter() - t
     adapter_dir = ctx.stage_dir / "adapter"
     save_adapter(model, adapter_dir, init_info, dtype=storage_dtype_of(ctx.original.path))

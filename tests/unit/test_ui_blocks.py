@@ -383,21 +383,3 @@ def test_space_requirements_cover_the_package_and_app_dependencies():
     assert needed <= listed, f"requirements.txt lacks {sorted(needed - listed)}"
     assert "torchao" in listed  # the default recipes' method
     assert "app" in project["optional-dependencies"]["all"][0]
-
-
-def test_param_bytes_counts_torchao_tensor_subclasses_at_their_packed_size(tiny_model_dir):
-    """What the columns show as "weights in memory": torchao's weights have no storage of their own (data_ptr 0)."""
-    import torch
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    from llmcompress.models.loading import load_model, param_bytes
-
-    model, _ = load_model(tiny_model_dir, "cpu", "float32")
-    dense = param_bytes(model)
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    weights = sum(m.weight.numel() for m in linears)
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and "lm_head" not in fqn)
-    packed = dense - weights * 4 + weights  # int8 instead of fp32
-    scales = sum(m.weight.shape[0] for m in linears) * 4
-    assert packed <= param_bytes(model) <= packed + 2 * scales

@@ -74,6 +74,7 @@ def test_explicit_kind_and_task_are_checked_against_the_config(tmp_path):
     ({"type": "prune", "method": "wanda", "sparsity": 0.5}, "`wanda` scores weights with text activations"),
     ({"type": "lora", "objective": "sft", "data": {"source": "builtin:pydoc"}}, "`data` names text"),
     ({"type": "evaluate", "data": {"source": "builtin:digits-detect"}}, "is object-detection data"),
+    ({"type": "lora", "objective": "sft", "accelerate": {"num_processes": 2}}, "vision LoRA trains in one process"),
 ])
 def test_llm_only_settings_on_a_vision_model_fail_when_the_recipe_loads(stage, words):
     with pytest.raises(RecipeError) as e:
