@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import LLMCompressError
 
@@ -82,50 +82,76 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
-def probe(path: str | Path, device: str, dtype: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
-    """Load ``path`` in this process and measure it. Meant for a fresh process (``python -m``)."""
+def measure_loaded(path: str | Path, device: str, dtype: str, threads: int,
+                   workload: Callable[[Any, Any], tuple[str, dict]]) -> dict:
+    """Base RSS, a timed ``load_model``, RSS after the load, then ``workload(model, tokenizer_or_processor)`` (which
+    returns its key and figures for the JSON) and the high-water mark. Imports that belong to the base come first."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the base RSS
 
     from ..models.loading import load_model
-    from ..backends.hf import HFBackend
 
     torch.set_num_threads(threads)
     base = rss_bytes()
     t0 = time.perf_counter()
-    model, tokenizer = load_model(path, device, dtype)
+    model, processor = load_model(path, device, dtype)
     load_s = time.perf_counter() - t0
     after_load = rss_bytes()
-    backend = HFBackend(model, tokenizer, device)
-    timing = backend.generate(backend.prompts(1, prompt_tokens), new_tokens)
-    peak = peak_rss_bytes()
+    key, figures = workload(model, processor)
     out = {
         "path": str(path), "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
-        "load_s": round(load_s, 4), "rss_base_bytes": base, "rss_load_bytes": after_load, "peak_rss_bytes": peak,
-        "generate": {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                     "total_s": round(timing.total_s, 4)},
+        "load_s": round(load_s, 4), "rss_base_bytes": base, "rss_load_bytes": after_load,
+        "peak_rss_bytes": peak_rss_bytes(), key: figures,
     }
     if device == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a model folder (save_pretrained layout, or one llmcompress wrote)")
+def probe(path: str | Path, device: str, dtype: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Load ``path`` in this process and measure it. Meant for a fresh process (``python -m``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the base RSS
+
+    from ..backends.hf import HFBackend
+
+    def generate(model, tokenizer) -> tuple[str, dict]:
+        backend = HFBackend(model, tokenizer, device)
+        timing = backend.generate(backend.prompts(1, prompt_tokens), new_tokens)
+        return "generate", {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                            "total_s": round(timing.total_s, 4)}
+
+    return measure_loaded(path, device, dtype, threads, generate)
+
+
+def probe_parser(module: str, doc: str, path_help: str, dtype: str) -> argparse.ArgumentParser:
+    """The command line every probe shares (folder, device, dtype, threads); each adds its workload's flags."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("path", help=path_help)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=dtype, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def folder_problem(module: str, path: Path) -> str | None:
+    """The message for a path that is not a model folder, or None."""
+    if (path / "config.json").is_file():
+        return None
+    what = "does not exist" if not path.exists() else "has no config.json"
+    return f"{module}: `{path}` {what}. Fix: pass a model folder written by save_pretrained."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = probe_parser(MODULE, __doc__, "a model folder (save_pretrained layout, or one llmcompress wrote)",
+                          "bfloat16")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=4)
     args = parser.parse_args(argv)
     path = Path(args.path)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        print(f"{MODULE}: `{path}` {what}. Fix: pass a model folder written by save_pretrained.", file=sys.stderr)
-        return 2
-    if args.threads < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
-        print(f"{MODULE}: --threads and --prompt-tokens must be >= 1 and --new-tokens >= 2.", file=sys.stderr)
+    problem = folder_problem(MODULE, path)
+    if problem is None and (args.threads < 1 or args.prompt_tokens < 1 or args.new_tokens < 2):
+        problem = f"{MODULE}: --threads and --prompt-tokens must be >= 1 and --new-tokens >= 2."
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     result = probe(path, args.device, args.dtype, args.threads, args.prompt_tokens, args.new_tokens)
     print(json.dumps(result))

@@ -66,10 +66,14 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
 
     from ..vision.kind import folder_kind
 
+    from ..quant.bnb import keep_bnb_cpu_packing_to_packable_
+
     if folder_kind(path)[0] == "vision":  # (model, image processor): the vision adapter's loaders
         from ..vision.loading import load_vision
 
-        return load_vision(path, device, dtype, **kwargs)
+        model, processor = load_vision(path, device, dtype, **kwargs)
+        keep_bnb_cpu_packing_to_packable_(model)
+        return model, processor
     meta = read_meta(Path(path)) if Path(path).is_dir() else {"format": "hf"}
     loader = FORMATS.get(meta.get("format", "hf"))
     try:
@@ -77,6 +81,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=kwargs.get("revision"))
     except OSError as e:
         raise LLMCompressError(f"could not load model `{path}`: {e}") from None
+    keep_bnb_cpu_packing_to_packable_(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

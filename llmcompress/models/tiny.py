@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..utils.cache import cache_dir
-from ..utils.io import atomic_dir, atomic_write_json
+from ..utils.io import atomic_write_json, cached_folder
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -68,9 +68,4 @@ def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2, vocab_size: 
 
 def tiny_random_llama() -> Path:
     """Cached tiny random llama folder (hidden 64, 2 layers, 2 heads of 32 + 1 KV head, vocab 512)."""
-    target = cache_dir("models", f"tiny-random-llama-v{VERSION}")
-    if (target / "llmcompress.json").is_file():
-        return target
-    with atomic_dir(target, replace=False) as tmp:
-        build_tiny_llama(tmp)
-    return target
+    return cached_folder(cache_dir("models", f"tiny-random-llama-v{VERSION}"), build_tiny_llama)

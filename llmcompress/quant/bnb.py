@@ -5,6 +5,11 @@
 On CPU bnb 0.50 runs NF4/FP4 and int8; they save memory, not time: on an AVX2-only 2-core box NF4 decoded at 0.21x
 the bf16 speed at batch 1 (the benchmark stage measures it on yours). Never merge a LoRA into a bnb 4-bit model in
 place on CPU: after a forward pass it corrupts the weights.
+
+Upstream bug worked around (bitsandbytes 0.50.2): on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) the first
+inference forward of a ``Linear4bit`` repacks its weight for the CPU kernel, and the repacking fails
+(``shape '[N, 0]' is invalid``) when the input width is not a multiple of the block size or the output width not a
+multiple of 32; ``keep_bnb_cpu_packing_to_packable_`` leaves those layers on the plain path.
 """
 
 from __future__ import annotations
@@ -37,6 +42,20 @@ class _BnbConfig(QuantizeConfig):
         skipped = [n for n, _ in model.named_modules() if n and self.skips(n) and _is_linear(_get(model, n))]
         quantized = sum(1 for _, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         return model, tokenizer, {"quantized_modules": quantized, "skipped_modules": skipped}
+
+
+def keep_bnb_cpu_packing_to_packable_(model: Any) -> int:
+    """Turn bnb's AVX512-BF16 weight repacking off for the ``Linear4bit`` layers it cannot repack; how many."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ != "Linear4bit" or not getattr(m, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(m.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", 64)
+        if m.in_features % blocksize or m.out_features % 32:
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _get(model, name):

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -84,6 +84,16 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_folder(target: Path, build: Callable[[Path], object], marker: str = "llmcompress.json") -> Path:
+    """``target`` once it holds ``marker``; else ``build(tmp)`` fills a temporary folder that becomes ``target``
+    (a folder another process finished first is kept)."""
+    target = Path(target)
+    if not (target / marker).is_file():
+        with atomic_dir(target, replace=False) as tmp:
+            build(tmp)
+    return target
 
 
 @contextmanager

@@ -28,14 +28,11 @@ def batch_inputs(model: Any, processor: Any, batch_sizes: list[int]) -> dict[int
     """``{B: pixel_values (B, C, H, W)}`` from the digits test split (cycled when B exceeds it)."""
     from PIL import Image
 
-    from .data import digits_arrays, to_model_input
+    from .data import digits_arrays, model_input
 
     images, _ = digits_arrays("test")
     pil = [Image.fromarray(images[i % len(images)], "L") for i in range(max(batch_sizes))]
-    x = to_model_input(pil, processor, model.config)
-    from .evaluate import _input_dtype
-
-    x = x.to(_input_dtype(model)).to(next(model.parameters()).device)
+    x = model_input(pil, processor, model)
     return {b: x[:b].contiguous() for b in batch_sizes}
 
 
@@ -70,6 +67,7 @@ def run_benchmark(stage: Any, ctx: "RunContext") -> "StageResult":
     import torch
 
     from ..stage import StageResult
+    from .data import input_dtype
 
     t0 = time.perf_counter()
     torch.set_num_threads(ctx.runtime.threads)
@@ -88,7 +86,7 @@ def run_benchmark(stage: Any, ctx: "RunContext") -> "StageResult":
         figs["compressed"] = dict(figs["original"])
     ratios = {role: _ratios(figs, per_repeat, role) for role in figs if role != "original"}
     engine = {"engine": "transformers (one forward per batch)", "threads": torch.get_num_threads(),
-              "dtype": str(_dtype(models["original"][0])).split(".")[-1]}
+              "dtype": str(input_dtype(models["original"][0])).split(".")[-1]}
     data = {
         "settings": _settings(stage, ctx, inputs),
         "same_model": same,
@@ -174,12 +172,6 @@ def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> di
         result = probe()
     advance(1, description=f"benchmark: memory of the {handle.role} model")
     return {**result, "cached": not fresh}
-
-
-def _dtype(model: Any) -> Any:
-    from .evaluate import _input_dtype
-
-    return _input_dtype(model)
 
 
 def _settings(stage: Any, ctx: "RunContext", inputs: dict) -> dict:

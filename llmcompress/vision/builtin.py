@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..utils.cache import cache_dir
-from ..utils.io import atomic_dir, atomic_write_json
+from ..utils.io import atomic_write_json, cached_folder
 
 VERSION = 1  # bump when the architecture, data or training below changes
 NAME = "digits-convnext"
@@ -24,12 +24,7 @@ EPOCHS, BATCH, LR, WEIGHT_DECAY, SEED = 10, 64, 3e-3, 0.05, 0
 
 def digits_convnext() -> Path:
     """Cached folder of the trained digits ConvNeXt (trains it on first use)."""
-    target = cache_dir("models", f"{NAME}-v{VERSION}")
-    if (target / "llmcompress.json").is_file():
-        return target
-    with atomic_dir(target, replace=False) as tmp:
-        build_digits_convnext(tmp)
-    return target
+    return cached_folder(cache_dir("models", f"{NAME}-v{VERSION}"), build_digits_convnext)
 
 
 def digits_processor():

@@ -333,3 +333,19 @@ def to_model_input(images: list, processor: Any, config: Any):
     """``pixel_values`` (B, C, H, W) float32 for ``images`` through the model's image processor."""
     mode = "L" if getattr(config, "num_channels", 3) == 1 else "RGB"
     return processor(images=[im.convert(mode) for im in images], return_tensors="pt")["pixel_values"]
+
+
+def model_input(images: list, processor: Any, model: Any):
+    """``to_model_input`` on the model's device, in the dtype its weights hold (a bf16 model takes bf16 pixels)."""
+    return to_model_input(images, processor, model.config).to(next(model.parameters()).device,
+                                                              dtype=input_dtype(model))
+
+
+def input_dtype(model: Any):
+    """The dtype the first plain floating parameter holds (pixel values must match it)."""
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point() and type(p.data) is torch.Tensor:
+            return p.dtype
+    return torch.float32

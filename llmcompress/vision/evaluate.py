@@ -96,29 +96,16 @@ def forward_all(model: Any, processor: Any, images: list, batch: int, task: str)
     """Logits (and detection boxes) of every image, batch by batch, on CPU in float32."""
     import torch
 
-    from .data import to_model_input
+    from .data import model_input
 
-    device = next(model.parameters()).device
     logits, boxes = [], []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = to_model_input(images[i: i + batch], processor, model.config).to(device)
-            dtype = _input_dtype(model)
-            out = model(pixel_values=x.to(dtype))
+            out = model(pixel_values=model_input(images[i: i + batch], processor, model))
             logits.append(out.logits.float().cpu())
             if task == "object-detection":
                 boxes.append(out.pred_boxes.float().cpu())
     return {"logits": torch.cat(logits), **({"pred_boxes": torch.cat(boxes)} if boxes else {})}
-
-
-def _input_dtype(model: Any):
-    """The dtype the first floating parameter holds (pixel values must match it)."""
-    import torch
-
-    for p in model.parameters():
-        if p.is_floating_point() and type(p.data) is torch.Tensor:
-            return p.dtype
-    return torch.float32
 
 
 def classification_metrics(logits: Any, labels: list[int], ids: list[int]) -> dict:

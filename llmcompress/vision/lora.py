@@ -153,11 +153,11 @@ def image_train_data(cfg: Any, ctx: "RunContext", task: str, model: Any, process
     """Pixel values and labels of the training images (detection: DETR-style targets, boxes cxcywh in [0, 1])."""
     import torch
 
-    from .data import label_ids, load_images, to_model_input
+    from .data import label_ids, load_images, model_input
 
     data = load_images(cfg, ctx.recipe.base_dir, task)
     ids = label_ids(data, model.config)
-    x = to_model_input(data.images, processor, model.config)
+    x = model_input(data.images, processor, model).cpu()
     if task == "object-detection":
         labels = []
         for im, t in zip(data.images, data.targets):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..utils.cache import cache_dir
-from ..utils.io import atomic_dir, atomic_write_json
+from ..utils.io import atomic_write_json, cached_folder
 
 VERSION = 2  # bump when an architecture below changes
 LABELS = {i: str(i) for i in range(10)}
@@ -87,15 +87,14 @@ def tiny_vision(arch: str, seed: int = 0) -> Path:
     import torch
 
     task, build = BUILDERS[arch]
-    target = cache_dir("models", f"tiny-random-{arch}-v{VERSION}")
-    if (target / "llmcompress.json").is_file():
-        return target
-    with atomic_dir(target, replace=False) as tmp:
+
+    def build_marked(tmp: Path) -> None:
         torch.manual_seed(seed)
         build(tmp)
         atomic_write_json(tmp / "llmcompress.json", {"format": "hf", "role": "original", "kind": "vision",
                                                      "task": task, "source": f"tiny-random-{arch}"})
-    return target
+
+    return cached_folder(cache_dir("models", f"tiny-random-{arch}-v{VERSION}"), build_marked)
 
 
 def tiny_random_convnext() -> Path:

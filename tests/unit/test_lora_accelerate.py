@@ -33,7 +33,10 @@ def test_two_processes_train_the_adapter_one_process_trains_on_their_batches_tog
     assert ddp["loss_curve"] == pytest.approx(one["loss_curve"], rel=1e-5) and ddp["steps"] == 2
     a = load_file(stage / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "one" / "01-lora" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[k].float() - b[k].float()).abs().max() < 1e-5 for k in a)
+    # Summed in another order, a gradient entry near zero can come out a rounding apart, and Adam's g / (|g| + eps)
+    # turns that into a visible step (one entry of 512 moved 6e-5 on a Zen 4 CPU): compare whole tensors.
+    assert a.keys() == b.keys()
+    assert all((a[k].float() - b[k].float()).norm() <= 1e-3 * b[k].float().norm() + 1e-8 for k in a)
     assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)  # it trained (B starts at zero)
 
 

@@ -98,3 +98,19 @@ def test_vlm_quantizes_the_language_part_only(tmp_path, method, extra, layer):
                if n.startswith(("model.vision_tower", "model.multi_modal_projector")))
     with torch.no_grad():
         assert model(input_ids=tok("a photo of", return_tensors="pt").input_ids).logits.isfinite().all()
+
+
+def test_bnb_4bit_layers_bnb_cannot_repack_for_avx512_bf16_keep_the_plain_path(convnext, monkeypatch):
+    # bitsandbytes 0.50.2 repacks Linear4bit weights on the first CPU inference forward where the CPU has
+    # AVX512-BF16, and fails on a layer 32 wide (shape '[128, 0]'); the loader leaves such layers on the plain path.
+    # The CPU's answer is forced to yes, so this checks the same thing on every machine (no forward is run).
+    import bitsandbytes.nn.modules as bnb_modules
+    from transformers import BitsAndBytesConfig
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = load_model(convnext, "cpu", "float32",
+                       quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))[0]
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    packable = {(m.in_features, m.out_features): m.in_features % 64 == 0 and m.out_features % 32 == 0 for m in layers}
+    assert set(packable.values()) == {True, False}  # the tiny ConvNeXt has both kinds (32->128 cannot, 128->32 can)
+    assert all(m.support_avx512bf16_for_cpu == packable[m.in_features, m.out_features] for m in layers)

@@ -21,8 +21,8 @@ def convnext():
     return tiny_vision("convnext")
 
 
-def _run(tmp_path, model, *stages, name="v"):
-    recipe = load_recipe({"name": name, "model": str(model), "threads": 1, "dtype": "float32", "stages": list(stages)})
+def _run(tmp_path, model, *stages, name="v", dtype="float32"):
+    recipe = load_recipe({"name": name, "model": str(model), "threads": 1, "dtype": dtype, "stages": list(stages)})
     return run_recipe(recipe, tmp_path / name, show_progress=False)
 
 
@@ -164,6 +164,22 @@ def test_lora_sft_learns_the_digits(tmp_path, convnext):
     rec = report["comparison"]["recovery"]
     assert rec["vision"] and "acc" in rec["figures"]
     assert "## LoRA recovery" in (tmp_path / "v" / "report.md").read_text()
+
+
+def test_a_bf16_run_feeds_bf16_pixels_to_every_stage(tmp_path, convnext):
+    # `dtype: auto` is bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX): training, evaluation and timing must
+    # hand the model pixels in its own dtype (float32 pixels into a bf16 conv raise).
+    digits = {"source": "builtin:digits", "samples": 32}
+    report = _run(tmp_path, convnext, {"type": "prune", "method": "structured", "sparsity": 0.5, "multiple_of": 16},
+                  {"type": "lora", "objective": "sft", "steps": 2, "batch_size": 8, "r": 4, "data": digits},
+                  {"type": "evaluate", "data": digits},
+                  {"type": "benchmark", "batch_sizes": [2], "repeats": 1, "warmup": 0, "memory": False},
+                  dtype="bfloat16")
+    assert report["environment"]["dtype"] == "bfloat16"
+    assert report["stages"][1]["data"]["steps"] == 2
+    assert 0 <= report["stages"][2]["data"]["compressed"]["digits"]["acc"] <= 1
+    bench = report["stages"][3]["data"]
+    assert bench["backends"]["hf"]["engine"]["dtype"] == "bfloat16" and bench["compressed"]["images_per_s_bs2"] > 0
 
 
 def test_export_hf_reloads_with_the_task_auto_class(tmp_path, convnext):
