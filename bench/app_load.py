@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures as cf
 import ipaddress
 import json
+import os
 import platform
 import sys
 import threading
@@ -49,10 +50,14 @@ def one_user(url: str, user: int, requests: int, max_new_tokens: int, timeout_s:
              deadline: float) -> list[dict]:
     from gradio_client import Client
 
-    client = Client(url, verbose=False)
-    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/chat"]["parameters"]
-    keys = next(p for p in info if p["parameter_name"] == "keys_")["parameter_default"]
-    start.wait()
+    try:
+        client = Client(url, verbose=False)
+        info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/chat"]["parameters"]
+        keys = next(p for p in info if p["parameter_name"] == "keys_")["parameter_default"]
+    except BaseException:
+        start.abort()  # the other users stop waiting for this one (BrokenBarrierError), and the run ends
+        raise
+    start.wait(timeout=max(1.0, deadline - time.perf_counter()))
     out = []
     for i in range(requests):
         prompt = PROMPTS[(user + i) % len(PROMPTS)]
@@ -70,7 +75,7 @@ def one_user(url: str, user: int, requests: int, max_new_tokens: int, timeout_s:
             stats = result[1 + len(keys):]
             ok = all(r and r[-1]["role"] == "assistant" for r in replies) and all("**done**" in s for s in stats)
             rec.update(status="answered" if ok else "failed", error=None if ok else f"incomplete: {stats}")
-        except TimeoutError:
+        except (TimeoutError, cf.TimeoutError):  # Future.result's timeout (not the builtin one before 3.11)
             rec.update(status="lost", error=f"no answer within {min(timeout_s, left):.0f} s")
             job.cancel()
         except Exception as e:  # noqa: BLE001 - classified below: the queue's refusal vs anything else
@@ -88,6 +93,10 @@ def run(url: str, users: int, requests: int, max_new_tokens: int, timeout_s: flo
     with cf.ThreadPoolExecutor(users) as ex:
         futures = [ex.submit(one_user, url, u, requests, max_new_tokens, timeout_s, start, deadline)
                    for u in range(users)]
+        cf.wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the cause, rather than the other users' BrokenBarrierError it led to
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         records = [r for f in futures for r in f.result()]
     wall = time.perf_counter() - t0
     counts = {s: sum(r["status"] == s for r in records) for s in ("answered", "refused", "failed", "lost")}
@@ -101,7 +110,7 @@ def run(url: str, users: int, requests: int, max_new_tokens: int, timeout_s: flo
                                "max": max(answered) if answered else None},
         "refused_latency_s": {"p50": percentile(refused, 50), "max": max(refused) if refused else None},
         "errors": sorted({r["error"] for r in records if r["status"] in ("failed", "lost")}),
-        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "records": records,
     }
 
@@ -147,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run(url, args.users, args.requests, args.max_new_tokens, args.timeout_s, args.deadline_s)
+    except Exception as e:  # noqa: BLE001 - a user could not connect: no load test ran
+        print(f"app_load: the users could not start against {url} ({type(e).__name__}: {str(e)[:300]}). "
+              "Fix: check that the app is running there (python app.py --port N) and answers /chat.", file=sys.stderr)
+        return 2
     finally:
         if demo is not None:
             demo.close()

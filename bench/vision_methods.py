@@ -102,7 +102,8 @@ def table(runs: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only write the table from the existing runs")
-    parser.add_argument("--only", nargs="*", default=[], help="method names to run (default: all)")
+    parser.add_argument("--only", nargs="*", default=[], choices=list(METHODS), metavar="METHOD",
+                        help=f"method names to run (default: all): {', '.join(METHODS)}")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "vision-methods"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "vision-methods.md"))
     args = parser.parse_args()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 out = Console()
 
+#: `serve --dtype` choices: the recipe's `dtype:` names (Recipe.dtype; a unit test keeps the two equal).
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 SET_HELP = "Override a recipe value: --set stages.0.bits=4 (repeatable; values are YAML)."
 
 
@@ -138,10 +140,10 @@ def ls() -> None:
 @app.command()
 def serve(
     target: str = typer.Argument(..., help="A run folder (its final model), a model folder, or a builtin model name."),
-    port: int = typer.Option(8000, "--port", "-p", help="Port on 127.0.0.1 (0 = any free port)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1 (0 = any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (default: this machine only)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / CPUs with native bf16, else fp32), "
-                              "float32, bfloat16, float16."),
+    dtype: Dtype = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / CPUs with native bf16, else fp32), "
+                                "float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: half the cores)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the "
                                                 "model's, at most 2048)."),
@@ -160,9 +162,12 @@ def serve(
     from .backends.vllm import make_server, max_len
     from .context import auto_dtype
     from .runs import model_of
-    from .serving.server import ServerOptions, free_port
+    from .serving.server import ServerOptions, free_port, port_in_use
 
     try:
+        if port and port_in_use(port, host):
+            raise LLMCompressError(f"serve: --port {port} is already in use on {host}. Fix: stop what listens "
+                                   "there, pass another --port, or --port 0 for any free port.")
         path = model_of(target, "serve")
         device = _device()
         options = ServerOptions(
@@ -256,7 +261,20 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (finally blocks, then atexit hooks), so a run stopped by `kill` or a job scheduler
+    stops its vLLM servers and training processes instead of leaving them running (Python's default dies at once)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
+    _exit_on_sigterm()
     try:
         app()
     except LLMCompressError as e:  # raised outside a command (should not happen, but never show a traceback)

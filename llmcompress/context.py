@@ -191,6 +191,8 @@ class RunContext:
         """
         key = stable_hash([str(Path(path).resolve()), repr(options)])
         if key not in self.engines or not self.engines[key].alive():
+            if key in self.engines:  # it died (OOM, a crash): its engine-core children may not have
+                self.engines[key].close()
             log = self.run_dir / "logs" / f"vllm-{len(self.engines)}-{Path(path).parent.name}.log"
             self.log(f"starting a vLLM server for {path} (log: {log})")
             self.engines[key] = make(log).start()

@@ -9,6 +9,11 @@ class RecipeError(LLMCompressError):
     """The recipe (or an override) is wrong: unknown key, bad value, missing file, impossible combination."""
 
 
+class RunCrashed(LLMCompressError):
+    """A run crashed (a training subprocess died: out of memory, an NCCL failure), not bad input: the message says
+    where its log is. Sweeps retry it like any other crash; the CLI prints it without a traceback."""
+
+
 class MissingExtraError(LLMCompressError):
     """An optional dependency is not installed; the message names the `pip install` that fixes it."""
 

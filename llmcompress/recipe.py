@@ -261,7 +261,7 @@ def _nested_model(cls: type[BaseModel], path: list) -> type[BaseModel]:
     for part in path:
         field = current.model_fields.get(str(part)) if isinstance(part, str) else None
         if field is None:
-            return cls if current is cls else current
+            return current
         candidates = [field.annotation, *typing.get_args(field.annotation)]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         if not nested:

@@ -33,7 +33,7 @@ class _Clock:
 
 
 class HFBackend:
-    """Times ``transformers`` generation of an already loaded model (dense, bitsandbytes or our rtn format)."""
+    """Times ``transformers`` generation of an already loaded model, in any format its ``ModelHandle`` loads."""
 
     name = "hf"
 

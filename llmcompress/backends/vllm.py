@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import RecipeError
 from ..serving.server import ServerOptions, VLLMServer
-from ..serving.support import Unservable, adapter_base, require_servable  # noqa: F401 - Unservable re-exported
+from ..serving.support import adapter_base, max_lora_rank, require_servable
 from .base import GenTiming
 from .prompts import prompt_ids
 
@@ -42,14 +42,13 @@ def options_for(runtime: "Runtime", path: Path, **overrides: Any) -> ServerOptio
 def make_server(path: str | Path, options: ServerOptions, log_path: Path | None, name: str = "model") -> VLLMServer:
     """A (not yet started) server for a model folder, with its LoRA adapter when the folder is base + adapter.
 
-    Raises ``Unservable`` with the reason and the fix when vLLM cannot serve the folder on this machine.
+    Raises ``serving.support.Unservable`` with the reason and the fix when vLLM cannot serve the folder here.
     """
     require_servable(path, options.device, "vLLM cannot serve this model here")
     base, adapter = adapter_base(path)
     adapters = {ADAPTER_NAME: adapter} if adapter is not None else {}
     if adapter is not None:
-        rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 16)
-        options = ServerOptions(**{**options.__dict__, "max_lora_rank": max(options.max_lora_rank, int(rank))})
+        options = ServerOptions(**{**options.__dict__, "max_lora_rank": max_lora_rank(adapter)})
     return VLLMServer(model=base, options=options, log_path=log_path, name=name, adapters=adapters)
 
 

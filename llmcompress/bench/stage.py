@@ -1,11 +1,12 @@
 """The benchmark stage: size, memory, time to first token and decode speed of the original and the compressed model.
 
-Fair ratios: both models are timed in this process, interleaved call by call (original, compressed, original, ...)
-after warm-up, so load on a shared machine hits both alike. Figures are medians over rounds; the ratio of a timed
-figure is the median of its per-round compressed/original ratios (the two calls of a pair ran back to back, so slow
-drift of the machine's load cancels), the ratio of a size or memory figure is a plain quotient. Every call is kept.
-Memory and load time come from a fresh process per model (``bench/memory.py``), so one model's memory never shows
-in the other's figures.
+Fair ratios: every (backend, model) pair is timed in one loop, interleaved call by call (original, compressed,
+original, ...) after warm-up, so load on a shared machine hits all alike: hf models run ``generate`` in this process,
+vllm models are vLLM servers (one child process each) driven from here over HTTP. Figures are medians over rounds;
+the ratio of a timed figure is the median of its per-round compressed/original ratios (the two calls of a pair ran
+back to back, so slow drift of the machine's load cancels), the ratio of a size or memory figure is a plain quotient.
+Every call is kept. Memory and load time: for hf from a fresh process per model (``bench/memory.py``), so one model's
+memory never shows in the other's figures; for vllm from each server's own process tree.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ class BenchmarkStage(StageConfig):
             data = {**data, "backends": [data["backend"]]}
             del data["backend"]
         return data
+
+    @model_validator(mode="after")
+    def _vllm_needs_its_backend(self) -> "BenchmarkStage":
+        if self.vllm.model_fields_set and "vllm" not in self.backends:  # set, not just `vllm: {}`
+            raise ValueError(f"`vllm:` settings apply to backend vllm only, and `backends` is {self.backends}. "
+                             "Fix: add vllm to `backends`, or remove the `vllm:` block.")
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -330,7 +338,12 @@ def _resolve_compare(ctx: "RunContext", entry: str, where: str) -> tuple[str, Pa
                                    "quantize, prune, lora or export stage.")
         return other.name, model
     model = model_of(path, where)
-    name = path.name if (path / "manifest.json").is_file() else f"{model.parent.parent.name}"
+    if (path / "manifest.json").is_file():  # a run folder: its name
+        name = path.name
+    elif (model.parent.parent / "manifest.json").is_file():  # <run>/<NN-stage>/model: the run's name
+        name = model.parent.parent.name
+    else:  # a plain model folder: its own name
+        name = model.name
     return name or model.name, model
 
 

@@ -28,21 +28,39 @@ ENTRY = Path(__file__).resolve().parents[1] / "serving" / "lm_eval_entry.py"
 def model_args(path: Path, runtime: "Runtime", config: "VLLMConfig") -> dict[str, Any]:
     """lm-eval ``vllm`` model_args for a folder (a base + LoRA folder becomes pretrained + lora_local_path)."""
     from ..backends.vllm import max_len
-    from ..serving.support import adapter_base
+    from ..serving.support import adapter_base, max_lora_rank
 
     base, adapter = adapter_base(path)
     args: dict[str, Any] = {
         "pretrained": str(base), "dtype": runtime.dtype, "seed": runtime.seed, "enforce_eager": config.enforce_eager,
         "max_model_len": config.max_model_len or max_len(base), "tensor_parallel_size": config.tensor_parallel_size,
+        "max_num_seqs": config.max_num_seqs,  # lm-eval 0.4.13 hands extra model_args on to vllm.LLM
     }
     if config.pipeline_parallel_size > 1:
         args["pipeline_parallel_size"] = config.pipeline_parallel_size
     if runtime.device == "cuda":
         args["gpu_memory_utilization"] = config.gpu_memory_utilization
     if adapter is not None:
-        rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 16)
-        args.update(lora_local_path=str(adapter), max_lora_rank=max(16, int(rank)))
+        args.update(lora_local_path=str(adapter), max_lora_rank=max_lora_rank(adapter))
     return args
+
+
+def needs_hub(tasks: Sequence[str]) -> bool:
+    """Whether lm-eval needs its own tasks, whose data comes from the hub (any name that is not a local task)."""
+    return any(t not in local_tasks() for t in tasks)
+
+
+def child_env(runtime: "Runtime", config: "VLLMConfig", tasks: Sequence[str]) -> dict[str, str]:
+    """The lm-eval child's environment: vLLM's (offline), but online when a task downloads its data from the hub
+    (``check_tasks`` has checked the hub is reachable by then)."""
+    from ..serving.server import ServerOptions
+
+    env = {**os.environ, **ServerOptions(device=runtime.device, threads=runtime.threads,
+                                         kv_cache_gib=config.kv_cache_gib).env()}
+    if needs_hub(tasks):
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            env.pop(var, None)
+    return env
 
 
 def run_tasks_vllm(
@@ -51,18 +69,17 @@ def run_tasks_vllm(
 ) -> dict[str, dict[str, float]]:
     """Evaluate the folder ``path`` on lm-eval tasks with vLLM; returns ``{task: {metric: value}}``."""
     from ..serving.runtime import vllm_python
-    from ..serving.server import ServerOptions
     from ..serving.support import require_servable
 
     check_tasks(tasks, where=where)
     python = vllm_python(where)
     require_servable(path, runtime.device, f"{where}: vLLM cannot evaluate this model here")
-    env = ServerOptions(device=runtime.device, threads=runtime.threads, kv_cache_gib=config.kv_cache_gib).env()
+    env = child_env(runtime, config, tasks)
     with tempfile.TemporaryDirectory(prefix="llmcompress-lmeval-") as tmp:
         spec = {
             "model_args": model_args(path, runtime, config), "tasks": list(tasks), "limit": limit,
             "num_fewshot": num_fewshot, "batch_size": batch_size, "include_path": str(render_include_dir()),
-            "include_defaults": any(t not in local_tasks() for t in tasks), "bootstrap_iters": BOOTSTRAP_ITERS,
+            "include_defaults": needs_hub(tasks), "bootstrap_iters": BOOTSTRAP_ITERS,
             "output": str(Path(tmp) / "results.json"),
         }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
@@ -71,7 +88,7 @@ def run_tasks_vllm(
             log.write(f"$ {python} {ENTRY} {json.dumps(spec)}\n".encode())
             log.flush()
             proc = subprocess.Popen([python, str(ENTRY), str(Path(tmp) / "spec.json")], stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

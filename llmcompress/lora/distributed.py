@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import LLMCompressError, RecipeError
+from ..errors import RecipeError, RunCrashed
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -168,12 +168,39 @@ def launch_training(cfg: "LoraStage", ctx: "RunContext") -> "Trained":
     ctx.log(f"lora: training in {acc.num_processes} process(es) with torchrun "
             f"({'FSDP' if acc.fsdp else 'data parallel'}, mixed precision {acc.mixed_precision}); log: {log}")
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = _run_group(cmd, env, f)
     if rc != 0 or not result_file.is_file():
         tail = log.read_text(errors="replace")[-3000:]
-        raise LLMCompressError(f"lora: the training processes failed (exit {rc}); the end of {log}:\n{tail}")
+        raise RunCrashed(f"lora: the training processes failed (exit {rc}); the end of {log}:\n{tail}")
     saved = read_json(result_file)
     return Trained(data=saved["data"], meta=saved["meta"])
+
+
+def _run_group(cmd: list[str], env: dict, out: Any, grace_s: float = 10.0) -> int:
+    """Run ``cmd`` in a process group of its own and wait; its exit code.
+
+    If the wait is interrupted (Ctrl-C, SIGTERM raised as an exception, a Ray cancel), the whole group (torchrun and
+    the workers it started) gets SIGTERM, then SIGKILL after ``grace_s``, before the exception goes on: no training
+    process outlives the stage.
+    """
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it on to its workers
+            proc.wait(grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        finally:  # what is left of the group (a stuck torchrun, workers it did not reap), even on a second Ctrl-C
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)  # reaped: no zombie left
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        raise
 
 
 def _worker_main(job_file: str) -> None:
@@ -185,7 +212,7 @@ def _worker_main(job_file: str) -> None:
 
     job = read_json(job_file)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if job["runtime"]["device"] == "cuda":
+    if job["runtime"]["device"].startswith("cuda"):
         import torch
 
         torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU (loaders and .to("cuda") use it)

@@ -30,7 +30,11 @@ class Trained:
 
 
 def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
-    """Load a fresh copy of the current model, wrap it with LoRA, train it, save the adapter to <stage>/adapter."""
+    """Load a fresh copy of the current model, wrap it with LoRA, train it, save the adapter to <stage>/adapter.
+
+    With ``accelerate.num_processes > 1`` or ``fsdp``, hands the training to torchrun processes instead (this process
+    drops its cached models first, to leave them the memory) and returns rank 0's result.
+    """
     import torch
 
     from . import INITS, OBJECTIVES
@@ -40,6 +44,11 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     if not in_worker():
         cfg.accelerate.check_device(ctx.runtime.device, f"stages[{ctx.stage_index}] (lora)")
     if cfg.accelerate.launches and not in_worker():
+        # The workers load their own copies: the ones cached here would only hold memory while they train.
+        ctx.current.release()
+        ctx.original.release()
+        if ctx.runtime.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         return launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
     model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
     t = time.perf_counter()

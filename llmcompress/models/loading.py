@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import LLMCompressError
 from ..registry import Registry
-from ..utils.io import atomic_write_json, read_json
+from ..utils.io import atomic_write_json, read_config, read_json
 
 META = "llmcompress.json"
 
@@ -137,7 +137,7 @@ def storage_dtype_of(folder: Path) -> str | None:
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
         return None
-    conf = read_json(cfg)
+    conf = read_config(cfg)
     name = conf.get("dtype") or conf.get("torch_dtype")
     return name if name in ("bfloat16", "float16", "float32") else None
 

@@ -51,10 +51,10 @@ class QuantizeConfig(StageConfig):
         return float(getattr(self, "bits", self.nominal_bits))
 
     def ensure_dense(self, source: Any) -> None:
-        """Refuse a source that is already quantized (a pruned dense model is fine)."""
+        """Refuse a source that is already quantized (a pruned dense model is fine, structured-pruned included)."""
         from . import QUANTIZERS
 
-        if source.meta.get("format", "hf") != "hf" or source.meta.get("method") in QUANTIZERS:
+        if source.meta.get("format", "hf") not in ("hf", "structured") or source.meta.get("method") in QUANTIZERS:
             raise RecipeError(
                 f"{self.method} quantizes a dense model, but the model here is already `{source.describe()}`. "
                 "Fix: put this stage first."

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..errors import RecipeError
+from ..errors import LLMCompressError, RecipeError
 from .base import QuantizeConfig
 
 if TYPE_CHECKING:
@@ -114,6 +114,9 @@ def load_dynamic_int8(path: str | Path, device: str, dtype: str, **kwargs: Any):
     from ..models.loading import read_meta
     from ..vision.layers import load_swapped
 
+    if device != "cpu":
+        raise LLMCompressError(f"`{path}` holds PyTorch dynamic int8 layers, which run on the CPU only. Fix: use "
+                               "`device: cpu` for this model, or quantize for the GPU with another method.")
     info = read_meta(Path(path))["dynamic_int8"]
 
     def swap(model, state, dt) -> dict:

@@ -113,15 +113,19 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
 
+    from ..vision.layers import resize_structured_
+
     path = Path(path)
-    info = read_meta(path)["hqq"]
+    meta = read_meta(path)
+    info = meta["hqq"]
     model = empty_model(path, torch_dtype(dtype))
-    for name in info["modules"]:
-        _set(model, name, HQQLinear(None, None, compute_dtype=torch_dtype(dtype), device=device, initialize=False))
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
     state = to_model_keys(model, state)
+    resize_structured_(model, meta, state, torch_dtype(dtype))  # a structured-pruned source: its dense layers' shapes
+    for name in info["modules"]:
+        _set(model, name, HQQLinear(None, None, compute_dtype=torch_dtype(dtype), device=device, initialize=False))
     # dense parts may be stored in another dtype (the original's) than the one we run in; HQQ's own tensors are
     # converted below, after hqq has decoded them
     dt, hqq_keys = torch_dtype(dtype), tuple(f"{name}." for name in info["modules"])

@@ -184,15 +184,10 @@ def _label_offsets(ax, xs: list[float], ys: list[float], names: list[str]) -> li
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write a Figure as PNG atomically (temp name, then rename)."""
-    import os
+    """Write a Figure as PNG atomically, cropped to what is drawn (``plots.save_png``: no file left if it fails)."""
+    from .plots import save_png
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, bbox_inches="tight")
 
 
 def _label(key: str) -> str:

@@ -10,6 +10,7 @@ import os
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from . import metrics as M
 
@@ -91,7 +92,7 @@ def plot_tradeoff(report: dict, path: Path) -> Path | None:
     fig.text(0.01, 0.01, text, fontsize=7.5, va="bottom", ha="left", color="#444444")
     height = fig.get_figheight()
     fig.tight_layout(rect=(0, bottom_in / height, 1, 1 - top_in / height))
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def _draw(ax, panel: dict, same_model: bool) -> tuple:
@@ -117,12 +118,17 @@ def _draw(ax, panel: dict, same_model: bool) -> tuple:
     return bars_o, bars_c
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: str | Path, **savefig: Any) -> Path:
+    """Write a Figure as PNG atomically (a temporary file beside it, synced, then renamed; removed if drawing fails).
+
+    ``savefig``: more arguments for ``Figure.savefig`` (e.g. ``bbox_inches="tight"``).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
+            fig.savefig(f, format="png", **savefig)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -20,7 +20,9 @@ class RequestTiming:
     """One streamed request. Times are seconds since the batch was sent."""
 
     sent_s: float
-    token_s: list[float] = field(default_factory=list)  # arrival of each generated token (chunks split evenly)
+    # Arrival of each generated token: one per streamed chunk; when the server counted more tokens than chunks, the
+    # extra ones are spread evenly over the last chunk's interval (from the chunk before it, or from sending).
+    token_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text: str = ""
@@ -66,7 +68,9 @@ async def timed_completion(client, base_url: str, model: str, prompt: list[int] 
                 timing.text += choice.get("text") or ""
                 timing.token_s.append(now)
     n = timing.completion_tokens or len(timing.token_s)
-    if n != len(timing.token_s) and timing.token_s:  # a chunk held several tokens: spread them over its interval
+    if n < len(timing.token_s):  # more chunks than tokens (a closing chunk with no token): the first n are tokens
+        del timing.token_s[n:]
+    if n > len(timing.token_s) and timing.token_s:  # chunks held several tokens: spread the extra over the last one
         last, k = timing.token_s[-1], n - len(timing.token_s)
         prev = timing.token_s[-2] if len(timing.token_s) > 1 else timing.sent_s
         timing.token_s[-1:] = [prev + (last - prev) * (i + 1) / (k + 1) for i in range(k + 1)]

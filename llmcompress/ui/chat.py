@@ -93,11 +93,19 @@ def check_request(pool: ModelPool, limits: Limits, session: ChatSession, prompt:
     check_chat(prompt, system, max(session.chars(e.key) for e in entries), len(session.turns),
                sampling.max_new_tokens, sampling.temperature, sampling.top_p, limits)
     for e in entries:
+        if e.tokenizer is not None and not getattr(e.tokenizer, "chat_template", None):
+            raise LimitExceeded(f"{e.key} has no chat template (a base model rather than an instruct one), so it "
+                                "cannot chat. Untick it above the chat; the throughput race still covers it.")
         limit = context_limit(e)
         if limit is None:
             continue
-        n = len(e.tokenizer.apply_chat_template(session.messages(e.key, system, prompt), add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"])
+        try:
+            n = len(e.tokenizer.apply_chat_template(session.messages(e.key, system, prompt),
+                                                    add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"])
+        except Exception as err:  # noqa: BLE001 - jinja's TemplateError or a ValueError: the template refused it
+            raise LimitExceeded(f"{e.key}: its chat template refused this conversation ({err}). Try without a "
+                                "system prompt, or untick it.") from None
         if n + sampling.max_new_tokens > limit:
             raise LimitExceeded(f"{e.key}: the conversation is {n} tokens; with {sampling.max_new_tokens} new tokens "
                                 f"it exceeds the model's context of {limit}. Lower max new tokens, or press Clear.")
@@ -225,8 +233,7 @@ def header(entry: PoolEntry) -> str:
     if entry.peak_rss_bytes:
         mem.append(f"peak RSS alone {fmt_bytes(entry.peak_rss_bytes)} (its run's benchmark)")
     mem.append(f"loaded in {entry.load_s:.1f} s")
-    if mem:
-        lines.append(" · ".join(mem))
+    lines.append(" · ".join(mem))
     for name, engine in entry.engines.items():
         if engine.reason:
             lines.append(f"*{name}: {engine.reason}*")

@@ -39,7 +39,9 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(256, gt=0)  # the slider's top; a request above it is refused
     default_new_tokens: int = Field(128, gt=0)
     concurrency: int = Field(2, gt=0)  # chat requests generating at once (each streams every chosen model)
-    queue_size: int = Field(16, ge=0)  # requests waiting beyond that; one more is refused with a message
+    # requests of any kind (chat, race, reports) waiting in the app's one queue; one more is refused with a
+    # message. At least 1: gradio refuses an event whenever the queue holds max_size, so 0 would refuse all
+    queue_size: int = Field(16, ge=1)
     timeout_s: float = Field(180.0, gt=0)  # one chat request, all models: generation stops there
     race_max_batch: int = Field(8, gt=0)
     race_max_prompt_tokens: int = Field(128, gt=0)
@@ -59,12 +61,12 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    runs_dir: Path = Path("runs")  # run folders (each with manifest.json / report.json), one or two levels down
+    runs_dir: Path = Path("runs")  # run folders (each with manifest.json), up to 4 levels down (a sweep's too)
     recipes: tuple[Path, ...] = ()  # built into runs_dir on start (resumed when already done)
     build_default: bool = True  # no compressed model found and no recipe given: build DEFAULT_RECIPES
     model: str | None = None  # the model the recipes compress (overrides their `model:`)
     original: str | None = None  # the original to compare against when no run names one (default: smollm2-135m)
-    runs: tuple[str, ...] = ()  # run folder names to load for chat (default: the first max_models - 1 found)
+    runs: tuple[str, ...] = ()  # runs to load for chat, as paths under runs_dir (default: the first ones found)
     max_models: int = Field(4, gt=0)  # columns, original included
     backends: tuple[Literal["hf", "vllm", "auto"], ...] = ("auto",)  # auto: hf, plus vllm when it is set up
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -20,6 +20,16 @@ from .config import DEFAULT_RECIPES, RUNS_ENV, AppConfig, Limits, default_model
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _env_port() -> int:
+    """``$GRADIO_SERVER_PORT`` (a Space sets it), else 7860; LLMCompressError when it is not a number."""
+    value = os.environ.get("GRADIO_SERVER_PORT") or "7860"
+    try:
+        return int(value)
+    except ValueError:
+        raise LLMCompressError(f"app: $GRADIO_SERVER_PORT is {value!r}, not a port number (gradio reads it too). "
+                               "Fix: set it to a number (7860), or unset it and pass --port N.") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="app.py", description="Chat with an original model and its compressed variants "
                                 "side by side; race their throughput; browse run reports.")
@@ -32,8 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="the model the recipes compress (overrides their `model:`)")
     p.add_argument("--original", default=None,
                    help="the original to compare against (default: the one each run names, else smollm2-135m)")
-    p.add_argument("--run", action="append", default=[], help="a run folder name to load for chat (repeatable; "
-                   "default: the first runs found, up to --max-models)")
+    p.add_argument("--run", action="append", default=[], help="a run folder to load for chat, as a path under "
+                   "--runs (`tiny-rtn`, `sweeps/w4/runs/gptq`: the Reports tab's names; repeatable; default: the "
+                   "first runs found, up to --max-models)")
     p.add_argument("--max-models", type=int, default=4, help="chat columns, original included (default 4)")
     p.add_argument("--backends", default="auto", help="hf, vllm or hf,vllm; auto: hf, plus vllm when "
                    "`llmcompress setup vllm` has been run (default auto)")
@@ -43,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                    "its own thread)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                    help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+    p.add_argument("--port", type=int, default=_env_port(),
                    help="port (default: $GRADIO_SERVER_PORT or 7860; 0: any free port)")
     for name, field in Limits.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
@@ -67,9 +78,17 @@ def parse_args(argv: list[str]) -> AppConfig:
         )
     except ValidationError as e:
         err = e.errors()[0]
-        where = "--" + "-".join(str(x) for x in err["loc"] if x != "limits").replace("_", "-")
-        raise LLMCompressError(f"app: {where}: {err['msg']} (got {err.get('input')!r}). "
-                               "Fix: see `app.py --help`.") from None
+        loc = [str(x) for x in err["loc"] if x != "limits"]
+        if loc:  # a field (a list's item index after it: `backends.0`): name its option and the value
+            raise LLMCompressError(f"app: --{loc[0].replace('_', '-')}: {err['msg']} (got {err.get('input')!r}). "
+                                   "Fix: see `app.py --help`.") from None
+        # a rule across fields (Limits' model validator): its message names the fields; the input is all of them
+        import re
+
+        fields = "|".join(sorted(Limits.model_fields, key=len, reverse=True))
+        msg = re.sub(rf"\b({fields})\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                     err["msg"].removeprefix("Value error, "))
+        raise LLMCompressError(f"app: {msg}. Fix: see `app.py --help`.") from None
 
 
 def _load_recipes(paths: list[Path], model: str | None) -> list:
@@ -150,7 +169,8 @@ def prepare(config: AppConfig, log: Callable[[str], None] = print):
     backends = backends_of(config)
     build_recipes(config, log)
     hf_logging.disable_progress_bar()  # one line per model instead of a bar per weight file (after the runs)
-    candidates, skipped = plan(find_runs(config.runs_dir), config.original, config.runs, config.max_models)
+    candidates, skipped = plan(find_runs(config.runs_dir), config.original, config.runs, config.max_models,
+                               runs_dir=config.runs_dir)
     return ModelPool.load(candidates, runtime_of(config), backends, skipped=skipped, log=log)
 
 
@@ -159,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        _env_port()  # gradio itself reads $GRADIO_SERVER_PORT when imported, and fails with a bare ValueError
+    except LLMCompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401 - fail early, with the fix, when the extra is missing
     except ImportError:

@@ -33,36 +33,84 @@ class Candidate:
     peak_rss_bytes: int | None = None  # measured alone in a fresh process by the run's benchmark, if it had one
 
 
+#: How deep under the runs folder run folders are looked for: ``runs/<name>``, ``runs/<group>/<name>``, and a
+#: sweep's ``runs/sweeps/<sweep>/runs/<name>``.
+MAX_DEPTH = 4
+
+
 def find_runs(runs_dir: Path) -> list[Path]:
-    """Run folders (with a manifest.json) directly under ``runs_dir`` or one level deeper, sorted by path."""
+    """Run folders (with a manifest.json) under ``runs_dir``, up to ``MAX_DEPTH`` levels down, sorted by path.
+
+    A run folder is not searched further (it holds stage folders, never other runs).
+    """
+    import os
+
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    found = {p.parent for pattern in ("*/manifest.json", "*/*/manifest.json") for p in runs_dir.glob(pattern)}
+    found = []
+    for top, dirs, files in os.walk(runs_dir):
+        depth = len(Path(top).relative_to(runs_dir).parts)
+        if depth and "manifest.json" in files:
+            found.append(Path(top))
+            dirs.clear()
+        elif depth >= MAX_DEPTH:
+            dirs.clear()
+        else:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # atomic writes' temporary folders, caches
     return sorted(found)
 
 
+def run_names(runs: list[Path], runs_dir: Path | None = None) -> list[str]:
+    """What the app calls each run (column titles, ``--run``, the Reports tab): its path under ``runs_dir`` in posix
+    form (``tiny-rtn``, ``sweeps/w4/runs/gptq``), so two runs never share a name. Without ``runs_dir``: under the
+    runs' common parent folder."""
+    import os
+
+    if not runs:
+        return []
+    root = Path(runs_dir) if runs_dir is not None else Path(os.path.commonpath([r.parent.resolve() for r in runs]))
+    out = []
+    for run in runs:
+        try:
+            out.append(run.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:  # not under runs_dir: its whole path, unique too
+            out.append(run.as_posix())
+    return out
+
+
 def _original_of(run_dir: Path) -> tuple[Path | None, str | None]:
-    """The original model folder of a run (from its report, else its resolved recipe) and how it was named."""
+    """The original model folder of a run (from its report, else its resolved recipe) and how it was named.
+
+    Raises LLMCompressError (the run is skipped, with the reason) when the resolved recipe names no valid model.
+    """
     report_path = run_dir / "report.json"
     source = None
     if report_path.is_file():
         try:
             original = read_json(report_path)["models"]["original"]
             if Path(original["path"]).is_dir():
-                return Path(original["path"]), original.get("meta", {}).get("source") or original.get("description")
-        except (ValueError, KeyError, TypeError):
+                meta = original.get("meta") if isinstance(original.get("meta"), dict) else {}
+                return Path(original["path"]), meta.get("source") or original.get("description")
+        except (ValueError, KeyError, TypeError, AttributeError):  # unreadable or odd report: the recipe says
             pass
     resolved = run_dir / "recipe.resolved.yaml"
     if resolved.is_file():
         import yaml
+        from pydantic import ValidationError
 
         from ..models import resolve_source
         from ..models.source import materialize
         from ..recipe import ModelSpec
 
-        raw = (yaml.safe_load(resolved.read_text()) or {}).get("model")
-        spec = ModelSpec(source=raw) if isinstance(raw, str) else ModelSpec.model_validate(raw)
+        try:
+            doc = yaml.safe_load(resolved.read_text())
+            raw = doc.get("model") if isinstance(doc, dict) else None
+            spec = ModelSpec(source=raw) if isinstance(raw, str) else ModelSpec.model_validate(raw)
+        except (OSError, yaml.YAMLError, ValidationError) as e:
+            why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else type(e).__name__
+            raise LLMCompressError(f"its {resolved.name} names no valid `model:` ({why}); fix or remove the run "
+                                   "folder") from None
         source = spec.source
         try:
             return materialize(resolve_source(spec.model_copy(update={"trust_remote_code": False}), run_dir)), source
@@ -84,54 +132,76 @@ def _peak_rss(report: dict, role: str) -> int | None:
 
 
 def plan(runs: list[Path], original: str | None = None, only: tuple[str, ...] = (), max_models: int = 4,
-         ) -> tuple[list[Candidate], list[str]]:
+         runs_dir: Path | None = None) -> tuple[list[Candidate], list[str]]:
     """Which models to load: originals first (one per distinct folder), then each run's final model.
 
-    Returns ``(candidates, skipped)``; ``skipped`` says, per run not loaded, why (shown in the app).
+    Runs are named as ``run_names(runs, runs_dir)`` names them (``only`` picks by those names). Returns
+    ``(candidates, skipped)``; ``skipped`` says, per model not loaded, why (shown in the app).
     """
     from ..runs import final_model, model_of
 
-    names = {r.name for r in runs}
-    unknown = [n for n in only if n not in names]
+    names = dict(zip(runs, run_names(runs, runs_dir)))
+    unknown = [n for n in only if n not in names.values()]
     if unknown:
         raise LLMCompressError(
             f"app: --run {', '.join(unknown)}: no such run folder. "
-            f"Fix: pick from {', '.join(sorted(names)) or '(none)'}"
+            f"Fix: pick from {', '.join(sorted(names.values())) or '(none)'}"
         )
     originals: dict[Path, Candidate] = {}
     compressed: list[Candidate] = []
     skipped: list[str] = []
     if original is not None:
         path = model_of(original, "app: --original")
-        originals[path.resolve()] = Candidate(ORIGINAL, ORIGINAL, path, source=original)
-    for run in runs:
-        if only and run.name not in only:
+        originals[path.resolve()] = Candidate(_free_key(ORIGINAL, names.values()), ORIGINAL, path, source=original)
+    for run, name in names.items():
+        if only and name not in only:
             continue
-        model = final_model(run)
+        try:
+            model = final_model(run)
+        except (OSError, ValueError):
+            skipped.append(f"{name}: its manifest.json cannot be read (an interrupted write?); run it again")
+            continue
         if model is None or not model.is_dir():
-            skipped.append(f"{run.name}: no compressed model (no stage produced one, or it is unfinished)")
+            skipped.append(f"{name}: no compressed model (no stage produced one, or it is unfinished)")
             continue
-        base, source = _original_of(run)
+        try:
+            base, source = _original_of(run)
+        except LLMCompressError as e:
+            skipped.append(f"{name}: {e}")
+            continue
         if base is None:
-            skipped.append(f"{run.name}: its original model could not be found ({source or 'no recipe'})")
+            skipped.append(f"{name}: its original model could not be found ({source or 'no recipe'})")
             continue
         report = _report_of(run)
         if original is None and base.resolve() not in originals:
             key = ORIGINAL if not originals else f"{ORIGINAL} ({Path(source or base).name})"
+            key = _free_key(key, [*names.values(), *(c.key for c in originals.values())])
             originals[base.resolve()] = Candidate(key, ORIGINAL, base, source=source,
                                                   peak_rss_bytes=_peak_rss(report, "original"))
-        compressed.append(Candidate(run.name, "compressed", model, run_dir=run, method=report.get("method"),
+        compressed.append(Candidate(name, "compressed", model, run_dir=run, method=report.get("method"),
                                     peak_rss_bytes=_peak_rss(report, "compressed")))
     if not originals:
         path = model_of("smollm2-135m", "app: the default model")
         originals[path.resolve()] = Candidate(ORIGINAL, ORIGINAL, path, source="smollm2-135m")
     chosen = list(originals.values())
+    for c in chosen[max_models:]:
+        skipped.append(f"{c.key}: not loaded for chat (at most {max_models} models and there are {len(chosen)} "
+                       "originals; raise --max-models, or pick runs of one original with --run NAME)")
+    chosen = chosen[:max_models]
     for c in compressed:
         if len(chosen) >= max_models:
             skipped.append(f"{c.key}: not loaded for chat (at most {max_models} models; pick with --run NAME)")
         else:
             chosen.append(c)
-    return chosen[:max_models], skipped
+    return chosen, skipped
+
+
+def _free_key(key: str, taken) -> str:
+    """``key``, primed until no other column has it (a run folder may be called "original")."""
+    taken = set(taken)
+    while key in taken:
+        key += "'"
+    return key
 
 
 @dataclass
@@ -152,9 +222,6 @@ class Engine:
             since = f" for {time.perf_counter() - started:.0f} s" if started else ""
             return f"the {self.name} engine is still starting{since}; try again shortly, or pick another backend"
         return None
-
-    def wait(self, timeout_s: float) -> None:
-        self._ready.wait(timeout_s)
 
 
 @dataclass
@@ -234,9 +301,10 @@ class ModelPool:
                 backend.ready()
                 log(f"vLLM ready for {entry.key} in {backend.server.ready_s:.0f} s")
                 engine._ready.set()
-            except LLMCompressError as e:
-                engine.reason = f"the vLLM server failed to start: {e}"
-                log(f"vLLM failed for {entry.key}: {e}")
+            except Exception as e:  # noqa: BLE001 - any failure must end "starting": the engine says why instead
+                why = str(e) if isinstance(e, LLMCompressError) else f"{type(e).__name__}: {e}"
+                engine.reason = f"the vLLM server failed to start: {why}"
+                log(f"vLLM failed for {entry.key}: {why}")
 
         threading.Thread(target=wait, daemon=True, name=f"vllm-start-{entry.key}").start()
         return engine

@@ -58,8 +58,9 @@ def run_race(pool: ModelPool, keys: list[str], backends: list[str], batch: int, 
                     continue
                 try:
                     timing = _time_one(engine.backend, batch, prompt_tokens, new_tokens, entry.key)
-                except LLMCompressError as e:
-                    result.rows.append({**row, "note": str(e)})
+                except Exception as e:  # noqa: BLE001 - one engine failing (a dead vLLM server, OOM) is its row's note
+                    why = str(e) if isinstance(e, LLMCompressError) else f"failed: {type(e).__name__}: {e}"
+                    result.rows.append({**row, "note": why[:500]})
                     continue
                 engines.setdefault(backend_name, engine.backend.describe())
                 result.rows.append({**row, "decode tok/s": round(timing.decode_tok_s, 2),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LLMCompressError
-from .pool import find_runs
+from .pool import find_runs, run_names
 
 _IMAGE_LINE = re.compile(r"^\s*!\[[^\]]*\]\([^)]*\)\s*$", re.MULTILINE)
 
@@ -30,8 +30,8 @@ def scan(runs_dir: Path) -> list[RunInfo]:
     from ..report import load_report
 
     out = []
-    for path in find_runs(runs_dir):
-        name = path.relative_to(runs_dir).as_posix() if path.is_relative_to(runs_dir) else path.name
+    runs = find_runs(runs_dir)
+    for path, name in zip(runs, run_names(runs, runs_dir)):  # the names the chat columns and --run use
         try:
             out.append(RunInfo(name, path, load_report(path)))
         except LLMCompressError as e:

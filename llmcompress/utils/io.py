@@ -36,6 +36,26 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_config(path: Path) -> dict:
+    """A model folder's JSON file (config.json, llmcompress.json) as a dict; LLMCompressError naming the file, the
+    line and the fix when it is not a valid JSON object (``read_json`` raises a bare ValueError)."""
+    from ..errors import LLMCompressError
+
+    path = Path(path)
+    fix = "Fix: re-save the model with save_pretrained, or point `model:` at another folder."
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LLMCompressError(f"{path.name} of `{path.parent}` is not valid JSON (line {e.lineno}): {e.msg}. "
+                               f"{fix}") from None
+    except UnicodeDecodeError:
+        raise LLMCompressError(f"{path.name} of `{path.parent}` is not text (not UTF-8). {fix}") from None
+    if not isinstance(data, dict):
+        raise LLMCompressError(f"{path.name} of `{path.parent}` holds a JSON {type(data).__name__}, not an object "
+                               f"({{...}}). {fix}")
+    return data
+
+
 def read_yaml(path: Path, where: str | None = None) -> Any:
     """Parse a YAML file; RecipeError naming ``where`` (default: the path) and the line on invalid YAML."""
     import yaml

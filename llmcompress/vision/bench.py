@@ -74,6 +74,7 @@ def run_benchmark(stage: Any, ctx: "RunContext") -> "StageResult":
     same = ctx.current is ctx.original
     handles = {"original": ctx.original} if same else {"original": ctx.original, "compressed": ctx.current}
     handles.update(stage._compare_handles(ctx, handles))
+    _check_compare_kinds(handles, ctx.original.path)
     models = {role: h.load() for role, h in handles.items()}
     inputs = batch_inputs(*models["original"], stage.batch_sizes)  # one tensor for every model
     calls_total = len(handles) * (stage.warmup + stage.repeats * len(stage.batch_sizes))
@@ -172,6 +173,21 @@ def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> di
         result = probe()
     advance(1, description=f"benchmark: memory of the {handle.role} model")
     return {**result, "cached": not fresh}
+
+
+def _check_compare_kinds(handles: dict, original: Any) -> None:
+    """Every model takes the original's pixels: a compare entry of another kind or task is refused before loading."""
+    from ..errors import RecipeError
+    from .kind import folder_kind
+
+    want = folder_kind(original)
+    for role, h in handles.items():
+        got = folder_kind(h.path)
+        if got != want:
+            raise RecipeError(f"benchmark `compare` entry `{role}` ({h.path}) is a {got[0]} model"
+                              f"{f' ({got[1]})' if got[1] else ''}, and this run's model is a {want[0]} model "
+                              f"({want[1]}): they cannot be timed on the same images. Fix: compare runs of the same "
+                              "vision model.")
 
 
 def _settings(stage: Any, ctx: "RunContext", inputs: dict) -> dict:

@@ -104,6 +104,9 @@ def _after_structured(stage: Any, earlier: list) -> str | None:
     if pruned and stage.type == "quantize" and stage.method.startswith(("bnb-", "torchao-")):
         return (f"`{stage.method}` loads the model through `from_pretrained`, which cannot rebuild the layers a "
                 "`structured` prune stage shrank. Fix: use rtn, hqq or dynamic-int8 after structured pruning.")
+    if pruned and stage.type == "prune":
+        return ("the model is already `structured`-pruned; a second prune stage on it is not supported. Fix: prune "
+                "once (raise the structured stage's `sparsity` for a smaller model).")
     if pruned and stage.type == "export":
         return ("a `structured` prune stage gave each MLP its own width, which a transformers config cannot say, so "
                 "no folder `from_pretrained` loads can hold it. Fix: remove the export stage (the run's model "

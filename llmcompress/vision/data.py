@@ -233,6 +233,10 @@ def _imagefolder(root: Path, split: str) -> ImageSet:
 
     base = root / split if (root / split).is_dir() else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    splits = [c for c in classes if base == root and any(q.is_dir() for q in (root / c).iterdir())]
+    if splits:  # a <split>/<class>/ layout without the split asked for
+        raise RecipeError(f"imagefolder `{root}` has the splits {', '.join(splits)}, not `{split}`. Fix: set "
+                          f"`data.split` to one of them.")
     files = [(f, c) for c_i, c in enumerate(classes) for f in sorted((base / c).iterdir())
              if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
@@ -244,8 +248,12 @@ def _imagefolder(root: Path, split: str) -> ImageSet:
             images.append(im.copy())
     labels = [classes.index(c) for _, c in files]
     fp = stable_hash([[str(f.relative_to(base)), f.stat().st_size, int(f.stat().st_mtime)] for f, _ in files])
-    return ImageSet(name=root.name, task="image-classification", images=images, labels=labels,
-                    class_names=classes, fingerprint=fp)
+    out = ImageSet(name=root.name, task="image-classification", images=images, labels=labels,
+                   class_names=classes, fingerprint=fp)
+    if base == root:
+        out.notes.append(f"imagefolder `{root}` has no `{split}/` subfolder: all its images are the `{split}` split "
+                         "(a LoRA stage and an evaluate stage on it use the same images)")
+    return out
 
 
 def _hf(cfg: ImageDataConfig, split: str, task: str) -> ImageSet:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
-from ..utils.io import read_json
+from ..utils.io import read_config, read_json
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -45,13 +45,13 @@ def kind_of_config(conf: dict) -> tuple[str, str | None]:
 
 def folder_kind(path: str | Path) -> tuple[str, str | None]:
     """``(kind, task)`` of a model folder: its llmcompress.json says, else its config.json (a folder without either,
-    or a file, counts as an LLM: the loaders report what is missing)."""
+    or a file, counts as an LLM: the loaders report what is missing). LLMCompressError when a file is not valid JSON."""
     path = Path(path)
     conf = path / "config.json"
-    kind, task = kind_of_config(read_json(conf)) if conf.is_file() else ("llm", None)
+    kind, task = kind_of_config(read_config(conf)) if conf.is_file() else ("llm", None)
     meta = path / "llmcompress.json"
     if meta.is_file():
-        m = read_json(meta)
+        m = read_config(meta)
         if m.get("kind") and m["kind"] != kind:  # an explicit `kind:` the folder was made with
             return m["kind"], m.get("task") or task
     return kind, task

@@ -36,6 +36,11 @@ def load_vision(path: str | Path, device: str, dtype: str, **kwargs: Any) -> tup
         raise LLMCompressError(_import_fix(path, e)) from None
     except OSError as e:
         raise LLMCompressError(f"could not load model `{path}`: {e}") from None
+    except RuntimeError as e:  # weights missing or of another shape than the folder's config says
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMCompressError(f"could not load model `{path}`: its weights do not fit its config ({first}). "
+                               "Fix: point at a folder llmcompress or save_pretrained wrote whole (re-run the "
+                               "stage that wrote it with `--fresh`).") from None
     fix_bnb_int8_(model)
     return model, load_processor(path)
 

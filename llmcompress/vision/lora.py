@@ -55,8 +55,31 @@ class ImageTrainData:
 
 
 def sft_loss(model: Any, batch: dict, teacher: Any = None, temperature: float = 1.0):
-    """The model's own supervised loss: cross-entropy (classifiers) or the Hungarian set loss (DETR/YOLOS)."""
-    return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    """The model's own supervised loss: cross-entropy (classifiers) or the Hungarian set loss (DETR/YOLOS).
+
+    A detector in bf16/fp16 gets its set loss on float32 logits and boxes (the matcher's ``torch.cdist`` has no bf16
+    CPU kernel); that path leaves out the auxiliary decoder losses (``config.auxiliary_loss``, off by default)."""
+    import torch
+
+    x, labels = _on_model(model, batch)
+    detection = not isinstance(labels, torch.Tensor)
+    if not detection or x.dtype == torch.float32:
+        return model(pixel_values=x, labels=labels).loss
+    out = model(pixel_values=x)
+    return model.loss_function(out.logits.float(), labels, x.device, out.pred_boxes.float(), model.config)[0]
+
+
+def _on_model(model: Any, batch: dict) -> tuple[Any, Any]:
+    """The batch's pixels and labels on the model's device (the training data stay on the CPU)."""
+    import torch
+
+    device = next(model.parameters()).device
+    labels = batch["labels"]
+    if isinstance(labels, torch.Tensor):
+        labels = labels.to(device)
+    else:
+        labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    return batch["pixel_values"].to(device), labels
 
 
 def distill_loss(model: Any, batch: dict, teacher: Any = None, temperature: float = 1.0):
@@ -64,7 +87,7 @@ def distill_loss(model: Any, batch: dict, teacher: Any = None, temperature: floa
     import torch
     import torch.nn.functional as F
 
-    x = batch["pixel_values"]
+    x, _ = _on_model(model, batch)
     with torch.no_grad():
         log_p = F.log_softmax(teacher(pixel_values=x).logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(model(pixel_values=x).logits.float() / temperature, dim=-1)
@@ -226,8 +249,9 @@ def merge_dequantized(inputs: Any, target: Path, ctx: "RunContext") -> dict:
     from ..utils.io import atomic_dir
 
     dense, processor, replaced = merged_dense(inputs, dequantized=True)
-    base = load_model(inputs.base, "cpu", "float32")[0]
-    for name, m in base.named_modules():
+    has_convs = bool((read_meta(inputs.base).get("rtn") or {}).get("conv_modules"))
+    base = load_model(inputs.base, "cpu", "float32")[0] if has_convs else None  # only rtn quantizes Conv2d layers
+    for name, m in base.named_modules() if base is not None else ():
         if type(m).__name__ == "RTNConv2d":
             conv = dense.get_submodule(name)
             conv.weight = torch.nn.Parameter(m.dequantize().to(conv.weight.dtype), requires_grad=False)

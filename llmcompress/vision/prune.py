@@ -58,9 +58,6 @@ class StructuredConfig(PruneConfig):
                              '`sparsity: 0.5` here, or `method: magnitude` with `pattern: "2:4"`')
         return self
 
-    def check_after(self, earlier: list) -> str | None:
-        return None
-
 
 def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
     """The prune stage's run on a vision model (magnitude or structured)."""
@@ -70,7 +67,9 @@ def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
     from .adapter import model_kind
     from .quant import default_skip
 
-    if stage.method not in ("magnitude", FORMAT):
+    from .checks import VISION_PRUNE
+
+    if stage.method not in VISION_PRUNE:
         raise RecipeError(f"`{stage.method}` does not apply to vision models. Fix: use `magnitude` or `structured`.")
     _, task = model_kind(ctx)
     if stage.method == "magnitude" and "skip" not in stage.model_fields_set:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -163,9 +162,3 @@ def quantize_conv_rtn_(model: Any, cfg: Any) -> dict[str, int]:
         set_module(model, name, rtn_conv.from_conv(conv, cfg.bits, gs, cfg.symmetric))
         done[name] = gs
     return done
-
-
-def head_names(model: Any, task: str | None) -> list[str]:
-    """Module names the default ``skip`` matches (for messages and tests)."""
-    pats = default_skip(task)
-    return [n for n, _ in model.named_modules() if n and any(re.fullmatch(p, n) for p in pats)]

@@ -40,9 +40,9 @@ def timm_problem() -> str | None:
 def check_timm(source: str, conf_path: Path | None, conf: dict | None = None) -> None:
     """Raise RecipeError (with the fix) when ``source`` is a timm model and timm cannot run here."""
     if conf is None and conf_path is not None and conf_path.is_file():
-        from ..utils.io import read_json
+        from ..utils.io import read_config
 
-        conf = read_json(conf_path)
+        conf = read_config(conf_path)
     if not conf or not is_timm_config(conf):
         return
     problem = timm_problem()

@@ -36,7 +36,7 @@ def run_language_part(stage: Any, ctx: "RunContext", run: Callable) -> "StageRes
 
 
 def _plain(m: Any) -> bool:
-    """A layer with a plain float weight and no zeros added by pruning beyond what it had."""
+    """A layer that still holds a plain float weight (not replaced by a quantized layer)."""
     import torch
 
     w = getattr(m, "weight", None)

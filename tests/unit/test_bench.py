@@ -258,3 +258,25 @@ def test_importing_the_stage_does_not_import_torch():
     code = "import sys, llmcompress.bench.stage, llmcompress.bench.memory; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_compare_entries_are_named_after_their_run_or_their_own_folder(tmp_path):
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from llmcompress.bench.stage import _resolve_compare
+
+    plain = tmp_path / "home" / "models" / "Qwen"
+    plain.mkdir(parents=True)
+    (plain / "config.json").write_text("{}")
+    run = tmp_path / "runs" / "w8a8"
+    model = run / "01-quantize" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (run / "01-quantize" / "result.json").write_text(json.dumps({"result": {"model_dir": "model"}}))
+    (run / "manifest.json").write_text(json.dumps({"stages": [{"dir": "01-quantize"}]}))
+    ctx = SimpleNamespace(recipe=SimpleNamespace(resolve_path=Path))
+    assert _resolve_compare(ctx, str(plain), "compare[0]") == ("Qwen", plain)  # not `home`, its grandparent
+    assert _resolve_compare(ctx, str(run), "compare[0]") == ("w8a8", model)
+    assert _resolve_compare(ctx, str(model), "compare[0]") == ("w8a8", model)  # a run's stage model: the run

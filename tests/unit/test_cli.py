@@ -52,8 +52,59 @@ def test_bad_override(tmp_path):
     assert r.returncode == 2 and "`bits`" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_corrupt_config_json_exits_2_naming_the_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{bad")
+    r = cli("validate", write(tmp_path, "name: r\nmodel: ./m\nstages: [{type: evaluate}]\n"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert f"config.json of `{tmp_path / 'm'}` is not valid JSON (line 1)" in r.stderr
+    assert "Fix: re-save the model with save_pretrained" in r.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("serve", tmp_path / "nothing-here", "--port", port)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--port {port} is already in use" in r.stderr and "Fix:" in r.stderr and "--port 0" in r.stderr
+
+
+def test_serve_dtype_is_one_of_the_recipe_names(tmp_path):
+    import typing
+
+    from llmcompress.cli import Dtype
+    from llmcompress.recipe import Recipe
+
+    assert typing.get_args(Dtype) == typing.get_args(Recipe.model_fields["dtype"].annotation)
+    r = cli("serve", tmp_path, "--port", "0", "--dtype", "fp32")
+    assert r.returncode == 2 and "Invalid value for '--dtype'" in r.stderr and "Traceback" not in r.stderr
+
+
 #: Recipes whose method needs a CUDA GPU: without one they must fail validation, clearly.
 GPU_ONLY = {"smollm2-llmc-fp8.yaml"}
+
+
+def test_sigterm_unwinds_the_command_so_its_servers_are_closed(tmp_path):
+    # A run's vLLM servers are closed by `finally` blocks and VLLMServer's atexit hook; Python's default SIGTERM
+    # skips both. The CLI's handler turns SIGTERM into SystemExit (exit 143) so they run.
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "from llmcompress.cli import _exit_on_sigterm\n"
+        "_exit_on_sigterm()\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        f"    open({str(tmp_path / 'finally')!r}, 'w').close()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143 and "Traceback" not in r.stderr
+    assert (tmp_path / "finally").exists() and (tmp_path / "atexit").exists()
 
 
 def test_every_shipped_recipe_validates():

@@ -81,6 +81,18 @@ def test_pareto_figure_draws_every_point_and_the_frontier(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(path.parent.glob(".*tmp*"))
 
 
+def test_save_figure_leaves_no_file_behind_when_drawing_fails(tmp_path):
+    class Failing:
+        def savefig(self, f, **kwargs):
+            assert kwargs == {"format": "png", "bbox_inches": "tight"}
+            f.write(b"half a png")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        L.save_figure(Failing(), tmp_path / "pareto.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_format_cell():
     assert L.format_cell("size_bytes", 3 * 2**20) == "3.0 MiB"
     assert L.format_cell("speedup", 1.234) == "1.23x"

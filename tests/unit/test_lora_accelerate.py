@@ -82,3 +82,44 @@ def test_accelerate_block_is_validated_when_the_recipe_loads(accelerate, expecte
     with pytest.raises(RecipeError) as e:
         load_recipe(lora_recipe(accelerate, 2))
     assert expected in str(e.value)
+
+
+def test_an_interrupted_launch_leaves_no_training_process_behind(tmp_path):
+    """torchrun's workers are its children: an exception while waiting (Ctrl-C, a Ray cancel) ends the whole group."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from llmcompress.lora.distributed import _run_group
+
+    pids = tmp_path / "pids"
+    script = ("import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pids)!r}, 'w').write(f'{{child.pid}}'); time.sleep(60)")
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for its reaper, it runs nothing
+        except FileNotFoundError:
+            return False
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(signum, frame):
+        raise Cancelled
+
+    old = signal.signal(signal.SIGALRM, cancel)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        with open(tmp_path / "log", "w") as f, pytest.raises(Cancelled):
+            _run_group([sys.executable, "-c", script], dict(os.environ), f, grace_s=2.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    child = int(pids.read_text())
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -124,6 +126,45 @@ def test_command_line_executor_and_address_override_the_file(tmp_path):
     assert resolve_executor(ray, "local").type == "local"
     with pytest.raises(RecipeError, match="unknown sweep executor `slurm`"):
         resolve_executor(ray, "slurm")
+    for sweep in (local, ray):  # never silently ignored
+        with pytest.raises(RecipeError, match="--address ray://h:10001 needs --executor ray"):
+            resolve_executor(sweep, "local", "ray://h:10001")
+
+
+def test_a_missing_ray_stops_the_sweep_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib.util
+
+    from llmcompress.errors import MissingExtraError
+
+    write_sweep(tmp_path, grid={"stages.0.bits": [4]}, executor={"type": "ray", "address": "auto"})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(MissingExtraError, match=r"llmcompress\[ray\]"):
+        run_sweep(tmp_path / "sweep.yaml", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists() and "RAY_AUTH_MODE" not in os.environ
+
+
+def test_a_crashed_training_run_is_retried_not_taken_for_bad_input(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import llmcompress.pipeline as pipeline
+    from llmcompress.errors import RunCrashed
+    from llmcompress.sweep.config import LocalExecutorConfig
+    from llmcompress.sweep.local import LocalExecutor
+
+    calls = []
+
+    def crash(recipe, *a, **k):
+        calls.append(recipe.name)
+        raise RunCrashed("lora: the training processes failed (exit -9); the end of train-processes.log: ...")
+
+    monkeypatch.setattr(pipeline, "run_recipe", crash)
+    job = {"name": "lora", "raw": fast_recipe(name="lora"), "origin": None, "run_dir": str(tmp_path / "lora")}
+    executor = LocalExecutor(LocalExecutorConfig(retries=1), Console(file=io.StringIO()), show_progress=False)
+    [outcome] = executor.run([job], lambda o: None)
+    assert calls == ["lora", "lora"] and outcome["attempts"] == 2  # retried once, like any crash
+    assert outcome["error_kind"] == "runtime" and "exit -9" in outcome["error"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

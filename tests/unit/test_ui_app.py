@@ -51,6 +51,9 @@ def test_build_app_returns_blocks_with_the_named_endpoints(tiny_pool, tiny_runs_
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"chat", "clear", "race", "reports", "report"} <= names
     assert demo._queue.max_size == 16 and demo._queue.default_concurrency_limit == 2
+    from llmcompress.ui.app import _about
+
+    assert "up to 16 request(s) of any kind (chat, race, reports)" in _about(tiny_pool, AppConfig())  # one queue
 
 
 def test_both_columns_answer_the_same_prompt(tiny_app, tiny_pool):

@@ -53,6 +53,23 @@ def test_parse_args_maps_flags_and_names_a_bad_one(tmp_path):
         parse_args(["--backends", "hf,tgi"])
     with pytest.raises(LLMCompressError, match="--concurrency"):
         parse_args(["--concurrency", "0"])
+    with pytest.raises(LLMCompressError, match=r"app: --backends: .*\(got 'bogus'\)") as e:
+        parse_args(["--backends", "bogus"])
+    assert "backends-0" not in str(e.value)
+    with pytest.raises(LLMCompressError, match=r"app: --default-new-tokens \(300\) must be <= --max-new-tokens") as e:
+        parse_args(["--default-new-tokens", "300"])
+    assert "{" not in str(e.value)  # the message, not every limit's value
+    with pytest.raises(LLMCompressError, match="--queue-size: .*greater than or equal to 1"):
+        parse_args(["--queue-size", "0"])  # gradio would refuse every request
+
+
+def test_a_bad_gradio_server_port_is_a_clear_error(monkeypatch, capsys):
+    from llmcompress.ui.launch import main
+
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    assert main(["--backends", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "$GRADIO_SERVER_PORT is 'http', not a port number" in err and "Fix:" in err
 
 
 def test_app_cli_rejects_a_bad_recipe_before_loading_anything(tmp_path):
@@ -196,6 +213,58 @@ def test_plan_finds_the_run_and_its_original(tiny_runs_dir, tiny_model_dir):
     assert len(only_original) == 1 and "at most 1 models" in skipped[0]
 
 
+def _fake_run(run: Path, report: dict | None = None, recipe: str | None = None) -> Path:
+    """A run folder with a finished quantize stage (an empty model folder) and the given report / resolved recipe."""
+    import json
+
+    (run / "01-quantize" / "model").mkdir(parents=True)
+    (run / "01-quantize" / "result.json").write_text(json.dumps({"result": {"model_dir": "model"}}))
+    (run / "manifest.json").write_text(json.dumps({"stages": [{"dir": "01-quantize"}]}))
+    if report is not None:
+        (run / "report.json").write_text(json.dumps(report))
+    if recipe is not None:
+        (run / "recipe.resolved.yaml").write_text(recipe)
+    return run
+
+
+def test_runs_are_found_up_to_a_sweep_and_named_by_their_path(tmp_path):
+    from llmcompress.ui.pool import find_runs, run_names
+    from llmcompress.ui.reports import scan
+
+    runs_dir = tmp_path / "runs"
+    for rel in ("a/x", "b/x", "top", "sweeps/s/runs/r", "too/deep/for/the/app"):
+        (runs_dir / rel).mkdir(parents=True)
+        (runs_dir / rel / "manifest.json").write_text("{}")
+    (runs_dir / "top" / "01-lora" / "adapter").mkdir(parents=True)
+    (runs_dir / "top" / "01-lora" / "adapter" / "manifest.json").write_text("{}")  # inside a run: not a run
+    runs = find_runs(runs_dir)
+    assert run_names(runs, runs_dir) == ["a/x", "b/x", "sweeps/s/runs/r", "top"]
+    assert [r.name for r in scan(runs_dir)] == ["a/x", "b/x", "sweeps/s/runs/r", "top"]  # the Reports tab agrees
+
+
+def test_plan_skips_runs_it_cannot_use_with_the_reason(tmp_path):
+    from llmcompress.ui.pool import find_runs, plan
+
+    runs_dir = tmp_path / "runs"
+    orig_a, orig_b = tmp_path / "orig-a", tmp_path / "orig-b"
+    orig_a.mkdir()
+    orig_b.mkdir()
+    _fake_run(runs_dir / "a" / "q4", report={"models": {"original": {"path": str(orig_a), "meta": None,
+                                                                      "description": "orig-a"}}})
+    _fake_run(runs_dir / "b" / "q4", report={"models": {"original": {"path": str(orig_b), "meta": {}}}})
+    _fake_run(runs_dir / "no-model", recipe="name: x\nmodel: null\nstages: []\n")
+    _fake_run(runs_dir / "broken", recipe="model: [unclosed\n")
+    candidates, skipped = plan(find_runs(runs_dir), max_models=1, runs_dir=runs_dir)
+    assert [c.key for c in candidates] == ["original"] and candidates[0].path == orig_a
+    notes = "\n".join(skipped)
+    assert "no-model: its recipe.resolved.yaml names no valid `model:`" in notes
+    assert "broken: its recipe.resolved.yaml names no valid `model:`" in notes
+    assert "original (orig-b): not loaded for chat (at most 1 models and there are 2 originals" in notes
+    assert "a/q4: not loaded" in notes and "b/q4: not loaded" in notes
+    candidates, _ = plan(find_runs(runs_dir), max_models=4, runs_dir=runs_dir)
+    assert [c.key for c in candidates] == ["original", "original (orig-b)", "a/q4", "b/q4"]  # unique column titles
+
+
 def test_plan_rejects_an_unknown_run_name(tiny_runs_dir):
     from llmcompress.errors import LLMCompressError
     from llmcompress.ui.pool import find_runs, plan
@@ -222,6 +291,27 @@ def test_vllm_engine_says_why_a_model_cannot_be_served(tiny_pool):
     engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
     assert engine.backend is None and "vLLM cannot serve this model here" in engine.status()
     assert "rtn" in engine.status() and "Fix:" in engine.status()
+
+
+def test_a_vllm_start_that_crashes_says_why_instead_of_starting_forever(tiny_pool, monkeypatch):
+    import llmcompress.backends.vllm as vllm_backend
+    import llmcompress.serving.support as support
+    from llmcompress.ui.pool import ModelPool
+
+    class Crashing:
+        server = None
+
+        def ready(self):
+            raise RuntimeError("port in use")
+
+    monkeypatch.setattr(support, "unservable_reason", lambda path, device: None)
+    monkeypatch.setattr(vllm_backend.VLLMBackend, "open", classmethod(lambda cls, handle, ctx=None: Crashing()))
+    engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
+    for _ in range(100):
+        if engine.reason:
+            break
+        time.sleep(0.05)
+    assert engine.status() == "the vLLM server failed to start: RuntimeError: port in use"
 
 
 # ---- chat turns
@@ -309,7 +399,32 @@ def test_chat_turn_shows_why_an_engine_did_not_run(make_fake_pool):
     assert "4-bit on AVX2" in shown["w4"][1]["content"] and "**not run** (vllm)" in stats["w4"]
 
 
+def test_a_model_without_a_chat_template_is_refused_with_the_fix(make_fake_pool):
+    from types import SimpleNamespace
+
+    from llmcompress.ui.chat import ChatSession
+    from llmcompress.ui.config import LimitExceeded
+
+    pool = make_fake_pool({"original": SlowBackend(["a"]), "base": SlowBackend(["b"])})
+    pool.entries[1].tokenizer = SimpleNamespace(chat_template=None)
+    with pytest.raises(LimitExceeded, match="base has no chat template.*Untick it"):
+        _run_turn(pool, ChatSession(), "hi")
+
+
 # ---- throughput race
+
+
+def test_an_engine_that_fails_in_the_race_is_its_rows_note(make_fake_pool):
+    from llmcompress.ui.config import Limits
+    from llmcompress.ui.race import run_race
+
+    class Broken(SlowBackend):
+        def check(self, *a):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    pool = make_fake_pool({"original": Broken(["a"])})
+    result = run_race(pool, ["original"], ["hf"], batch=1, prompt_tokens=4, new_tokens=2, limits=Limits())
+    assert result.rows[0]["note"] == "failed: RuntimeError: CUDA error: device-side assert"
 
 
 def test_race_times_every_model_and_prints_the_conditions(tiny_pool):

@@ -59,6 +59,12 @@ def test_imagefolder_classes_are_subfolders(tmp_path):
             Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     data = load_images(ImageDataConfig(source="imagefolder:pets", split="test"), tmp_path, "image-classification")
     assert data.name == "pets" and data.class_names == ["cat", "dog"] and data.labels == [0, 0, 0, 1, 1, 1]
+    assert data.notes == []
+    with pytest.raises(RecipeError, match=r"has the splits test, not `tset`.*Fix: set `data.split`"):
+        load_images(ImageDataConfig(source="imagefolder:pets", split="tset"), tmp_path, "image-classification")
+    flat = load_images(ImageDataConfig(source="imagefolder:pets/test", split="train"), tmp_path,
+                       "image-classification")
+    assert len(flat.images) == 6 and "no `train/` subfolder" in flat.notes[0]
     with pytest.raises(RecipeError, match="no images in class subfolders"):
         (tmp_path / "empty" / "x").mkdir(parents=True)
         load_images(ImageDataConfig(source="imagefolder:empty"), tmp_path, "image-classification")

@@ -3,6 +3,8 @@ quantizes; folders reload to the model the run measured; VLMs keep their vision 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -114,3 +116,26 @@ def test_bnb_4bit_layers_bnb_cannot_repack_for_avx512_bf16_keep_the_plain_path(c
     packable = {(m.in_features, m.out_features): m.in_features % 64 == 0 and m.out_features % 32 == 0 for m in layers}
     assert set(packable.values()) == {True, False}  # the tiny ConvNeXt has both kinds (32->128 cannot, 128->32 can)
     assert all(m.support_avx512bf16_for_cpu == packable[m.in_features, m.out_features] for m in layers)
+
+
+def test_dynamic_int8_folder_on_cuda_and_a_truncated_folder_fail_with_the_fix(tmp_path, convnext):
+    import shutil
+
+    from llmcompress.errors import LLMCompressError
+
+    ctx = vision_ctx(tmp_path, convnext, [{"type": "quantize", "method": "dynamic-int8"}])
+    ctx.recipe.stages[0].run(ctx)
+    folder = ctx.current.path
+    with pytest.raises(LLMCompressError, match="run on the CPU only.*Fix: use `device: cpu`"):
+        load_model(folder, "cuda", "float32")
+    broken = tmp_path / "broken"
+    shutil.copytree(convnext, broken)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in state.items() if "classifier" not in k}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    meta = json.loads((broken / "llmcompress.json").read_text())
+    (broken / "llmcompress.json").write_text(json.dumps({**meta, "format": "structured"}))
+    with pytest.raises(LLMCompressError, match="weights do not fit its config.*Fix:"):
+        load_model(broken, "cpu", "float32")

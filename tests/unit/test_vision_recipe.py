@@ -94,6 +94,9 @@ def test_export_formats_and_structured_rules():
     ok = load_recipe(_recipe(vision, {"type": "prune", "method": "structured", "sparsity": 0.5},
                              {"type": "quantize", "method": "hqq"}))
     assert ok.stages[1].method == "hqq"
+    with pytest.raises(RecipeError, match=r"stages\[1\].*already `structured`-pruned.*Fix: prune once"):
+        load_recipe(_recipe(vision, {"type": "prune", "method": "structured", "sparsity": 0.5},
+                            {"type": "prune", "method": "magnitude", "sparsity": 0.5}))
     with pytest.raises(RecipeError, match=r"`pattern` is N:M sparsity within rows"):
         load_recipe(_recipe(vision, {"type": "prune", "method": "structured", "pattern": "2:4"}))
 
@@ -179,3 +182,24 @@ def test_docstring_samples_of_the_vision_stages_load():
     assert {s["method"] for s in samples} == {"magnitude", "structured"}
     for s in samples:
         load_recipe(_recipe("digits-convnext", s))
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("config.json", "{bad", "config.json of `{}` is not valid JSON (line 1)"),
+    ("config.json", "[1, 2]", "config.json of `{}` holds a JSON list, not an object"),
+    ("llmcompress.json", "{\n  oops", "llmcompress.json of `{}` is not valid JSON (line 2)"),
+])
+def test_a_corrupt_model_json_fails_with_the_file_and_the_fix(tmp_path, name, text, expected):
+    from llmcompress.errors import LLMCompressError
+    from llmcompress.vision.kind import folder_kind
+    from llmcompress.vision.timm import check_timm
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / name).write_text(text)
+    with pytest.raises(LLMCompressError) as err:
+        folder_kind(tmp_path)
+    msg = str(err.value)
+    assert expected.format(tmp_path) in msg and "Fix: re-save the model with save_pretrained" in msg
+    if name == "config.json":
+        with pytest.raises(LLMCompressError, match="not"):
+            check_timm(str(tmp_path), tmp_path / name)

@@ -149,6 +149,21 @@ def test_structured_then_hqq_then_lora_keep_reload(tmp_path, convnext):
             assert model(pixel_values=digits_pixels(convnext, 4)).logits.shape == (4, 10)
 
 
+@pytest.mark.parametrize("method", ["dynamic-int8", "hqq"])
+def test_structured_then_a_quantizer_that_follows_the_shapes_reloads(tmp_path, convnext, method):
+    # dynamic-int8 quantizes the structured folder; hqq with the pruned MLPs skipped keeps them dense at their new
+    # widths, and the folder reloads at those widths.
+    extra = {"bits": 8, "group_size": 16, "skip": ["classifier", "pwconv1"]} if method == "hqq" else {}
+    _run(tmp_path, convnext, {"type": "prune", "method": "structured", "sparsity": 0.5, "multiple_of": 16},
+         {"type": "quantize", "method": method, **extra})
+    model = load_model(tmp_path / "v" / "02-quantize" / "model", "cpu", "float32")[0]
+    if method == "hqq":  # the dense pwconv1 layers at half their width (hidden 128 and 256 in the tiny ConvNeXt)
+        widths = sorted(m.out_features for n, m in model.named_modules() if n.endswith("pwconv1"))
+        assert widths == [64, 128]
+    with torch.no_grad():
+        assert model(pixel_values=digits_pixels(convnext, 4)).logits.shape == (4, 10)
+
+
 def test_lora_sft_learns_the_digits(tmp_path, convnext):
     report = _run(tmp_path, convnext, {"type": "quantize", "method": "bnb-nf4"},
                   {"type": "evaluate", "data": {"source": "builtin:digits", "samples": 120}},
@@ -195,6 +210,12 @@ def test_export_hf_reloads_with_the_task_auto_class(tmp_path, convnext):
     assert "over 8 images" in (tmp_path / "v" / "02-export" / "model" / "README.md").read_text()
 
 
+def test_bnb_4bit_export_reloads_with_the_narrow_layer_workaround_and_says_so(tmp_path, convnext):
+    report = _run(tmp_path, convnext, {"type": "quantize", "method": "bnb-nf4"}, {"type": "export", "format": "hf"})
+    reload = report["stages"][1]["data"]["reload"]
+    assert reload["max_abs_logit_diff"] < 1e-3 and "keep_bnb_cpu_packing_to_packable_(model)" in reload["note"]
+
+
 def test_export_refuses_a_layout_from_pretrained_cannot_load(tmp_path, convnext):
     from llmcompress.errors import LLMCompressError
 
@@ -224,12 +245,13 @@ def test_detectors_quantize_evaluate_benchmark(tmp_path, arch):
     assert report["stages"][2]["data"]["compressed"]["images_per_s_bs2"] > 0
 
 
-def test_detector_lora_trains_on_boxes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the set loss runs on float32 outputs
+def test_detector_lora_trains_on_boxes(tmp_path, dtype):
     from llmcompress.vision.tiny import tiny_vision
 
     report = _run(tmp_path, tiny_vision("yolos"),
                   {"type": "lora", "objective": "sft", "steps": 3, "batch_size": 4, "r": 4,
-                   "data": {"source": "builtin:digits-detect", "samples": 12}, "merge": "dequantized"})
+                   "data": {"source": "builtin:digits-detect", "samples": 12}, "merge": "dequantized"}, dtype=dtype)
     lora = report["stages"][0]["data"]
     assert lora["steps"] == 3 and all(np.isfinite(lora["loss_curve"]))
 
@@ -243,3 +265,12 @@ def test_detection_smoke_recipe_runs(tmp_path):
     assert report["comparison"]["headline"]["quality"]["metric"] == "map"
     assert report["models"]["compressed"]["eval"]["digits-detect"]["samples"] == 40
     assert report["models"]["compressed"]["bench"]["images_per_s_bs8"] > 0
+
+
+def test_benchmark_refuses_a_compare_model_of_another_kind(tmp_path, convnext):
+    from llmcompress.errors import LLMCompressError
+    from llmcompress.models.tiny import tiny_random_llama
+
+    with pytest.raises(LLMCompressError, match=r"`compare` entry .* is a llm model.*Fix: compare runs of the same"):
+        _run(tmp_path, convnext, {"type": "benchmark", "batch_sizes": [1], "repeats": 1, "warmup": 0,
+                                  "memory": False, "compare": [str(tiny_random_llama())]})
