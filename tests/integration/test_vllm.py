@@ -16,6 +16,7 @@ import pytest
 
 from llmcompress.errors import LLMCompressError
 from llmcompress.serving.server import ServerOptions, VLLMServer, port_in_use
+from tests.unit.proc_helpers import in_session
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +38,6 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.Error:
-            pass
-    return out
-
-
-def _in_session(sid: int) -> list[psutil.Process]:
-    """Live processes of the session a server was started in (its child calls setsid: sid = the child's pid)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (OSError, psutil.Error):
             pass
     return out
 
@@ -158,7 +147,7 @@ def test_close_leaves_no_process_and_frees_the_port(server):
     assert len(tree) >= 2, "expected the API server and its engine-core process"
     port, sid = server.port, server.proc.pid
     server.close()
-    assert not server.alive() and _alive(tree) == [] and _in_session(sid) == []
+    assert not server.alive() and _alive(tree) == [] and in_session(sid) == []
     assert not port_in_use(port)
     server.close()  # twice is fine
 
@@ -228,7 +217,7 @@ def test_lora_adapter_of_a_keep_run_is_served_with_enable_lora(tiny_model_dir, t
     with srv:
         assert _greedy_ids(srv.url, ADAPTER_NAME, prompt, 8) == want_lora
         assert _greedy_ids(srv.url, "tiny", prompt, 8) == want_base
-    assert not srv.alive() and _in_session(srv.proc.pid) == []
+    assert not srv.alive() and in_session(srv.proc.pid) == []
 
 
 def test_bad_model_folder_fails_with_the_log_tail(tmp_path):
@@ -241,7 +230,7 @@ def test_bad_model_folder_fails_with_the_log_tail(tmp_path):
     msg = str(err.value)
     assert f"vLLM server for `{bad}` exited during start-up" in msg and "no-such" in msg  # the log's error lines
     assert f"Fix: read the whole log in {tmp_path / 'bad.log'}" in msg
-    assert not srv.alive() and _in_session(srv.proc.pid) == []
+    assert not srv.alive() and in_session(srv.proc.pid) == []
 
 
 def test_benchmark_hf_and_vllm_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
@@ -268,7 +257,7 @@ def test_benchmark_hf_and_vllm_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     # Nothing of the run's two servers (original, compressed) is left once run_recipe returns.
     assert len(started) == 2
     for srv, tree in started:
-        assert not srv.alive() and _alive(tree) == [] and _in_session(srv.proc.pid) == []
+        assert not srv.alive() and _alive(tree) == [] and in_session(srv.proc.pid) == []
         assert not port_in_use(srv.port)
     # Other vLLM servers may run on a shared machine: only this run's count (its sessions, or its folder).
     ours = {srv.proc.pid for srv, _ in started}

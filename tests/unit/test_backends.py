@@ -18,6 +18,7 @@ from llmcompress.serving import runtime as vllm_runtime
 from llmcompress.serving import support
 from llmcompress.serving.config import VLLMConfig
 from llmcompress.serving.server import ServerOptions, VLLMServer
+from tests.unit.proc_helpers import in_session
 
 # --- timing math ---------------------------------------------------------------------------------------------------
 
@@ -395,21 +396,6 @@ def _fake_python(tmp_path: Path, body: str) -> Path:
     return script
 
 
-def _in_session(sid: int) -> list:
-    import os
-
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (OSError, psutil.Error):
-            pass
-    return out
-
-
 @pytest.mark.parametrize("leader", ["dies", "lives"])
 def test_close_stops_every_process_of_the_session(tmp_path, leader):
     # vLLM's engine core is a child of the API server: when the server dies first (start-up failure, OOM), the
@@ -434,7 +420,7 @@ def test_close_stops_every_process_of_the_session(tmp_path, leader):
                 time.sleep(0.1)
             server.close(grace_s=5)
         assert pid_file.read_text()  # the child was started
-        assert _in_session(server.proc.pid) == []
+        assert in_session(server.proc.pid) == []
         assert server.proc.poll() is not None
         server.close()  # twice is fine
     finally:
