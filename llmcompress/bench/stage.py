@@ -95,7 +95,7 @@ class BenchmarkStage(StageConfig):
 
     @model_validator(mode="after")
     def _vllm_needs_its_backend(self) -> "BenchmarkStage":
-        if self.vllm.model_fields_set and "vllm" not in self.backends:  # set, not just `vllm: {}`
+        if self.vllm != VLLMConfig() and "vllm" not in self.backends:  # defaults (`vllm: {}`, a resolved recipe) pass
             raise ValueError(f"`vllm:` settings apply to backend vllm only, and `backends` is {self.backends}. "
                              "Fix: add vllm to `backends`, or remove the `vllm:` block.")
         return self

@@ -87,7 +87,7 @@ class EvaluateStage(StageConfig):
     def _something_to_do(self) -> "EvaluateStage":
         if not self.tasks and self.perplexity is None:
             raise ValueError("nothing to evaluate: `tasks` is empty and `perplexity` is null. Fix: set either")
-        if self.vllm.model_fields_set and self.backend != "vllm":  # set, not just `vllm: {}`
+        if self.vllm != VLLMConfig() and self.backend != "vllm":  # defaults (`vllm: {}`, a resolved recipe) pass
             raise ValueError("`vllm:` settings apply to `backend: vllm` only, and this stage's backend is "
                              f"{self.backend}. Fix: set `backend: vllm`, or remove the `vllm:` block.")
         return self

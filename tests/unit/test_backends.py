@@ -637,6 +637,7 @@ def test_evaluate_refuses_vllm_settings_without_backend_vllm(tiny_model_dir):
                        r"only.*Fix: set `backend: vllm`"):
         recipe(vllm={"kv_cache_gib": 2})
     assert recipe(vllm={}).stages[0].backend == "hf"
+    assert recipe(vllm=VLLMConfig().model_dump()).stages[0].backend == "hf"  # a resolved recipe writes the defaults
 
 
 # --- the streaming client ------------------------------------------------------------------------------------------
