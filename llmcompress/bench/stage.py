@@ -219,7 +219,7 @@ class BenchmarkStage(StageConfig):
         backends, unsupported = {}, {}
         for name in self.backends:
             cls = BACKENDS.get(name)
-            extra = {"prefix_caching": False, **self.vllm.overrides()} if name == "vllm" else {}
+            extra = vllm_overrides(self.vllm, ctx.runtime.device, len(handles)) if name == "vllm" else {}
             for role, handle in handles.items():
                 try:
                     backends[f"{name}/{role}"] = cls.open(handle, ctx, **extra)
@@ -446,3 +446,14 @@ def summarize(orig: dict, comp: dict, ratios: dict[str, float | None], same: boo
                     ratio = "n/a" if ratios.get(key) is None else f"{ratios[key]:.2f}x"
                     out[name] = f"{a} -> {comp[key] * scale:.{digits}f} {unit} ({ratio})"
     return out
+
+
+def vllm_overrides(cfg: VLLMConfig, device: str, n_servers: int) -> dict:
+    """Server settings of the benchmark's vLLM engines: no prefix cache (the rounds repeat their prompts), and on a
+    GPU the default memory share split between the servers that run at once (each would take 0.85 and the second
+    would not start); a share the recipe sets is kept."""
+    out = {"prefix_caching": False, **cfg.overrides()}
+    if device.startswith("cuda") and n_servers > 1 and "gpu_memory_utilization" not in cfg.model_fields_set:
+        out["gpu_memory_utilization"] = round(cfg.gpu_memory_utilization / n_servers, 3)
+    return out
+

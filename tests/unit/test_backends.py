@@ -686,3 +686,12 @@ def test_client_keeps_one_arrival_per_token_when_a_closing_chunk_holds_none():
     timing = _timed([{"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]},
                      {"choices": [{"text": "", "finish_reason": "length"}]}, _usage(2)], max_tokens=2)
     assert len(timing.token_s) == 2 and timing.text == "ab" and timing.completion_tokens == 2
+
+
+def test_benchmark_servers_on_one_gpu_share_the_default_memory_share():
+    from llmcompress.bench.stage import vllm_overrides
+
+    assert vllm_overrides(VLLMConfig(), "cuda", 2)["gpu_memory_utilization"] == 0.425
+    assert vllm_overrides(VLLMConfig(gpu_memory_utilization=0.6), "cuda", 3)["gpu_memory_utilization"] == 0.6
+    cpu = vllm_overrides(VLLMConfig(), "cpu", 2)
+    assert cpu["gpu_memory_utilization"] == 0.85 and cpu["prefix_caching"] is False
