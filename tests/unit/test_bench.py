@@ -81,8 +81,8 @@ def test_stage_fills_every_figure(make_ctx):
     assert fig["peak_rss_bytes"] >= fig["rss_load_bytes"] > fig["peak_rss_model_bytes"]
     assert fig["param_bytes"] <= fig["size_bytes"] * 1.1
     assert fig["ttft_p50_ms_bs2"] <= fig["ttft_p95_ms_bs2"] and fig["itl_p50_ms_bs2"] <= fig["itl_p95_ms_bs2"]
-    # Offline throughput counts prefill too, so it is below decode throughput at the same batch size.
-    assert fig["output_tok_s_bs2"] < fig["decode_tok_s_bs2"]
+    # Offline throughput counts prefill too: the call's 4 tokens over more time than the 3 decode steps took.
+    assert fig["output_tok_s_bs2"] < fig["decode_tok_s_bs2"] * 4 / 3
     assert fig["requests_per_s_bs2"] == pytest.approx(fig["output_tok_s_bs2"] / 4, rel=0.05)
     assert data["compressed"] == fig and all(r == 1.0 for r in data["ratios"].values())
     # The first backend fills the top-level tables; its block holds the same figures plus the engine.
