@@ -456,4 +456,3 @@ def vllm_overrides(cfg: VLLMConfig, device: str, n_servers: int) -> dict:
     if device.startswith("cuda") and n_servers > 1 and "gpu_memory_utilization" not in cfg.model_fields_set:
         out["gpu_memory_utilization"] = round(cfg.gpu_memory_utilization / n_servers, 3)
     return out
-

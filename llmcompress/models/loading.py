@@ -64,9 +64,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
     """Load a model folder we (or anyone, via ``save_pretrained``) wrote. Returns ``(model, tokenizer)``."""
     from transformers import AutoTokenizer
 
-    from ..vision.kind import folder_kind
-
     from ..quant.bnb import keep_bnb_cpu_packing_to_packable_
+    from ..vision.kind import folder_kind
 
     if folder_kind(path)[0] == "vision":  # (model, image processor): the vision adapter's loaders
         from ..vision.loading import load_vision

@@ -44,18 +44,20 @@ class _BnbConfig(QuantizeConfig):
         return model, tokenizer, {"quantized_modules": quantized, "skipped_modules": skipped}
 
 
-def keep_bnb_cpu_packing_to_packable_(model: Any) -> int:
-    """Turn bnb's AVX512-BF16 weight repacking off for the ``Linear4bit`` layers it cannot repack; how many."""
-    n = 0
+def bnb_cannot_repack(module: Any) -> bool:
+    """A ``Linear4bit`` whose shape bnb's AVX512-BF16 repacking fails on (see the module docstring)."""
+    if type(module).__name__ != "Linear4bit":
+        return False
+    blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+    return bool(module.in_features % blocksize or module.out_features % 32)
+
+
+def keep_bnb_cpu_packing_to_packable_(model: Any) -> Any:
+    """Turn bnb's AVX512-BF16 weight repacking off for the ``Linear4bit`` layers it cannot repack; the model."""
     for m in model.modules():
-        if type(m).__name__ != "Linear4bit" or not getattr(m, "support_avx512bf16_for_cpu", False):
-            continue
-        state = getattr(m.weight, "quant_state", None)
-        blocksize = getattr(state, "blocksize", 64)
-        if m.in_features % blocksize or m.out_features % 32:
+        if getattr(m, "support_avx512bf16_for_cpu", False) and bnb_cannot_repack(m):
             m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+    return model
 
 
 def _get(model, name):

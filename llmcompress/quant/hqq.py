@@ -112,7 +112,6 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     from safetensors.torch import load_file
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
-
     from ..vision.layers import resize_structured_
 
     path = Path(path)

@@ -163,8 +163,8 @@ def max_lora_rank(adapter_dir: str | Path) -> int:
     except ValueError as e:
         raise LLMCompressError(f"LoRA adapter `{adapter_dir}`: {file.name} is not valid JSON ({e}). Fix: save the "
                                "adapter again (peft's save_pretrained), or run the lora stage again.") from None
-    ranks = [config.get("r") if isinstance(config, dict) else None]
-    ranks += list(((config.get("rank_pattern") if isinstance(config, dict) else None) or {}).values())
+    config = config if isinstance(config, dict) else {}
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
         raise LLMCompressError(f"LoRA adapter `{adapter_dir}`: {file} has no positive integer rank `r` "
                                f"(got {ranks[0]!r}). Fix: save the adapter again with peft's save_pretrained.")

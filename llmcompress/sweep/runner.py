@@ -30,8 +30,8 @@ SWEEP_JSON, RUNS_DIR = "sweep.json", "runs"
 def resolve_executor(sweep: SweepConfig, executor: str | None = None, address: str | None = None) -> Any:
     """The executor config: the sweep file's, with the command line's ``--executor`` / ``--address`` on top."""
     cfg = sweep.executor
-    if executor is not None and executor not in EXECUTORS:
-        EXECUTORS.get(executor)  # unknown name: did-you-mean error
+    if executor is not None:
+        EXECUTORS.get(executor)  # an unknown name raises the did-you-mean error
     if address is not None:
         if executor not in (None, "ray"):
             raise RecipeError(f"--address {address} needs --executor ray (--executor {executor} runs on this "

@@ -116,16 +116,16 @@ def reload_images(ctx: "RunContext", folder: Path, cls: str) -> dict:
 
     model, processor = ctx.current.load()
     x = batch_inputs(model, processor, [8])[8]
+    from ..quant.bnb import bnb_cannot_repack
+
     loader = f"transformers.{cls}.from_pretrained(folder, dtype=dtype)"
-    narrow = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"
-              and (m.in_features % m.weight.quant_state.blocksize or m.out_features % 32)]
+    narrow = [n for n, m in model.named_modules() if bnb_cannot_repack(m)]
     if not narrow:
         return reload_check(ctx, loader, folder, inputs={"pixel_values": x}, unit="images")
     # bitsandbytes 0.50.2 cannot repack these layers for its AVX512-BF16 CPU kernel (see quant/bnb.py): consumers on
-    # such CPUs need the same one-line workaround the reload uses.
+    # such CPUs need the same one-line workaround the reload uses (it returns the model).
     fix = "llmcompress.quant.bnb.keep_bnb_cpu_packing_to_packable_"
-    loader = f"(lambda m: (__import__('llmcompress.quant.bnb').quant.bnb.keep_bnb_cpu_packing_to_packable_(m), m)[1])" \
-             f"({loader})"
+    loader = f"__import__('llmcompress.quant.bnb', fromlist=['_']).keep_bnb_cpu_packing_to_packable_({loader})"
     result = reload_check(ctx, loader, folder, inputs={"pixel_values": x}, unit="images")
     return {**result, "note": f"{len(narrow)} bnb 4-bit layer(s) (e.g. {narrow[0]}) are narrower than bitsandbytes "
                               f"0.50.2's AVX512-BF16 CPU kernel packs: on such CPUs call {fix}(model) after "

@@ -176,11 +176,11 @@ def image_train_data(cfg: Any, ctx: "RunContext", task: str, model: Any, process
     """Pixel values and labels of the training images (detection: DETR-style targets, boxes cxcywh in [0, 1])."""
     import torch
 
-    from .data import label_ids, load_images, model_input
+    from .data import input_dtype, label_ids, load_images, to_model_input
 
     data = load_images(cfg, ctx.recipe.base_dir, task)
     ids = label_ids(data, model.config)
-    x = model_input(data.images, processor, model).cpu()
+    x = to_model_input(data.images, processor, model.config).to(input_dtype(model))  # on the CPU; batches move
     if task == "object-detection":
         labels = []
         for im, t in zip(data.images, data.targets):
@@ -249,13 +249,13 @@ def merge_dequantized(inputs: Any, target: Path, ctx: "RunContext") -> dict:
     from ..utils.io import atomic_dir
 
     dense, processor, replaced = merged_dense(inputs, dequantized=True)
-    has_convs = bool((read_meta(inputs.base).get("rtn") or {}).get("conv_modules"))
-    base = load_model(inputs.base, "cpu", "float32")[0] if has_convs else None  # only rtn quantizes Conv2d layers
-    for name, m in base.named_modules() if base is not None else ():
-        if type(m).__name__ == "RTNConv2d":
-            conv = dense.get_submodule(name)
-            conv.weight = torch.nn.Parameter(m.dequantize().to(conv.weight.dtype), requires_grad=False)
-            replaced += 1
+    if (read_meta(inputs.base).get("rtn") or {}).get("conv_modules"):  # only rtn quantizes Conv2d layers
+        base = load_model(inputs.base, "cpu", "float32")[0]
+        for name, m in base.named_modules():
+            if type(m).__name__ == "RTNConv2d":
+                conv = dense.get_submodule(name)
+                conv.weight = torch.nn.Parameter(m.dequantize().to(conv.weight.dtype), requires_grad=False)
+                replaced += 1
     meta = {**inputs.meta, "merge": "dequantized", "method": _method(read_meta(inputs.base), "dequantized"),
             "dequantized_modules": replaced}
     structure = read_meta(inputs.source).get("structured")
