@@ -27,8 +27,14 @@ SET_HELP = "Override a recipe value: --set stages.0.bits=4 (repeatable; values a
 
 
 def _fail(e: LLMCompressError) -> None:
-    err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+    _print_error(e)
     raise typer.Exit(2)
+
+
+def _print_error(e: Exception) -> None:
+    from rich.markup import escape  # messages quote YAML such as `[pydoc_ppl]`, which rich would take for markup
+
+    err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -36,14 +42,17 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<recipe name>)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard finished stages in the run folder and start over."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard finished stages in the run folder and start over "
+                               "(removes only what a run wrote; a folder that is not a run folder is refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    wait: bool = typer.Option(False, "--wait", help="If another run is writing the run folder, wait for it to "
+                              "finish (default: refuse)."),
 ) -> None:
     """Run a recipe: every stage, then report.json, report.md and plots in the run folder."""
     from .pipeline import run_recipe
 
     try:
-        run_recipe(recipe, output, overrides=set_, fresh=fresh, console=err, show_progress=not quiet)
+        run_recipe(recipe, output, overrides=set_, fresh=fresh, console=err, show_progress=not quiet, wait=wait)
     except LLMCompressError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -61,13 +70,15 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Discard the sweep's finished runs and start over."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Expand and validate every recipe; run nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    wait: bool = typer.Option(False, "--wait", help="If another sweep is writing the folder, wait for it to "
+                              "finish (default: refuse)."),
 ) -> None:
     """Run a sweep: every recipe of the grid/list, then leaderboard.csv/.md, pareto.png and sweep.json."""
     from .sweep import run_sweep
 
     try:
         summary = run_sweep(sweep_file, output, executor=executor, address=address, fresh=fresh, console=err,
-                            show_progress=not quiet, dry_run=dry_run)
+                            show_progress=not quiet, dry_run=dry_run, wait=wait)
     except LLMCompressError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -278,7 +289,7 @@ def main() -> None:
     try:
         app()
     except LLMCompressError as e:  # raised outside a command (should not happen, but never show a traceback)
-        err.print(f"[bold red]error:[/bold red] {e}")
+        _print_error(e)
         sys.exit(2)
 
 

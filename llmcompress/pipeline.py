@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .errors import LLMCompressError
 from .recipe import Recipe, load_recipe
 from .stage import StageConfig, StageResult
@@ -46,7 +47,7 @@ def preflight(recipe: Recipe) -> None:
     check_recipe_kind(recipe, _where(recipe), hub=True)  # recipes built in Python; hub models by their config.json
     for i, stage in enumerate(recipe.stages):
         try:
-            stage.preflight()
+            stage.preflight(recipe.base_dir)
         except LLMCompressError as e:
             raise _located(e, f"{_where(recipe)}: stages[{i}] ({stage.kind})") from None
 
@@ -81,10 +82,13 @@ def run_recipe(
     fresh: bool = False,
     console: Any = None,
     show_progress: bool = True,
+    wait: bool = False,
 ) -> dict:
     """Run every stage of ``recipe`` into ``output`` (default ``runs/<name>``) and return the report dict.
 
-    Finished stages of an earlier run into the same folder are skipped (``fresh=True`` starts over).
+    Finished stages of an earlier run into the same folder are skipped (``fresh=True`` starts over, removing only
+    what a run wrote). One run at a time per folder: another one raises LLMCompressError, or with ``wait=True``
+    this one waits for it.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -96,19 +100,55 @@ def run_recipe(
 
     console = console or Console(stderr=True)
     run_dir = Path(output) if output else Path("runs") / recipe.name
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
+    rundir.check_output(run_dir, fresh)
+    state: dict[str, Any] = {}  # what the run is doing, for a disk-full message: "needed" bytes, its "ctx"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with rundir.locked(run_dir, wait, on_wait=lambda who: console.log(f"waiting for the other run: {who}")):
+            if fresh:
+                removed = rundir.clear(run_dir)
+                if removed:
+                    console.log(f"--fresh: removed {', '.join(removed)} from {run_dir}")
+            rundir.start_manifest(run_dir, recipe.name)
+            atomic_write_text(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
+            return _run_locked(recipe, run_dir, console, show_progress, state)
+    except LLMCompressError:
+        raise
+    except Exception as e:
+        ctx = state.get("ctx")
+        where = ctx.stage_dir if ctx is not None and ctx.stage_dir != Path() else run_dir
+        problem = rundir.disk_error(e, where, state.get("needed"))
+        if problem is None:
+            raise
+        raise problem from None
 
+
+def _run_locked(recipe: Recipe, run_dir: Path, console: Any, show_progress: bool, state: dict) -> dict:
     started, t0 = _now(), time.perf_counter()
     with libraries_log_to(run_dir / "logs" / "libraries.log"), _progress(console, show_progress) as progress:
-        ctx = _make_context(recipe, run_dir, console, progress)
+        ctx = state["ctx"] = _make_context(recipe, run_dir, console, progress)
+        state["needed"] = _disk_needed(recipe, ctx.original.size_bytes)
+        _warn_disk(console, run_dir, state["needed"])
         try:
             stages = _run_stages(ctx)
         finally:
             ctx.close_engines()
     return _finish(ctx, stages, {"started": started, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _disk_needed(recipe: Recipe, original_bytes: int) -> int:
+    """An upper bound on what the run writes: a model the size of the original per stage that writes one."""
+    copies = sum(1 for s in recipe.stages if s.changes_model or s.type == "export")
+    return copies * original_bytes + 2**20  # + reports, plots, logs
+
+
+def _warn_disk(console: Any, run_dir: Path, needed: int) -> None:
+    from .report.metrics import fmt_bytes
+
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        console.log(f"[yellow]warning[/yellow]: {fmt_bytes(free)} free on the disk of {run_dir}; this run may "
+                    f"write up to {fmt_bytes(needed)} (a model as large as the original per stage that writes one)")
 
 
 def _progress(console: Any, enabled: bool):
@@ -148,51 +188,62 @@ def _make_context(recipe: Recipe, run_dir: Path, console: Any, progress: Any):
 def _run_stages(ctx) -> list[dict]:
     recipe = ctx.recipe
     prints = fingerprints(recipe, ctx.runtime.threads)
-    manifest: dict[str, Any] = {"recipe": recipe.name, "stages": []}
+    manifest: dict[str, Any] = {"llmcompress": rundir.FORMAT, "recipe": recipe.name, "stages": []}
     stages: list[dict] = []
     rerun_from_here = False
     n = len(recipe.stages)
     for i, stage in enumerate(recipe.stages):
         ctx.stage_index = i
         ctx.stage_dir = ctx.run_dir / stage_dir_name(i, stage)
-        done = None if rerun_from_here else _finished(ctx.stage_dir, prints[i])
         header = f"[{i + 1}/{n}] {stage.label}"
-        if done is not None:
-            result, resumed = done, True
+        saved, why = (None, None) if rerun_from_here else _finished(ctx.stage_dir, prints[i])
+        if saved is not None:
+            result, resumed = StageResult.model_validate(saved["result"]), True
             ctx.console.log(f"{header}: finished earlier, skipped (resume)")
         else:
+            if why:
+                ctx.console.log(f"{header}: finished earlier, but {why}: running it again")
             rerun_from_here = True
-            result, resumed = _run_one(ctx, stage, prints[i], header), False
+            saved = _run_one(ctx, stage, prints[i], header)
+            result, resumed = StageResult.model_validate(saved["result"]), False
         if result.model_dir:
             ctx.set_current(ctx.stage_dir / result.model_dir)
         ctx.results[i] = result
         entry = {"index": i, "dir": ctx.stage_dir.name, "config": stage.model_dump(mode="json", exclude_none=True),
                  "result": result.model_dump(mode="json"), "resumed": resumed}
         stages.append(entry)
-        manifest["stages"].append({"index": i, "dir": ctx.stage_dir.name, "fingerprint": prints[i], "status": "done"})
-        atomic_write_json(ctx.run_dir / "manifest.json", manifest)
+        manifest["stages"].append({"index": i, "dir": ctx.stage_dir.name, "fingerprint": prints[i], "status": "done",
+                                   "outputs": saved.get("outputs")})
+        atomic_write_json(ctx.run_dir / rundir.MANIFEST, manifest)
     return stages
 
 
-def _finished(stage_dir: Path, fingerprint: str) -> StageResult | None:
+def _finished(stage_dir: Path, fingerprint: str) -> tuple[dict | None, str | None]:
+    """``(saved result.json, None)`` for a stage that finished with this fingerprint and whose outputs are still as
+    it wrote them; else ``(None, why)`` (``why`` None when there is nothing to say: never run, or its config
+    changed)."""
     f = stage_dir / RESULT
     if not f.is_file():
-        return None
+        return None, None
     try:
         saved = read_json(f)
-    except ValueError:
-        return None
-    if saved.get("fingerprint") != fingerprint:
-        return None
-    result = StageResult.model_validate(saved["result"])
+        if saved.get("fingerprint") != fingerprint:
+            return None, None
+        result = StageResult.model_validate(saved["result"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
+        return None, f"its {RESULT} is unreadable"
     if result.model_dir and not (stage_dir / result.model_dir).is_dir():
-        return None
-    if not all(Path(p).exists() for p in result.artifacts):
-        return None
-    return result
+        return None, f"its model folder {result.model_dir}/ is gone"
+    if "outputs" in saved:
+        problem = rundir.outputs_problem(stage_dir, saved["outputs"])
+        if problem:
+            return None, problem
+    elif not all(Path(p).exists() for p in result.artifacts):  # written before outputs were recorded
+        return None, "a file it wrote elsewhere is gone"
+    return saved, None
 
 
-def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> StageResult:
+def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> dict:
     if ctx.stage_dir.exists():
         shutil.rmtree(ctx.stage_dir)  # leftovers of a killed or outdated run: never trusted
     ctx.stage_dir.mkdir(parents=True)
@@ -204,12 +255,13 @@ def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> StageRes
     except LLMCompressError as e:
         raise _located(e, f"{_where(ctx.recipe)}: stages[{ctx.stage_index}] ({stage.kind})") from None
     result.seconds = round(time.perf_counter() - t0, 3)
-    atomic_write_json(ctx.stage_dir / RESULT, {"fingerprint": fingerprint, "config": stage.model_dump(mode="json"),
-                                               "result": result.model_dump(mode="json"),
-                                               "finished": _now()})
+    saved = {"fingerprint": fingerprint, "config": stage.model_dump(mode="json"),
+             "result": result.model_dump(mode="json"),
+             "outputs": rundir.record_outputs(ctx.stage_dir, result.artifacts, skip=RESULT), "finished": _now()}
+    atomic_write_json(ctx.stage_dir / RESULT, saved)
     brief = ", ".join(f"{k} {v}" for k, v in result.summary.items())
     ctx.console.log(f"{header}: done in {result.seconds:.1f}s" + (f" — {brief}" if brief else ""))
-    return result
+    return saved
 
 
 def _now() -> str:

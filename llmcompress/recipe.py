@@ -22,10 +22,15 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from .errors import LLMCompressError, RecipeError
 from .registry import did_you_mean
 from .stage import STAGES, StageConfig
 from .utils.io import read_yaml
+from .utils.schema import shown_path, unknown_key
+
+
+#: More torch threads than any machine has cores (torch overflows somewhere above 2**31 / 64).
+MAX_THREADS = 1024
 
 
 class ModelSpec(BaseModel):
@@ -70,6 +75,7 @@ class Recipe(BaseModel):
     threads: int | None = Field(
         None,
         ge=1,
+        le=MAX_THREADS,
         description="torch CPU threads; default: half the cores (1 on a 2-core box, where 2 ran 4-10x slower).",
     )
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
@@ -139,7 +145,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *
     else:
         path = Path(source)
         where = str(source)
-        if not path.is_file():
+        if not path.exists():
             raise RecipeError(f"{where}: no such recipe file. Fix: check the path (try `llmcompress ls` for examples).")
         raw = read_yaml(path, where)
     if not isinstance(raw, dict):
@@ -156,7 +162,12 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *
     recipe._path = path.resolve() if path else None
     from .vision.checks import check_recipe_kind
 
-    check_recipe_kind(recipe, where)  # a vision model with an LLM-only setting (and back) fails here
+    try:
+        check_recipe_kind(recipe, where)  # a vision model with an LLM-only setting (and back) fails here
+    except LLMCompressError as e:  # e.g. the model folder's config.json is unreadable: say which recipe named it
+        if not str(e).startswith(where):
+            e.args = (f"{where}: {e}",)
+        raise
     return recipe
 
 
@@ -165,8 +176,11 @@ def apply_override(raw: dict, item: str, where: str = "recipe") -> None:
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.bits=4")
     key, _, text = item.partition("=")
-    value = yaml.safe_load(text) if text.strip() else None
     parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise RecipeError(f"--set {item!r}: `{key}` is not a dotted recipe key. Fix: e.g. --set stages.0.bits=4")
+    parts = [p.strip() for p in parts]
+    value = _override_value(item, text)
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         node = _step(node, part, parts[: depth + 1], item)
@@ -178,6 +192,19 @@ def apply_override(raw: dict, item: str, where: str = "recipe") -> None:
         node[last] = value
     else:
         raise RecipeError(f"--set {item!r}: `{'.'.join(parts[:-1])}` is a value, not a mapping or list.")
+
+
+def _override_value(item: str, text: str) -> Any:
+    from .utils.io import yaml_error
+    from .utils.yamlsafe import YAMLInputError, loads
+
+    if not text.strip():
+        return None
+    try:
+        return loads(text)
+    except YAMLInputError as e:
+        raise RecipeError(yaml_error(e, f"--set {item!r}: the value") + " Fix: write a YAML value, e.g. "
+                          "--set stages.0.bits=4, --set 'stages.1.tasks=[pydoc_ppl]' (quote it in the shell).") from None
 
 
 def _step(node: Any, part: str, so_far: list[str], item: str) -> Any:
@@ -253,23 +280,6 @@ def _stage_class(stage: Any) -> type[StageConfig] | None:
     return STAGES.get(stage["type"])
 
 
-def _nested_model(cls: type[BaseModel], path: list) -> type[BaseModel]:
-    """The pydantic model a location inside ``cls`` points into (``["vllm"]`` -> VLLMConfig), else ``cls``."""
-    import typing
-
-    current = cls
-    for part in path:
-        field = current.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None:
-            return current
-        candidates = [field.annotation, *typing.get_args(field.annotation)]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return current
-        current = nested[0]
-    return current
-
-
 def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
     """Turn pydantic's errors into lines like ``x.yaml: stages[1] (quantize): `bits` must be ..., got 5``."""
     lines = []
@@ -285,17 +295,10 @@ def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
             cls = _stage_class(stage) or Recipe
             # Drop the discriminator tags pydantic puts into the location of union members.
             loc = [p for p in loc[2:] if p not in (stage.get("type"), stage.get("method"))]
-        field = ".".join(str(p) for p in loc)
+        field = shown_path(cls, loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            owner = _nested_model(cls, loc[:-1])
-            allowed = sorted(owner.model_fields)
-            name = str(loc[-1]) if loc else field
-            inside = f" in `{'.'.join(map(str, loc[:-1]))}`" if owner is not cls else ""
-            lines.append(
-                f"{prefix} unknown key `{name}`{inside}.{did_you_mean(name, allowed)} "
-                f"Allowed keys: {', '.join(allowed)}."
-            )
+            lines.append(unknown_key(prefix, cls, loc))
             continue
         if e["type"] == "missing":
             lines.append(f"{prefix} `{field}` is required.")

@@ -59,7 +59,10 @@ class Registry(Generic[T]):
         return obj
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        try:
+            return name in self._entries
+        except TypeError:  # an unhashable value from YAML (a list where a name belongs) is no name
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))

@@ -9,16 +9,26 @@ from .utils.io import read_json
 
 
 def final_model(run_dir: Path) -> Path | None:
-    """The folder of the last model a finished run produced (None when no stage changed the model)."""
-    manifest = read_json(run_dir / "manifest.json")
+    """The folder of the last model a finished run produced (None when no stage changed the model).
+
+    Raises LLMCompressError naming the file and the fix when the manifest is unreadable."""
+    from .rundir import MANIFEST, read_manifest
+
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise LLMCompressError(
+            f"`{run_dir / MANIFEST}` is unreadable (not the JSON object with a `stages` list a run writes). Fix: run "
+            f"the recipe again into `{run_dir}` (finished stages resume and the manifest is rewritten), or point "
+            "at the model folder inside it.")
     found = None
-    for entry in manifest.get("stages", []):
+    for entry in manifest["stages"]:
         try:
             result = read_json(run_dir / entry["dir"] / "result.json")["result"]
-        except (OSError, ValueError, KeyError):
+            model_dir = result.get("model_dir")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if result.get("model_dir"):
-            found = run_dir / entry["dir"] / result["model_dir"]
+        if isinstance(model_dir, str) and model_dir:
+            found = run_dir / entry["dir"] / model_dir
     return found
 
 

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .registry import Registry
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .context import RunContext
 
 STAGES: Registry = Registry("stage type")
@@ -46,8 +48,9 @@ class StageConfig(BaseModel):
         """A problem with running this stage after ``earlier`` (recipe validation, no weights), or None."""
         return None
 
-    def preflight(self) -> None:
-        """Cheap checks before any weights load (installed extras, hardware). Raise RecipeError/MissingExtraError."""
+    def preflight(self, base_dir: "Path | None" = None) -> None:
+        """Cheap checks before any weights load (installed extras, hardware, files the stage reads; ``base_dir``: the
+        recipe's folder, where relative paths point). Raise RecipeError/MissingExtraError."""
 
     def run(self, ctx: "RunContext") -> "StageResult":  # pragma: no cover - abstract
         raise NotImplementedError

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LLMCompressError
+from ..utils.proc import die_with_parent
 
 MODULE = "llmcompress.bench.memory"
 
@@ -38,7 +39,8 @@ def measure_memory(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
+                              preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
         raise LLMCompressError(
             f"benchmark: the memory probe of `{path}` ran over {timeout_s:.0f} s. "

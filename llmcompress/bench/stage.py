@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..errors import RecipeError
 from ..serving.config import VLLMConfig
 from ..stage import StageConfig, StageResult
 from ..vision.adapter import vision_aware
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 #: Tokens the memory probe generates (batch 1, `prompt_tokens` prompt): enough to reach decode's peak, cheap.
 PROBE_NEW_TOKENS = 4
+
+
+#: Largest batch size timed (a typo such as 100000000 would allocate prompts for that many sequences).
+MAX_BATCH = 4096
 
 
 class BenchmarkStage(StageConfig):
@@ -69,11 +74,11 @@ class BenchmarkStage(StageConfig):
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 8], description="Batch sizes to time decode at (sorted; the smallest gives TTFT)."
     )
-    prompt_tokens: int = Field(16, description="Tokens per prompt (every sequence of a batch has exactly this many).")
-    new_tokens: int = Field(16, description="Tokens generated per sequence (greedy, forced with min_new_tokens); >= 2.")
-    repeats: int = Field(3, description="Timed rounds per model; figures are medians over rounds.")
+    prompt_tokens: int = Field(16, le=131_072, description="Tokens per prompt (every sequence of a batch has exactly this many).")
+    new_tokens: int = Field(16, le=32_768, description="Tokens generated per sequence (greedy, forced with min_new_tokens); >= 2.")
+    repeats: int = Field(3, le=1000, description="Timed rounds per model; figures are medians over rounds.")
     warmup: int = Field(
-        1, description="Untimed calls per model before timing, at the smallest batch size (the first call is slower)."
+        1, le=100, description="Untimed calls per model before timing, at the smallest batch size (the first call is slower)."
     )
     memory: bool = Field(True, description="Measure load time and peak RSS, one fresh process per model.")
     compare: list[str] = Field(
@@ -112,8 +117,8 @@ class BenchmarkStage(StageConfig):
     def _batch_sizes(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("needs at least one batch size, e.g. [1, 8]")
-        if any(b < 1 for b in v):
-            raise ValueError(f"batch sizes must be >= 1, got {v}")
+        if any(b < 1 or b > MAX_BATCH for b in v):
+            raise ValueError(f"batch sizes must be between 1 and {MAX_BATCH}, got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"batch sizes must be distinct, got {v}")
         return sorted(v)
@@ -139,12 +144,22 @@ class BenchmarkStage(StageConfig):
             raise ValueError("must be >= 0 (0 = no warm-up call)")
         return v
 
-    def preflight(self) -> None:
-        """vLLM installed (its own environment is fine) before any model is loaded."""
+    def preflight(self, base_dir: "Path | None" = None) -> None:
+        """vLLM installed (its own environment is fine), and every `compare` entry there, before any model loads."""
+        where = f"stages (benchmark{': ' + self.name if self.name else ''})"
+        for entry in self.compare:
+            path = Path(entry).expanduser()
+            if not path.is_absolute() and base_dir is None:
+                continue
+            path = path if path.is_absolute() else base_dir / path
+            if not path.exists():
+                what = "recipe file" if path.suffix in (".yaml", ".yml") else "run or model folder"
+                raise RecipeError(f"{where}: compare: {what} `{path}` does not exist. Fix: correct the path "
+                                  "(relative to this recipe's folder).")
         if "vllm" in self.backends:
             from ..serving.runtime import vllm_python
 
-            vllm_python(f"stages (benchmark{': ' + self.name if self.name else ''}): backend vllm")
+            vllm_python(f"{where}: backend vllm")
 
     @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:

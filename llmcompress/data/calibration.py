@@ -109,16 +109,22 @@ def check_calibration(cfg: CalibrationConfig, base_dir: Path | None = None) -> N
                 f"HF_DATASETS_OFFLINE is set). Fix: use `builtin:pydoc` or a local .txt / .jsonl file."
             )
         return
-    if base_dir is None and not Path(cfg.source).expanduser().is_absolute():
-        return
-    path = cfg.resolve(base_dir)
+    check_text_file(cfg.source, base_dir, _where(cfg))
+
+
+def check_text_file(value: str, base_dir: Path | None, where: str) -> None:
+    """A text file a stage reads (relative to the recipe's folder ``base_dir``) exists and is not empty. With
+    ``base_dir=None`` a relative path cannot be placed yet, and is left to the reader."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        if base_dir is None:
+            return
+        path = Path(base_dir) / path
     if not path.is_file():
-        raise RecipeError(
-            f"{_where(cfg)}: no such file `{path}`. Fix: check the path (relative to the recipe's folder), "
-            f"or use `builtin:pydoc`."
-        )
+        raise RecipeError(f"{where}: no such file `{path}`. Fix: check the path (relative to the recipe's folder), "
+                          "or use `builtin:pydoc`.")
     if path.stat().st_size == 0:
-        raise RecipeError(f"{_where(cfg)}: `{path}` is empty. Fix: point to a file with text in it.")
+        raise RecipeError(f"{where}: `{path}` is empty. Fix: point to a file with text in it.")
 
 
 def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None, tokenizer: Any = None) -> list[str]:

@@ -92,13 +92,22 @@ class EvaluateStage(StageConfig):
                              f"{self.backend}. Fix: set `backend: vllm`, or remove the `vllm:` block.")
         return self
 
-    def preflight(self) -> None:
-        """lm-eval installed; every task known and, for hub tasks, the hub reachable (fails in <= 2 s)."""
+    def preflight(self, base_dir: "Path | None" = None) -> None:
+        """lm-eval installed; every task known and, for hub tasks, the hub reachable (fails in <= 2 s); the files it
+        reads exist."""
+        where = f"stages (evaluate{': ' + self.name if self.name else ''})"
+        if self.perplexity is not None and not self.perplexity.corpus.startswith("builtin:"):
+            from ..data.calibration import check_text_file
+
+            check_text_file(self.perplexity.corpus, base_dir, f"{where}: perplexity.corpus")
+        if self.data is not None:
+            from ..vision.data import check_data
+
+            check_data(self.data, base_dir, None, f"{where}: data")
         if self.tasks:
             from ..errors import require
             from .harness import check_tasks
 
-            where = f"stages (evaluate{': ' + self.name if self.name else ''})"
             require("lm_eval", "eval", "The evaluate stage")
             check_tasks(self.tasks, where=where)
             if self.backend == "vllm":
@@ -111,7 +120,7 @@ class EvaluateStage(StageConfig):
     @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
         t0 = time.perf_counter()
-        self.preflight()
+        self.preflight(ctx.recipe.base_dir)
         if self.backend == "vllm" and self.tasks:  # before any model runs: a refusal costs nothing
             from ..serving.support import require_servable
 
@@ -280,3 +289,4 @@ def summarize(original: dict, compressed: dict, same: bool) -> dict[str, str]:
         kl = compressed["kl"]
         out["KL"] = f"mean {kl['kl_mean']:.4f} nats, p95 {kl['kl_p95']:.4f}; top-1 agree {kl['top1_agreement']:.1%}"
     return out
+

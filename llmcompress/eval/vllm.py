@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import LLMCompressError
+from ..utils.proc import die_with_parent
 from .harness import BOOTSTRAP_ITERS, check_tasks, clean_results
 from .tasks import local_tasks, render_include_dir
 
@@ -88,7 +89,8 @@ def run_tasks_vllm(
             log.write(f"$ {python} {ENTRY} {json.dumps(spec)}\n".encode())
             log.flush()
             proc = subprocess.Popen([python, str(ENTRY), str(Path(tmp) / "spec.json")], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=die_with_parent(signal.SIGTERM))
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

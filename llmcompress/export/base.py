@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..utils.proc import die_with_parent
+
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..stage import StageConfig
@@ -157,7 +159,8 @@ def reload_check(ctx: "RunContext", loader: str, folder: Path, inputs: dict | No
         f"torch.save(logits, {str(probe)!r})\n"
     )
     try:
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                             preexec_fn=die_with_parent())
         if run.returncode != 0:
             from ..errors import LLMCompressError
 

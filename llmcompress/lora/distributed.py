@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import RecipeError, RunCrashed
+from ..utils.proc import die_with_parent
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -185,7 +186,8 @@ def _run_group(cmd: list[str], env: dict, out: Any, grace_s: float = 10.0) -> in
     """
     import signal
 
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM))  # torchrun passes it on
     try:
         return proc.wait()
     except BaseException:

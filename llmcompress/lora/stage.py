@@ -202,20 +202,23 @@ class LoraStage(StageConfig):
                     "on top. Fix: merge the first (`requantize` or `dequantized`)")
         return None
 
-    def preflight(self) -> None:
-        from ..data.calibration import check_calibration
+    def preflight(self, base_dir: "Path | None" = None) -> None:
+        from ..data.calibration import CalibrationConfig, check_calibration
 
         require("peft", "lora", "The lora stage")
-        check_calibration(self.data)  # absolute paths and hub sources now; relative paths when the stage runs
+        if isinstance(self.data, CalibrationConfig):  # a missing data file fails before any weights load
+            check_calibration(self.data, base_dir)
+        else:
+            from ..vision.data import check_data
+
+            check_data(self.data, base_dir, None, "lora: data")
 
     @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
-        from ..data.calibration import check_calibration
         from .train import train_adapter
 
         t0 = time.perf_counter()
-        self.preflight()
-        check_calibration(self.data, ctx.recipe.base_dir)  # a missing data file fails before any weights load
+        self.preflight(ctx.recipe.base_dir)
         trained = train_adapter(self, ctx)
         adapter_dir = ctx.stage_dir / ADAPTER_DIR
         merges, measured = self._merge_all(ctx, trained, adapter_dir)

@@ -36,6 +36,18 @@ class ModelSource:
         return f"{self.kind}:{self.ref}"
 
 
+def check_gguf(path: Path) -> None:
+    """A file named .gguf is a GGUF file (magic ``GGUF``), checked before anything tries to parse it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise RecipeError(f"model: `{path}` cannot be read ({e.strerror}). Fix: check its permissions.") from None
+    if head != b"GGUF":
+        raise RecipeError(f"model: `{path}` is not a GGUF file (it starts with {head!r}, not b'GGUF'). Fix: point "
+                          "`model:` at a .gguf file written by llama.cpp's converter, or at a save_pretrained folder.")
+
+
 def resolve_source(spec: "ModelSpec", base_dir: Path) -> ModelSource:
     """Decide what ``model:`` names, without loading anything. Raises RecipeError with did-you-mean."""
     s = spec.source
@@ -48,6 +60,7 @@ def resolve_source(spec: "ModelSpec", base_dir: Path) -> ModelSource:
             raise RecipeError(
                 f"model: GGUF file `{path}` does not exist. Fix: check the path (relative to the recipe)."
             )
+        check_gguf(path)
         return ModelSource("gguf", str(path.resolve()), spec)
     if path.is_dir():
         if not (path / "config.json").is_file() and not spec.gguf_file:
@@ -55,6 +68,11 @@ def resolve_source(spec: "ModelSpec", base_dir: Path) -> ModelSource:
                 f"model: folder `{path}` has no config.json. Fix: point to a `save_pretrained` folder, "
                 "or name a GGUF file with `gguf_file:`."
             )
+        if spec.gguf_file:
+            if not (path / spec.gguf_file).is_file():
+                raise RecipeError(f"model: `gguf_file: {spec.gguf_file}` is not a file in `{path}`. Fix: check the "
+                                  "name.")
+            check_gguf(path / spec.gguf_file)
         return ModelSource("folder", str(path.resolve()), spec)
     looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith(("/", ".safetensors", ".bin"))
     if _HUB_ID.match(s) and not looks_like_path:

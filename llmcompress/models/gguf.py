@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import require
+from ..errors import LLMCompressError, require
 from ..utils.cache import cache_dir
 from ..utils.io import atomic_dir, atomic_write_json, stable_hash
+
+
+def _check_readable(gguf: Path) -> None:
+    """Parse the GGUF header and tensor table (gguf's own reader, a few seconds) before transformers tries to."""
+    require("gguf", "all", "Loading a GGUF model")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(gguf))
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in numpy, struct or gguf: all mean the same here
+        raise LLMCompressError(f"model: `{gguf}` is a damaged or truncated GGUF file ({type(e).__name__}: {e}). "
+                               "Fix: download or convert it again.") from None
 
 
 def dense_from_gguf(gguf: Path, name: str | None = None, note: str | None = None) -> Path:
@@ -21,9 +33,16 @@ def dense_from_gguf(gguf: Path, name: str | None = None, note: str | None = None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_readable(gguf)
     with atomic_dir(target, replace=False) as tmp:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.bfloat16)
+        except (ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
+            raise LLMCompressError(f"model: transformers cannot load `{gguf}` ({type(e).__name__}: {e}). Fix: "
+                                   "use a GGUF of an architecture transformers reads (llama, mistral, qwen2, ...), "
+                                   "or the original save_pretrained folder.") from None
         if getattr(model, "hf_quantizer", None) is not None:
             # The GGUF "quantizer" only marks the weights as dequantized; it must go before save_pretrained.
             model.hf_quantizer.remove_quantization_config(model)

@@ -80,6 +80,11 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=kwargs.get("revision"))
     except OSError as e:
         raise LLMCompressError(f"could not load model `{path}`: {e}") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' own type: a damaged or truncated weights file
+            raise
+        raise LLMCompressError(f"could not load model `{path}`: a weights file is damaged or truncated ({e}). "
+                               "Fix: save or copy the model again, or re-run the stage that wrote it.") from None
     keep_bnb_cpu_packing_to_packable_(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,7 +10,9 @@ from .gguf import dense_from_gguf
 
 
 def check_source(source: ModelSource) -> None:
-    """Cheap checks before anything loads: a hub model needs the hub."""
+    """Cheap checks before anything loads: a hub model needs the hub; a folder's weight files are whole."""
+    if source.kind == "folder" and not source.spec.gguf_file:
+        check_weights(Path(source.ref))
     if source.kind == "hub":
         from ..utils.net import hub_reachable
 
@@ -45,3 +47,27 @@ def materialize(source: ModelSource) -> Path:
         )
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
         raise LLMCompressError(f"model: could not download `{source.ref}` from the hub: {e}") from None
+
+
+def check_weights(folder: Path) -> None:
+    """Every ``*.safetensors`` file of ``folder`` has a readable header and is as long as the header says (a
+    truncated download or copy fails here, with the file named, instead of deep inside ``from_pretrained``)."""
+    import json
+    import struct
+
+    fix = "Fix: copy or save the model again (save_pretrained), or point `model:` at another folder."
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+                if n > min(size - 8, 512 * 2**20):
+                    raise ValueError("its header length is larger than the file")
+                header = json.loads(fh.read(n))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error) as e:
+            raise LLMCompressError(f"model: `{f}` is not a readable safetensors file "
+                                   f"({getattr(e, 'strerror', None) or e}). {fix}") from None
+        need = 8 + n + max(ends, default=0)
+        if size < need:
+            raise LLMCompressError(f"model: `{f}` is truncated: {size:,} bytes, and its header says {need:,}. {fix}")

@@ -36,10 +36,10 @@ class WandaConfig(PruneConfig):
         default_factory=CalibrationConfig, description="Text whose activations weigh the weights."
     )
 
-    def preflight(self) -> None:
+    def preflight(self, base_dir: "Path | None" = None) -> None:
         from ..data import check_calibration
 
-        check_calibration(self.calibration)  # absolute paths and hub sources; relative ones are checked at run time
+        check_calibration(self.calibration, base_dir)
 
     def prune(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
         from ..data import load_calibration

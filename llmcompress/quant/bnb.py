@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class _BnbConfig(QuantizeConfig):
-    def preflight(self) -> None:
+    def preflight(self, base_dir: "Path | None" = None) -> None:
         require("bitsandbytes", "bnb", f"Method `{self.method}`")
 
     def bnb_config(self, compute_dtype: Any):  # pragma: no cover - overridden

@@ -50,7 +50,7 @@ class HQQConfig(QuantizeConfig):
             raise ValueError(f"must be a positive multiple of 8 (hqq packs groups of 8), e.g. 64, got {v}")
         return v
 
-    def preflight(self) -> None:
+    def preflight(self, base_dir: "Path | None" = None) -> None:
         require("hqq", "hqq", f"Method `{self.method}`")
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:

@@ -53,7 +53,7 @@ class _TorchaoConfig(QuantizeConfig):
     #: Dtype the quantized layers compute in, whatever the model runs in (None: the model's dtype).
     kernel_dtype: ClassVar[str | None] = None
 
-    def preflight(self) -> None:
+    def preflight(self, base_dir: "Path | None" = None) -> None:
         require("torchao", "torchao", f"Method `{self.method}`")
 
     def ao_config(self, device: str) -> Any:  # pragma: no cover - overridden

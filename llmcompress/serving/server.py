@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LLMCompressError
+from ..utils.proc import die_with_parent
 
 #: Seconds to wait for /health. Measured on a 2-core CPU box: 30-52 s for a 135M model (import ~10 s + engine init).
 START_TIMEOUT_S = 600
@@ -144,7 +145,8 @@ class VLLMServer:
             self.started_at = time.perf_counter()
             try:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**os.environ, **self.options.env()}, start_new_session=True)
+                                             env={**os.environ, **self.options.env()}, start_new_session=True,
+                                             preexec_fn=die_with_parent(signal.SIGTERM))
             except OSError as e:
                 raise LLMCompressError(
                     f"vLLM server for `{self.model}`: cannot run `{cmd[0]}` ({e.strerror or e}). Fix: point "

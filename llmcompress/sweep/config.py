@@ -19,6 +19,7 @@ recommend:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import RecipeError
 from ..registry import did_you_mean
 from ..utils.io import read_yaml
+from ..utils.schema import shown_path, unknown_key
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -167,6 +169,9 @@ class SweepConfig(_Strict):
     recommend: list[RecommendRule] = Field(default_factory=list, description="Rules evaluated on the board.")
     sort_by: Literal["quality_recovery", "accuracy_recovery", "size_bytes", "speedup", "kl_mean"] = Field(
         "quality_recovery", description="Leaderboard order (best first).")
+    max_runs: int = Field(256, ge=1, le=1_000_000, description="The most recipes the grid and list may make; a "
+                          "larger sweep is refused with its count before anything is expanded (a typo in a grid "
+                          "can mean thousands of runs). Raise it when you mean it.")
 
     @field_validator("executor", mode="before")
     @classmethod
@@ -205,6 +210,15 @@ class SweepConfig(_Strict):
         if not self.grid and not self.list_:
             raise ValueError("give a `grid` (values to combine) and/or a `list` (override sets). Fix: e.g. "
                              "grid: {stages.0.bits: [4, 8]}")
+        sizes = [len(v) for v in self.grid.values()]
+        count = math.prod(sizes) if sizes else 0
+        if count + len(self.list_) > self.max_runs:
+            grid = " x ".join(map(str, sizes)) + " = " + f"{count:,} grid combinations" if sizes else ""
+            listed = f"{len(self.list_)} list entries" if self.list_ else ""
+            raise ValueError(
+                f"this sweep means {count + len(self.list_):,} runs ({' + '.join(p for p in (grid, listed) if p)}), "
+                f"over `max_runs: {self.max_runs}`. Fix: narrow the grid, or set `max_runs: "
+                f"{count + len(self.list_)}` if you mean it")
         return self
 
 
@@ -219,9 +233,9 @@ def _check_key(key: str, where: str = "grid") -> None:
 def load_sweep(path: str | Path) -> SweepConfig:
     """Read and validate a sweep file. Raises RecipeError naming the file, the key and the fix."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"{path}: no such sweep file. Fix: check the path (examples: recipes/sweeps/).")
-    raw = read_yaml(path)
+    raw = read_yaml(path, what="sweep")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a sweep is a mapping with `name`, `base` and `grid` and/or `list`.")
     raw.setdefault("name", _name_from(path))
@@ -238,25 +252,12 @@ def _name_from(path: Path) -> str:
 
 
 def _line(path: Path, err: dict) -> str:
-    loc = [p for p in err["loc"] if p not in ("local", "ray")]  # drop the union tag
-    field = ".".join(str(p) for p in loc)
+    loc = list(err["loc"])
     if err["type"] == "extra_forbidden":
-        owner = _owner(err["loc"])
-        name = str(loc[-1])
-        inside = f" in `{'.'.join(map(str, loc[:-1]))}`" if len(loc) > 1 else ""
-        allowed = sorted(owner.model_fields)
-        return (f"{path}: unknown key `{name}`{inside}.{did_you_mean(name, allowed)} "
-                f"Allowed keys: {', '.join(allowed)}.")
+        return unknown_key(f"{path}:", SweepConfig, loc)
+    field = shown_path(SweepConfig, loc)
     if err["type"] == "missing":
         return f"{path}: `{field}` is required."
     msg = err["msg"].removeprefix("Value error, ")
     got = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
     return f"{path}: `{field}`: {msg}{got}." if field else f"{path}: {msg}."
-
-
-def _owner(loc: tuple) -> type[BaseModel]:
-    if loc and loc[0] == "executor":
-        return RayExecutorConfig if "ray" in loc else LocalExecutorConfig
-    if loc and loc[0] == "recommend":
-        return RecommendRule
-    return SweepConfig

@@ -48,8 +48,12 @@ class Point:
 
 def yaml_value(value: Any) -> str:
     """A value as it would be written after ``--set key=`` (YAML, one line)."""
-    if isinstance(value, str) and yaml.safe_load(value) == value and "=" not in value:
-        return value
+    if isinstance(value, str) and "=" not in value:
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass  # not a plain YAML scalar: quoted below
     return json.dumps(value)  # JSON is YAML: mappings and lists stay on one line
 
 
@@ -59,7 +63,7 @@ def base_recipe(sweep: SweepConfig, sweep_path: Path) -> tuple[dict, Path]:
         return copy.deepcopy(sweep.base), sweep_path
     path = Path(sweep.base).expanduser()
     path = path if path.is_absolute() else sweep_path.parent / path
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"{sweep_path}: `base`: no recipe file {path}. Fix: a path relative to the sweep file "
                           "(e.g. ../quickstart.yaml), or an inline recipe mapping.")
     raw = read_yaml(path)

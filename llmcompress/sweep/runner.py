@@ -9,12 +9,14 @@ the sweep folder::
 
 from __future__ import annotations
 
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
+from .. import rundir
 from ..errors import RecipeError
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from . import EXECUTORS
@@ -25,6 +27,9 @@ from .recommend import recommend
 from .worker import finished_report
 
 SWEEP_JSON, RUNS_DIR = "sweep.json", "runs"
+#: What a sweep writes at the top of its folder (``--fresh`` and the output check go by it).
+SWEEP_FOLDER = rundir.FolderKind("sweep", SWEEP_JSON, (SWEEP_JSON, RUNS_DIR, LEADERBOARD_CSV, LEADERBOARD_MD,
+                                                       PARETO_PNG))
 
 
 def resolve_executor(sweep: SweepConfig, executor: str | None = None, address: str | None = None) -> Any:
@@ -50,8 +55,10 @@ def resolve_executor(sweep: SweepConfig, executor: str | None = None, address: s
 
 def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: str | None = None,
               address: str | None = None, fresh: bool = False, console: Any = None, show_progress: bool = True,
-              dry_run: bool = False) -> dict:
-    """Run a sweep file; returns what ``sweep.json`` holds. RecipeError (before anything runs) for bad input."""
+              dry_run: bool = False, wait: bool = False) -> dict:
+    """Run a sweep file; returns what ``sweep.json`` holds. RecipeError (before anything runs) for bad input.
+
+    One sweep at a time per folder: another raises LLMCompressError, or with ``wait=True`` this one waits."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -67,8 +74,16 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
     _print_plan(console, sweep, points, out, ex_cfg)
     if dry_run:
         return {"name": sweep.name, "points": [_point_entry(p) for p in points]}
-    started, t0 = _now(), time.perf_counter()
+    rundir.check_output(out, fresh, SWEEP_FOLDER)
     out.mkdir(parents=True, exist_ok=True)
+    with rundir.locked(out, wait, on_wait=lambda who: console.log(f"waiting for the other sweep: {who}"),
+                       what="sweep"):
+        return _run_locked(sweep, path, points, out, fresh, ex_cfg, executor_cls, console, show_progress)
+
+
+def _run_locked(sweep: SweepConfig, path: Path, points: list[Point], out: Path, fresh: bool, ex_cfg: Any,
+                executor_cls: Any, console: Any, show_progress: bool) -> dict:
+    started, t0 = _now(), time.perf_counter()
     outcomes, jobs = _plan(points, out, fresh)
     resumed = sum(o["status"] == "resumed" for o in outcomes.values())
     if resumed:
@@ -81,8 +96,8 @@ def run_sweep(path: str | Path, output: str | Path | None = None, *, executor: s
         _keep_report(outcome)
         outcomes[outcome["name"]] = outcome
         ok = outcome["status"] == "done"
-        console.log(f"[{'green' if ok else 'red'}]{outcome['name']}: {outcome['status']}[/] in "
-                    f"{outcome.get('seconds', 0):.0f}s" + ("" if ok else f" — {outcome.get('error')}"))
+        console.log(f"[{'green' if ok else 'red'}]{escape(outcome['name'])}: {outcome['status']}[/] in "
+                    f"{outcome.get('seconds', 0):.0f}s" + ("" if ok else f" — {escape(str(outcome.get('error')))}"))
         _write(state, final=False)
 
     try:
@@ -101,8 +116,9 @@ def _previous(out: Path) -> dict[str, dict]:
     except (OSError, ValueError):
         return {}
     keep = ("host", "attempts", "seconds")
-    return {o["name"]: {k: o[k] for k in keep if o.get(k) is not None} for o in saved.get("outcomes", [])
-            if o.get("status") in ("done", "resumed")}
+    outcomes = saved.get("outcomes") if isinstance(saved, dict) else None
+    return {o["name"]: {k: o[k] for k in keep if o.get(k) is not None} for o in outcomes or []
+            if isinstance(o, dict) and isinstance(o.get("name"), str) and o.get("status") in ("done", "resumed")}
 
 
 def _plan(points: list[Point], out: Path, fresh: bool) -> tuple[dict[str, dict], list[dict]]:
@@ -116,7 +132,9 @@ def _plan(points: list[Point], out: Path, fresh: bool) -> tuple[dict[str, dict],
             outcomes[p.name] = {"name": p.name, "status": "skipped", "error": p.error, "run_dir": None}
             continue
         if fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
+            rundir.check_output(run_dir, fresh=True)
+            with rundir.locked(run_dir):  # a run of it still going (started by hand) refuses
+                rundir.clear(run_dir)
         report = finished_report(run_dir, p.recipe.model_dump(mode="json", exclude_none=True))
         if report is not None:  # exactly this recipe finished here earlier: nothing is loaded
             outcomes[p.name] = {"name": p.name, "status": "resumed", "report": report, "run_dir": str(run_dir),
@@ -228,7 +246,7 @@ def _print_plan(console: Any, sweep: SweepConfig, points: list[Point], out: Path
         table.add_column(col)
     for p in points:
         table.add_row(str(p.index), p.name, " ".join(p.overrides) or "(base)",
-                      "ok" if p.valid else f"[yellow]skipped[/yellow]: {p.error}")
+                      "ok" if p.valid else f"[yellow]skipped[/yellow]: {escape(str(p.error))}")
     console.print(table)
 
 

@@ -34,7 +34,11 @@ def finished_report(run_dir: str | Path, recipe_dump: dict) -> dict | None:
         report = read_json(path)
     except (OSError, ValueError):
         return None
-    return report if report.get("recipe") == recipe_dump else None
+    if not isinstance(report, dict) or report.get("recipe") != recipe_dump:
+        return None
+    from ..rundir import run_problem
+
+    return None if run_problem(Path(run_dir)) else report  # a deleted or truncated model: run it (it resumes)
 
 
 def run_point(job: dict, console: Any = None, show_progress: bool = False) -> dict:

@@ -117,7 +117,13 @@ def build_recipes(config: AppConfig, log: Callable[[str], None] = print) -> None
     from .pool import find_runs
 
     paths = list(config.recipes)
-    if not paths and config.build_default and not any(final_model(r) for r in find_runs(config.runs_dir)):
+    def has_model(run: Path) -> bool:
+        try:
+            return final_model(run) is not None
+        except LLMCompressError:  # an unreadable manifest: the pool lists that run as skipped, with the reason
+            return False
+
+    if not paths and config.build_default and not any(has_model(r) for r in find_runs(config.runs_dir)):
         paths = [REPO / p for p in DEFAULT_RECIPES]
         missing = [p for p in paths if not p.is_file()]
         if missing:

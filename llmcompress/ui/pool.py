@@ -158,7 +158,7 @@ def plan(runs: list[Path], original: str | None = None, only: tuple[str, ...] = 
             continue
         try:
             model = final_model(run)
-        except (OSError, ValueError):
+        except (OSError, ValueError, LLMCompressError):
             skipped.append(f"{name}: its manifest.json cannot be read (an interrupted write?); run it again")
             continue
         if model is None or not model.is_dir():

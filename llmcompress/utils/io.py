@@ -33,7 +33,16 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file; ValueError for anything that is not JSON (nested too deep and binary files included)."""
+    return loads_json(Path(path).read_bytes())
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` that raises ValueError, never RecursionError (``[[[[...`` thousands deep) or UnicodeError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 def read_config(path: Path) -> dict:
@@ -44,43 +53,58 @@ def read_config(path: Path) -> dict:
     path = Path(path)
     fix = "Fix: re-save the model with save_pretrained, or point `model:` at another folder."
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text())
     except json.JSONDecodeError as e:
         raise LLMCompressError(f"{path.name} of `{path.parent}` is not valid JSON (line {e.lineno}): {e.msg}. "
                                f"{fix}") from None
     except UnicodeDecodeError:
         raise LLMCompressError(f"{path.name} of `{path.parent}` is not text (not UTF-8). {fix}") from None
+    except ValueError as e:
+        raise LLMCompressError(f"{path.name} of `{path.parent}` is not valid JSON ({e}). {fix}") from None
     if not isinstance(data, dict):
         raise LLMCompressError(f"{path.name} of `{path.parent}` holds a JSON {type(data).__name__}, not an object "
                                f"({{...}}). {fix}")
     return data
 
 
-def read_yaml(path: Path, where: str | None = None) -> Any:
-    """Parse a YAML file; RecipeError naming ``where`` (default: the path) and the line on invalid YAML."""
-    import yaml
-
+def read_yaml(path: Path, where: str | None = None, what: str = "recipe") -> Any:
+    """Parse a YAML file strictly (``yamlsafe``); RecipeError naming ``where`` (default: the path), the line and the
+    fix for invalid YAML, duplicate keys, alias bombs, deep nesting, binary or non-UTF-8 files."""
     from ..errors import RecipeError
+    from .yamlsafe import YAMLInputError, loads, read_text
 
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{where or path}:{at}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        return loads(read_text(path, what))
+    except YAMLInputError as e:
+        raise RecipeError(yaml_error(e, where or str(path))) from None
+    except OSError as e:
+        raise RecipeError(f"{where or path}: cannot be read ({e.strerror or e}). Fix: check the path and its "
+                          "permissions.") from None
+
+
+def yaml_error(e: Exception, where: str) -> str:
+    """``where: line N: message`` for a YAMLInputError (no line part when the whole file is to blame)."""
+    line = getattr(e, "line", None)
+    return f"{where}: line {line}: {e}" if line else f"{where}: {e}"
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` for each non-blank line; RecipeError naming the line on invalid JSON."""
     from ..errors import RecipeError
 
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}). Fix: save it as UTF-8 JSON lines.") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, loads_json(line)
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}:{i}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+        except ValueError as e:
+            raise RecipeError(f"{path}:{i}: not valid JSON ({e}). Fix: one JSON object per line.") from None
 
 
 @contextmanager
