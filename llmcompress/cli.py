@@ -31,6 +31,23 @@ def _fail(e: LLMCompressError) -> None:
     raise typer.Exit(2)
 
 
+def _os_error(e: OSError) -> LLMCompressError:
+    """A file-system error that escaped the library (a name too long, a path through a file, a disk that filled up
+    outside a run folder) as a message with the path and the fix; LLMCOMPRESS_DEBUG=1 shows the traceback instead."""
+    import os
+
+    if os.environ.get("LLMCOMPRESS_DEBUG") == "1":
+        raise e
+    from .rundir import disk_error
+
+    found = disk_error(e, Path(e.filename or "."))
+    if found is not None:
+        return found
+    where = f"`{e.filename}`" if e.filename else "a file"
+    return LLMCompressError(f"{where}: {e.strerror or e}. Fix: check the path (and its length, permissions and "
+                            "free space); LLMCOMPRESS_DEBUG=1 shows where it happened.")
+
+
 def _print_error(e: Exception) -> None:
     from rich.markup import escape  # messages quote YAML such as `[pydoc_ppl]`, which rich would take for markup
 
@@ -55,6 +72,8 @@ def run(
         run_recipe(recipe, output, overrides=set_, fresh=fresh, console=err, show_progress=not quiet, wait=wait)
     except LLMCompressError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_os_error(e))
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished stages are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
@@ -81,6 +100,8 @@ def sweep(
                             show_progress=not quiet, dry_run=dry_run, wait=wait)
     except LLMCompressError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_os_error(e))
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished recipes are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
@@ -104,6 +125,8 @@ def validate(
         preflight(r)
     except LLMCompressError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_os_error(e))
     table = Table(title=f"{recipe}: valid — {r.name} on {r.model.source} ({r.dtype})")
     table.add_column("#")
     table.add_column("stage")
@@ -152,7 +175,8 @@ def ls() -> None:
 def serve(
     target: str = typer.Argument(..., help="A run folder (its final model), a model folder, or a builtin model name."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1 (0 = any free port)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (default: this machine only)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (default: this machine only; "
+                             "0.0.0.0 or another address opens the API to other machines: pass --api-key too)."),
     dtype: Dtype = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / CPUs with native bf16, else fp32), "
                                 "float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: half the cores)."),
@@ -163,6 +187,10 @@ def serve(
     pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "--pp", help="GPUs per layer stack."),
     name: str = typer.Option("model", "--name", help="Model name clients ask for (a LoRA run serves it as "
                              "`adapter` too)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", show_default=False, help="Require this key on the "
+                                          "API (clients send `Authorization: Bearer KEY`); default "
+                                          "$LLMCOMPRESS_API_KEY, then $VLLM_API_KEY. Use it with any --host other "
+                                          "than 127.0.0.1."),
 ) -> None:
     """Serve a model with vLLM behind an OpenAI-compatible API until Ctrl-C (needs `llmcompress setup vllm`)."""
     import time
@@ -170,12 +198,20 @@ def serve(
     import os
     import signal
 
+    from rich.markup import escape
+
     from .backends.vllm import make_server, max_len
     from .context import auto_dtype
     from .runs import model_of
+    from .serving.auth import api_key_of, exposure_warning
     from .serving.server import ServerOptions, free_port, port_in_use
 
     try:
+        api_key = api_key_of(api_key)
+        warning = exposure_warning(host, port, api_key)  # also checks --host is usable here
+        if warning:
+            err.print(f"[bold yellow]{'warning' if api_key is None else 'note'}:[/bold yellow] {escape(warning)}",
+                      highlight=False, soft_wrap=True)
         if port and port_in_use(port, host):
             raise LLMCompressError(f"serve: --port {port} is already in use on {host}. Fix: stop what listens "
                                    "there, pass another --port, or --port 0 for any free port.")
@@ -185,7 +221,7 @@ def serve(
             device=device, dtype=auto_dtype(device) if dtype == "auto" else dtype,
             threads=threads or max(1, (os.cpu_count() or 2) // 2), max_model_len=max_model_len or max_len(path),
             kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, api_key=api_key,
         )
         from .utils.cache import cache_dir
 
@@ -201,9 +237,10 @@ def serve(
         with server:
             model = "adapter" if server.adapters else name
             err.print(f"[bold green]ready[/bold green] in {server.ready_s:.0f} s: {server.url}/v1 (model `{model}`)")
-            err.print(f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
+            auth = " -H 'Authorization: Bearer <your API key>'" if api_key else ""
+            err.print(f"  curl {server.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                       f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
-                      f"\"content\": \"Hello\"}}]}}'", highlight=False, soft_wrap=True)
+                      f"\"content\": \"Hello\"}}]}}'", highlight=False, soft_wrap=True, markup=False)
             err.print("Ctrl-C stops it.")
             while server.alive():
                 time.sleep(1)

@@ -101,6 +101,7 @@ def run_recipe(
     console = console or Console(stderr=True)
     run_dir = Path(output) if output else Path("runs") / recipe.name
     rundir.check_output(run_dir, fresh)
+    rundir.check_owner(run_dir, recipe.name, fresh)
     state: dict[str, Any] = {}  # what the run is doing, for a disk-full message: "needed" bytes, its "ctx"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

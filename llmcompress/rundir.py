@@ -108,6 +108,16 @@ def check_output(out: Path, fresh: bool, kind: FolderKind = RUN) -> None:
                 f"llmcompress will not {verb} it. {fix}")
 
 
+def check_owner(run_dir: Path, recipe_name: str, fresh: bool) -> None:
+    """A run folder of another recipe is not resumed into (its stages would be replaced): refused unless ``fresh``."""
+    manifest = read_manifest(run_dir)
+    other = manifest.get("recipe") if manifest else None
+    if other is not None and other != recipe_name and not fresh:
+        raise LLMCompressError(
+            f"output `{run_dir}` holds a run of recipe `{other}`, not `{recipe_name}`; running here would replace its "
+            f"stages. Fix: pass another --output (the default is runs/{recipe_name}), or --fresh to replace it.")
+
+
 def _read_only(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)

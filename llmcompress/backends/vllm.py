@@ -140,7 +140,8 @@ class VLLMBackend:
         from ..serving.client import run_batch
 
         self.ready()
-        timings, wall = run_batch(self.server.url, self.model_name, prompt_ids, new_tokens)
+        timings, wall = run_batch(self.server.url, self.model_name, prompt_ids, new_tokens,
+                                  api_key=self.server.options.api_key)
         first = max(t.token_s[0] for t in timings)  # every sequence has its first token
         last = max(t.token_s[-1] for t in timings)
         return GenTiming(
@@ -153,4 +154,5 @@ class VLLMBackend:
         from ..serving.client import stream_chat
 
         self.ready()
-        yield from stream_chat(self.server.url, self.model_name, messages, max_tokens=max_new_tokens, **sampling)
+        yield from stream_chat(self.server.url, self.model_name, messages, max_tokens=max_new_tokens,
+                               api_key=self.server.options.api_key, **sampling)

@@ -2,6 +2,7 @@
 
 Every streamed chunk carries the tokens vLLM produced in one engine step, so the arrival time of each chunk is the
 time of its token(s): time to first token and inter-token latencies come from one request, as a client sees them.
+A server started with an API key gets it as a bearer token (``api_key``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ async def timed_completion(client, base_url: str, model: str, prompt: list[int] 
     async with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             detail = (await response.aread()).decode(errors="replace")[:500]
-            raise LLMCompressError(f"{base_url}/v1/completions answered {response.status_code}: {detail}")
+            raise LLMCompressError(f"{base_url}/v1/completions answered {response.status_code}: {detail}"
+                                   + _auth_hint(response.status_code))
         async for chunk in _sse(response):
             now = time.perf_counter() - t0
             if chunk.get("usage"):
@@ -79,14 +81,21 @@ async def timed_completion(client, base_url: str, model: str, prompt: list[int] 
     return timing
 
 
+def _auth_hint(status: int) -> str:
+    return (". Fix: the server requires an API key: pass the one it was started with (serve --api-key, "
+            "$LLMCOMPRESS_API_KEY)" if status == 401 else "")
+
+
 def run_batch(base_url: str, model: str, prompts: list, max_tokens: int, timeout_s: float = 600,
-              **params: Any) -> tuple[list[RequestTiming], float]:
+              api_key: str | None = None, **params: Any) -> tuple[list[RequestTiming], float]:
     """Send all ``prompts`` at once (concurrency = len(prompts)); return their timings and the wall time."""
     import httpx
 
+    from .auth import bearer
+
     async def go() -> tuple[list[RequestTiming], float]:
         limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
-        async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=bearer(api_key)) as client:
             t0 = time.perf_counter()
             out = await asyncio.gather(*[timed_completion(client, base_url, model, p, max_tokens, t0, **params)
                                          for p in prompts])
@@ -99,17 +108,20 @@ def run_batch(base_url: str, model: str, prompts: list, max_tokens: int, timeout
 
 
 def stream_chat(base_url: str, model: str, messages: list[dict], max_tokens: int = 256, timeout_s: float = 600,
-                **params: Any) -> Iterator[str]:
+                api_key: str | None = None, **params: Any) -> Iterator[str]:
     """Yield the text of a chat completion piece by piece (for chat UIs). Blocking, one request."""
     import httpx
 
+    from .auth import bearer
+
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
-    with httpx.Client(timeout=timeout_s) as client, client.stream(
+    with httpx.Client(timeout=timeout_s, headers=bearer(api_key)) as client, client.stream(
         "POST", f"{base_url}/v1/chat/completions", json=body
     ) as response:
         if response.status_code != 200:
             raise LLMCompressError(f"{base_url}/v1/chat/completions answered {response.status_code}: "
-                                   f"{response.read().decode(errors='replace')[:500]}")
+                                   f"{response.read().decode(errors='replace')[:500]}"
+                                   + _auth_hint(response.status_code))
         for line in response.iter_lines():
             if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue

@@ -50,6 +50,9 @@ class ServerOptions:
     max_lora_rank: int = 64
     extra_args: tuple[str, ...] = ()
     seed: int = 0
+    # the key clients must send (``Authorization: Bearer KEY``); given to vLLM as $VLLM_API_KEY, never on its command
+    # line (which ``ps`` shows every user, and the log and error messages quote)
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.device != "cuda" and (self.kv_cache_gib < 1 or self.kv_cache_gib != int(self.kv_cache_gib)):
@@ -80,17 +83,47 @@ class ServerOptions:
             # Threads set deliberately (as for torch in this process); no core pinning on a shared machine.
             env.update(VLLM_CPU_KVCACHE_SPACE=str(int(self.kv_cache_gib)), OMP_NUM_THREADS=str(self.threads),
                        VLLM_CPU_OMP_THREADS_BIND="nobind")
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
         return env
+
+    def headers(self) -> dict[str, str]:
+        """What our clients send to this server (its API key as a bearer token, when it has one)."""
+        from .auth import bearer
+
+        return bearer(self.api_key)
+
+
+def _family(host: str) -> int:
+    """The socket family of ``host`` (IPv6 for ``::``, IPv4 for names and dotted addresses)."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        return socket.AF_INET
+
+
+#: The name vLLM imports ``vllm_auth.py`` under (``--middleware``): a folder holding only it goes on its PYTHONPATH.
+AUTH_MODULE = "llmcompress_vllm_auth"
+
+
+def _auth_dir() -> Path:
+    """A folder holding ``vllm_auth.py`` as ``AUTH_MODULE`` (rewritten atomically: servers may start at once)."""
+    from ..utils.cache import cache_dir
+    from ..utils.io import atomic_write_text
+
+    folder = cache_dir("vllm-middleware", AUTH_MODULE + ".py").parent
+    atomic_write_text(folder / f"{AUTH_MODULE}.py", Path(__file__).with_name("vllm_auth.py").read_text())
+    return folder
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(_family(host)) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
+    with socket.socket(_family(host)) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
 
@@ -116,7 +149,7 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         from .runtime import vllm_python
@@ -125,6 +158,8 @@ class VLLMServer:
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.name, "--host", self.host, "--port", str(self.port),
                "--disable-log-stats", "--disable-uvicorn-access-log", *self.options.args()]
+        if self.options.api_key:  # the key on every route but /health, not only on vLLM's guarded prefixes
+            cmd += ["--middleware", f"{AUTH_MODULE}.RequireKey"]
         if self.adapters:
             cmd += ["--enable-lora", "--max-loras", str(max(2, len(self.adapters))),
                     "--max-lora-rank", str(self.options.max_lora_rank), "--lora-modules",
@@ -137,6 +172,10 @@ class VLLMServer:
             return self
         self.port = self.port or free_port(self.host)
         cmd = self.command()
+        # an inherited $VLLM_API_KEY would lock our own clients out: the server has the key of its options
+        env = {**{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}, **self.options.env()}
+        if self.options.api_key:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_auth_dir()), env.get("PYTHONPATH")]))
         log_path = self.log_path or Path(os.devnull)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:  # the child holds its own copy of the handle
@@ -145,7 +184,7 @@ class VLLMServer:
             self.started_at = time.perf_counter()
             try:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**os.environ, **self.options.env()}, start_new_session=True,
+                                             env=env, start_new_session=True,
                                              preexec_fn=die_with_parent(signal.SIGTERM))
             except OSError as e:
                 raise LLMCompressError(
@@ -173,7 +212,7 @@ class VLLMServer:
                     f"Fix: {self._log_hint()}; the command was: {' '.join(self.command())}"
                 )
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2, headers=self.options.headers()).status_code == 200:
                     self.ready_s = time.perf_counter() - self.started_at
                     return self
             except httpx.HTTPError:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..report.metrics import fmt_bytes
 from .config import AppConfig
+from .paths import Redactor
 from .pool import ModelPool
 
 TITLE = "llmcompress — original vs compressed"
@@ -51,7 +52,8 @@ def _about(pool: ModelPool, config: AppConfig) -> str:
               f"- throughput race: batch ≤ {lim.race_max_batch}, prompt ≤ {lim.race_max_prompt_tokens} tokens, "
               f"new tokens ≤ {lim.race_max_new_tokens}; one race at a time",
               "", "Visitors choose only among the models loaded at launch; no remote code is ever run "
-              "(`trust_remote_code` is off). Analytics are off."]
+              "(`trust_remote_code` is off). The app takes no files (uploads are refused) and shows only files "
+              "inside each run's folder. Analytics are off."]
     return "\n".join(lines)
 
 
@@ -65,29 +67,61 @@ def build_app(pool: ModelPool, config: AppConfig | None = None):
     from .reports import build_reports_tab
 
     config = config or AppConfig()
+    redact = Redactor(config.runs_dir)  # visitors see paths relative to the runs folder, never the server's own
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(_intro(pool))
+        gr.Markdown(redact(_intro(pool)))
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(pool, config.limits)
+                build_chat_tab(pool, config.limits, redact)
             with gr.Tab("Throughput race", id="race"):
-                build_race_tab(pool, config.limits)
+                build_race_tab(pool, config.limits, redact)
             with gr.Tab("Reports", id="reports"):
                 reports = build_reports_tab(config.runs_dir)
             with gr.Tab("About", id="about"):
-                about = gr.Markdown(_about(pool, config))
+                about = gr.Markdown(redact(_about(pool, config)))
         demo.load(reports["load"], outputs=reports["outputs"], api_visibility="private")
-        demo.load(lambda: _about(pool, config), outputs=[about], api_visibility="private")  # engines' live status
+        demo.load(lambda: redact(_about(pool, config)), outputs=[about], api_visibility="private")  # live status
     demo.queue(default_concurrency_limit=config.limits.concurrency, max_size=config.limits.queue_size)
     return demo
+
+
+#: Gradio's routes that store a visitor's file (under ``/gradio_api``): the app takes no files, so they are closed.
+UPLOAD_ROUTES = ("/upload", "/process_recording")
+
+
+class NoUploads:
+    """ASGI middleware: refuses (403, before any byte of the body is read) every request that would store a file:
+    gradio's upload routes and any multipart body. The app has no file input, so a visitor never needs one."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _is_upload(scope):
+            from starlette.responses import PlainTextResponse
+
+            response = PlainTextResponse("This app takes no files: uploads are turned off.", status_code=403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_upload(scope: dict) -> bool:
+    path = scope.get("path", "").rstrip("/")
+    if any(path.endswith("/gradio_api" + route) for route in UPLOAD_ROUTES):
+        return True
+    headers = dict(scope.get("headers") or [])
+    return headers.get(b"content-type", b"").lower().lstrip().startswith(b"multipart/")
 
 
 def launch(demo: Any, config: AppConfig, block: bool = True) -> tuple[Any, str]:
     """Start serving ``demo`` on ``config.host:config.port``; ``block=False`` returns at once (tests).
 
-    Returns ``(demo, local url)``.
+    Uploads are turned off (``NoUploads``). Returns ``(demo, local url)``.
     """
+    from starlette.middleware import Middleware
+
     _, url, _ = demo.launch(server_name=config.host, server_port=config.port or None, css=CSS, show_error=False,
                             prevent_thread_lock=not block, quiet=not block, footer_links=["api", "settings"],
-                            max_file_size="1mb")
+                            max_file_size="1mb", app_kwargs={"middleware": [Middleware(NoUploads)]})
     return demo, url

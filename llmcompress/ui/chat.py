@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..report.metrics import fmt_bytes
 from .config import LimitExceeded, Limits, check_chat
@@ -240,8 +240,16 @@ def header(entry: PoolEntry) -> str:
     return "  \n".join(lines)
 
 
-def build_chat_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
-    """The Chat tab's components and events (call inside a ``gr.Blocks``). Returns the components by name."""
+def _redacted(messages: list[dict], redact: Callable[[str], str]) -> list[dict]:
+    """A column's messages with ``redact`` applied to the text shown (notes such as why an engine did not run)."""
+    return [{**m, "content": redact(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+
+
+def build_chat_tab(pool: ModelPool, limits: Limits, redact: Callable[[str], str] = str) -> dict[str, Any]:
+    """The Chat tab's components and events (call inside a ``gr.Blocks``). Returns the components by name.
+
+    ``redact`` rewrites what visitors see (headers, figures, notes) so that no server path shows.
+    """
     import gradio as gr
 
     keys = pool.keys()
@@ -253,7 +261,7 @@ def build_chat_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
     with gr.Row(equal_height=False):
         for entry in pool.entries:
             with gr.Column(min_width=260):
-                gr.Markdown(header(entry), elem_classes=["llmc-header"])
+                gr.Markdown(redact(header(entry)), elem_classes=["llmc-header"])
                 chatbots.append(gr.Chatbot(label=entry.key, height=420, elem_classes=["llmc-chat"],
                                            feedback_options=None, buttons=["copy"]))
                 stats.append(gr.Markdown("", elem_classes=["llmc-stats"]))
@@ -282,9 +290,9 @@ def build_chat_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
             turns = chat_turn(pool, limits, state, text or "", system_text or "", list(keys_ or []), backend_,
                               sampling, bool(seq_))
             for shown, lines in turns:
-                yield [state, ""] + [shown[k] for k in keys] + [lines[k] for k in keys]
+                yield [state, ""] + [_redacted(shown[k], redact) for k in keys] + [redact(lines[k]) for k in keys]
         except LimitExceeded as e:
-            raise gr.Error(str(e), duration=10) from None
+            raise gr.Error(redact(str(e)), duration=10) from None
 
     def reset():
         return [ChatSession()] + [[] for _ in keys] + ["" for _ in keys]

@@ -12,7 +12,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import LLMCompressError
 from .config import LimitExceeded, Limits, check_race
@@ -112,8 +112,8 @@ def race_frame(result: RaceResult):
                          "backend": [r["backend"] for r in ran], "tok_s": [r["decode tok/s"] for r in ran]})
 
 
-def build_race_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
-    """The Throughput race tab (call inside a ``gr.Blocks``)."""
+def build_race_tab(pool: ModelPool, limits: Limits, redact: Callable[[str], str] = str) -> dict[str, Any]:
+    """The Throughput race tab (call inside a ``gr.Blocks``); ``redact`` rewrites the notes visitors see."""
     import gradio as gr
     import pandas as pd
 
@@ -141,9 +141,10 @@ def build_race_tab(pool: ModelPool, limits: Limits) -> dict[str, Any]:
             result = run_race(pool, list(keys_ or []), list(backends_ or []), int(batch_), int(prompt_), int(new_),
                               limits)
         except LimitExceeded as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(redact(str(e))) from None
         rows = pd.DataFrame(result.rows, columns=list(COLUMNS)).fillna("")
-        return race_frame(result), conditions_markdown(result), rows
+        rows["note"] = rows["note"].map(lambda v: redact(v) if isinstance(v, str) else v)  # a failed engine's error
+        return race_frame(result), redact(conditions_markdown(result)), rows
 
     go.click(race, inputs=[keys, backends, batch, prompt_tokens, new_tokens], outputs=[plot, conditions, table],
              api_name="race", concurrency_limit=1, concurrency_id="race", time_limit=int(limits.race_timeout_s + 60))

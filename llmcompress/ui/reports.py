@@ -1,20 +1,26 @@
 """The report browser: every run folder's report (its report.md and plots), and all runs on one size vs quality vs
 speed scatter with the Pareto front (``llmcompress.report.leaderboard``: the same rows and front sweeps use).
 
-Visitors pick a run by name among those found under the runs directory; no path ever comes from the browser.
+Visitors pick a run by name among those found under the runs directory; no path ever comes from the browser. The
+files shown are only those inside the run's own folder (``paths.run_file``: report.json can name any path), and
+every text shown has the runs folder's absolute path written relative to it (``paths.Redactor``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LLMCompressError
+from .paths import Redactor, run_file
 from .pool import find_runs, run_names
 
 _IMAGE_LINE = re.compile(r"^\s*!\[[^\]]*\]\([^)]*\)\s*$", re.MULTILINE)
+#: The most of a report.md the page shows (a run folder's file could be huge).
+MAX_MARKDOWN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -28,14 +34,22 @@ class RunInfo:
 def scan(runs_dir: Path) -> list[RunInfo]:
     """Every run folder under ``runs_dir`` with its report (or why it has none)."""
     from ..report import load_report
+    from ..report.io import REPORT_JSON
 
     out = []
     runs = find_runs(runs_dir)
+    redact = Redactor(runs_dir)
     for path, name in zip(runs, run_names(runs, runs_dir)):  # the names the chat columns and --run use
+        found, why = run_file(path, REPORT_JSON)
+        if found is None and os.path.lexists(path / REPORT_JSON):  # there, but a symlink out of the run (or odd)
+            out.append(RunInfo(name, path, None, f"its {REPORT_JSON} is not shown: {why}"))
+            continue
         try:
-            out.append(RunInfo(name, path, load_report(path)))
+            report = load_report(path)
         except LLMCompressError as e:
-            out.append(RunInfo(name, path, None, str(e)))
+            out.append(RunInfo(name, path, None, redact(str(e))))
+            continue
+        out.append(RunInfo(name, path, report))
     return out
 
 
@@ -47,14 +61,16 @@ def leaderboard(runs: list[RunInfo]) -> tuple[list[dict], list[bool]]:
     for run in runs:
         if run.report is None:
             continue
-        base = ((run.report.get("models") or {}).get("original") or {}).get("path")
-        if base not in originals:
-            originals.add(base)
-            row = original_row(run.report)
-            row["name"] = "original" if len(originals) == 1 else f"original ({Path(str(base)).name})"
-            rows.append(row)
-        if not run.report.get("same_model"):
-            rows.append({**run_row(run.report, run.path), "name": run.name})
+        try:  # a hand-edited report.json of the wrong shape leaves its run out of the table, not the whole tab
+            base = ((run.report.get("models") or {}).get("original") or {}).get("path")
+            new = [] if base in originals else [{**original_row(run.report), "name": "original" if not originals
+                                                 else f"original ({Path(str(base)).name})"}]
+            if not run.report.get("same_model"):
+                new.append({**run_row(run.report, run.path), "name": run.name})
+        except (AttributeError, TypeError, ValueError):
+            continue
+        originals.add(base)
+        rows += new
     return rows, pareto_front(rows)
 
 
@@ -87,39 +103,83 @@ def pareto_plot(rows: list[dict], front: list[bool]):
     return pareto_figure(rows, front, caption=caption(rows) or None)
 
 
-def run_details(runs: list[RunInfo], name: str) -> tuple[str, list[Any]]:
-    """``(report.md without its image lines, [PIL images of its plots])`` of the run called ``name``."""
+def run_details(runs: list[RunInfo], name: str, runs_dir: Path | None = None) -> tuple[str, list[Any]]:
+    """``(report.md without its image lines, [PIL images of its plots])`` of the run called ``name``.
+
+    Only files inside the run's folder are read; with ``runs_dir``, its absolute path is written relative to it.
+    """
+    redact = Redactor(runs_dir) if runs_dir is not None else str
     run = next((r for r in runs if r.name == name), None)
     if run is None:
         return f"No run called `{name}` here.", []
     if run.report is None:
-        return f"**{name}** has no report yet: {run.error}", []
-    md_path = run.path / (run.report.get("files") or {}).get("markdown", "report.md")
-    text = md_path.read_text() if md_path.is_file() else "(report.md is missing; report.json is shown in the table)"
-    return _IMAGE_LINE.sub("", text), _images(run)
+        return redact(f"**{name}** has no report yet: {run.error}"), []
+    files = run.report.get("files") or {}
+    notes: list[str] = []
+    if not isinstance(files, dict):
+        notes.append("report.json's `files` is not a mapping: its report.md and plots are looked for by name")
+        files = {}
+    md_path, why = run_file(run.path, files.get("markdown", "report.md"))
+    if md_path is None:
+        text = f"(report.md is not shown: {why}; report.json is shown in the table)"
+    else:
+        text = _read_markdown(md_path, notes)
+    pics = _images(run, notes)
+    text = _IMAGE_LINE.sub("", text) + "".join(f"\n\n*({note})*" for note in notes)
+    return redact(text), [(img, redact(caption)) for img, caption in pics]
 
 
-def _images(run: RunInfo) -> list[Any]:
+def _read_markdown(path: Path, notes: list[str]) -> str:
+    with open(path, "rb") as f:
+        data = f.read(MAX_MARKDOWN_BYTES + 1)
+    if len(data) > MAX_MARKDOWN_BYTES:
+        notes.append(f"report.md is cut at {MAX_MARKDOWN_BYTES >> 20} MiB")
+        data = data[:MAX_MARKDOWN_BYTES]
+    return data.decode("utf-8", errors="replace")
+
+
+def _images(run: RunInfo, notes: list[str]) -> list[Any]:
     from PIL import Image
 
     out = []
-    for rel in (run.report.get("files") or {}).get("plots", []):
-        path = (run.path / rel).resolve()
-        if path.is_file() and path.is_relative_to(run.path.resolve()) and path.suffix == ".png":
+    files = run.report.get("files") or {}
+    plots = files.get("plots", []) if isinstance(files, dict) else []
+    for rel in plots if isinstance(plots, list) else [plots]:
+        path, why = run_file(run.path, rel, suffixes=(".png",))
+        if path is None:
+            notes.append(f"a plot is not shown: {why}")
+            continue
+        try:
             with Image.open(path) as img:  # loaded here: gradio serves its own copy, never a path under runs/
                 out.append((img.convert("RGB"), rel))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            notes.append(f"a plot is not shown: `{rel}` is not a readable PNG ({type(e).__name__})")
     return out
+
+
+def _redacted(value: Any, redact: Redactor) -> Any:
+    """``value`` with ``redact`` applied to every string in it (dicts and lists walked)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v, redact) for v in value)
+    return value
 
 
 def build_reports_tab(runs_dir: Path) -> dict[str, Any]:
     """The Reports tab (call inside a ``gr.Blocks``): leaderboard, Pareto scatter, one run's report."""
     import gradio as gr
 
+    redact = Redactor(runs_dir)
+
     def load():
         runs = scan(runs_dir)
         rows, front = leaderboard(runs)
+        rows = [_redacted(row, redact) for row in rows]  # report.json's strings (method, conditions) may hold paths
         names = [r.name for r in runs]
-        note = f"{len(runs)} run folder(s) in `{runs_dir}`" + (
+        note = f"{len(runs)} run folder(s) in the runs folder" + (
             "" if runs else ": none yet (run a recipe with `llmcompress run`, or start the app with --recipe)")
         return (note, leaderboard_frame(rows, front), pareto_plot(rows, front),
                 gr.update(choices=names, value=names[0] if names else None))
@@ -134,7 +194,7 @@ def build_reports_tab(runs_dir: Path) -> dict[str, Any]:
     images = gr.Gallery(label="Plots", columns=2, height=420, object_fit="contain")
 
     def show(name):
-        text, pics = run_details(scan(runs_dir), name or "")
+        text, pics = run_details(scan(runs_dir), name or "", runs_dir)
         return text, pics
 
     refresh.click(load, outputs=[found, table, plot, pick], api_name="reports")

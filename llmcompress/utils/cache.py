@@ -14,5 +14,12 @@ def cache_dir(*parts: str) -> Path:
 
         root = user_cache_dir("llmcompress")
     path = Path(root, *parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ..errors import LLMCompressError
+
+        named = "LLMCOMPRESS_CACHE" if os.environ.get("LLMCOMPRESS_CACHE") else "the user cache folder"
+        raise LLMCompressError(f"{named} `{root}` cannot hold `{path.parent}` ({e.strerror or e}). Fix: set "
+                               "LLMCOMPRESS_CACHE to a folder you can write.") from None
     return path

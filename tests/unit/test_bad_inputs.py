@@ -43,10 +43,11 @@ class Case:
     args: tuple[str, ...] = ("validate", "{file}")
     files: dict[str, str | bytes] = field(default_factory=dict)  # more files beside the recipe
     kind: str = "recipe"
+    env: dict[str, str] = field(default_factory=dict)
 
 
-def C(id, text=None, *expect, args=("validate", "{file}"), files=None, kind="recipe") -> Case:
-    return Case(id, text, tuple(expect), tuple(args), files or {}, kind)
+def C(id, text=None, *expect, args=("validate", "{file}"), files=None, kind="recipe", env=None) -> Case:
+    return Case(id, text, tuple(expect), tuple(args), files or {}, kind, env or {})
 
 
 BOMB = ("a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
@@ -319,6 +320,8 @@ OUTPUT_CASES = [
       "will not delete", files={"mine/thesis.tex": "years of work"}),
     O("foreign-folder", ("run", "{file}", "--output", "{dir}/mine", "-q"), "is not a run folder",
       "will not write into", files={"mine/thesis.tex": "years of work"}),
+    O("another-recipes-run", ("run", "{file}", "--output", "{dir}/run", "-q"), "holds a run of recipe `other`",
+      "--fresh", files={"run/manifest.json": '{"recipe": "other", "stages": []}'}),
     O("fresh-recipe-folder", ("run", "{file}", "--output", "{dir}", "--fresh", "-q"), "is not a run folder"),
     O("sweep-output-is-file", ("sweep", "{dir}/s.yaml", "--output", "{dir}/taken.txt"), "taken.txt", "is a file",
       files={"taken.txt": "mine", "s.yaml": "name: s\nbase: r.yaml\ngrid: {seed: [1]}\n"}),
@@ -410,6 +413,12 @@ CLI_CASES = [
       "--address", files={"s.yaml": "name: s\nbase: r.yaml\ngrid: {seed: [1]}\n",
                           "r.yaml": stage("{type: evaluate, tasks: []}")}),
     X("unknown-command", ("compress", "x"), "No such command"),
+    X("recipe-name-too-long", ("validate", "a" * 5000 + ".yaml"), "File name too long"),
+    X("output-name-too-long", ("run", SMOKE, "--output", "{dir}/" + "a" * 300, "-q"), "File name too long"),
+    C("cache-under-a-file", stage("{type: evaluate, tasks: []}"), "LLMCOMPRESS_CACHE", "Not a directory",
+      args=("run", "{file}", "--output", "{dir}/out", "-q"), kind="cli", env={"LLMCOMPRESS_CACHE": "/etc/passwd/x"}),
+    C("vllm-python-missing", stage("{type: benchmark, backends: [vllm]}"), "{file}", "LLMCOMPRESS_VLLM_PYTHON",
+      kind="cli", env={"LLMCOMPRESS_VLLM_PYTHON": "/nonexistent/python"}),
     X("run-unknown-option", ("run", "x.yaml", "--fast"), "No such option"),
 ]
 
@@ -457,7 +466,7 @@ def test_bad_input_exits_2_with_a_message_that_names_the_place(case, tmp_path, m
     monkeypatch.chdir(tmp_path)  # a run that slipped through would write runs/ here, not in the repository
     args, fill = materialize(case, tmp_path)
     t0 = time.perf_counter()
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args, env={k: _fill(v, fill) for k, v in case.env.items()})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         import traceback
 
@@ -471,14 +480,14 @@ def test_bad_input_exits_2_with_a_message_that_names_the_place(case, tmp_path, m
 #: A sample through the real entry point (``main()``: SIGTERM handler, the last-resort error handler).
 REAL = ["non-utf8", "deep-nesting-flow", "alias-bomb-top", "duplicate-stage-key", "threads-huge", "gguf-not-gguf",
         "lora-data-missing-file", "lora-data-typo", "set-unclosed-list", "output-under-file", "sweep-list-bomb",
-        "sweep-grid-huge", "serve-corrupt-manifest", "dev-zero"]
+        "sweep-grid-huge", "serve-corrupt-manifest", "dev-zero", "cache-under-a-file", "output-name-too-long"]
 
 
 @pytest.mark.parametrize("case_id", REAL)
 def test_the_real_entry_point_agrees(case_id, tmp_path):
     case = next(c for c in ALL if c.id == case_id)
     args, fill = materialize(case, tmp_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **case.env}
     r = subprocess.run([sys.executable, "-m", "llmcompress.cli", *args], capture_output=True, text=True,
                        cwd=tmp_path, env=env, timeout=120)
     check(r.stdout + r.stderr, r.returncode, case, fill)

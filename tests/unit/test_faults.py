@@ -219,13 +219,18 @@ def test_serve_and_app_refuse_a_run_with_a_corrupt_manifest_naming_it(tmp_path, 
         assert f"{run_dir / 'manifest.json'}` is unreadable" in r.stderr and "Fix:" in r.stderr
 
 
+def wait_for_lock(run_dir: Path, timeout_s: float = 120) -> None:
+    """Until a run started in the background holds the folder's lock (its imports take a few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / ".llmcompress.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_two_runs_into_one_folder_the_second_refuses_or_waits(tmp_path, tiny_model_dir):
     f = recipe_file(tmp_path, tiny_model_dir, memory=False)
     run_dir = tmp_path / "run"
     first = start("run", f, "--output", run_dir, "--quiet")
-    deadline = time.monotonic() + 120
-    while not (run_dir / ".llmcompress.lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_lock(run_dir)
     second = cli("run", f, "--output", run_dir, "--quiet")
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
     assert f"is in use by another run (pid {first.pid}" in second.stderr and "--wait" in second.stderr
@@ -241,9 +246,7 @@ def test_a_killed_runs_lock_is_not_stale(tmp_path, tiny_model_dir):
     f = recipe_file(tmp_path, tiny_model_dir, memory=False)
     run_dir = tmp_path / "run"
     p = start("run", f, "--output", run_dir, "--quiet")
-    deadline = time.monotonic() + 120
-    while not (run_dir / ".llmcompress.lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_lock(run_dir)
     p.kill()
     p.communicate(timeout=60)
     r = cli("run", f, "--output", run_dir, "--quiet")
