@@ -179,12 +179,14 @@ def serve(
                              "0.0.0.0 or another address opens the API to other machines: pass --api-key too)."),
     dtype: Dtype = typer.Option("auto", "--dtype", help="auto (bf16 on GPU / CPUs with native bf16, else fp32), "
                                 "float32, bfloat16, float16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: half the cores)."),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the "
-                                                "model's, at most 2048)."),
-    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU: KV cache size in GiB (whole GiB)."),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="GPUs per layer."),
-    pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "--pp", help="GPUs per layer stack."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024,
+                                         help="CPU threads, 1..1024 (default: half the cores)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=16, help="Context length, >= 16 "
+                                                "(default: the model's, at most 2048)."),
+    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", min=1, help="CPU: KV cache size in GiB (whole GiB)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", min=1, help="GPUs per layer."),
+    pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "--pp", min=1,
+                                               help="GPUs per layer stack."),
     name: str = typer.Option("model", "--name", help="Model name clients ask for (a LoRA run serves it as "
                              "`adapter` too)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", show_default=False, help="Require this key on the "

@@ -203,8 +203,8 @@ def _override_value(item: str, text: str) -> Any:
     try:
         return loads(text)
     except YAMLInputError as e:
-        raise RecipeError(yaml_error(e, f"--set {item!r}: the value") + " Fix: write a YAML value, e.g. "
-                          "--set stages.0.bits=4, --set 'stages.1.tasks=[pydoc_ppl]' (quote it in the shell).") from None
+        fix = " Fix: write a YAML value, e.g. --set stages.0.bits=4, --set 'stages.1.tasks=[pydoc_ppl]' (quoted)."
+        raise RecipeError(yaml_error(e, f"--set {item!r}: the value") + fix) from None
 
 
 def _step(node: Any, part: str, so_far: list[str], item: str) -> Any:

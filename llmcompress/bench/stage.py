@@ -74,11 +74,14 @@ class BenchmarkStage(StageConfig):
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 8], description="Batch sizes to time decode at (sorted; the smallest gives TTFT)."
     )
-    prompt_tokens: int = Field(16, le=131_072, description="Tokens per prompt (every sequence of a batch has exactly this many).")
-    new_tokens: int = Field(16, le=32_768, description="Tokens generated per sequence (greedy, forced with min_new_tokens); >= 2.")
+    prompt_tokens: int = Field(
+        16, le=131_072, description="Tokens per prompt (every sequence of a batch has exactly this many).")
+    new_tokens: int = Field(
+        16, le=32_768, description="Tokens generated per sequence (greedy, forced with min_new_tokens); >= 2.")
     repeats: int = Field(3, le=1000, description="Timed rounds per model; figures are medians over rounds.")
     warmup: int = Field(
-        1, le=100, description="Untimed calls per model before timing, at the smallest batch size (the first call is slower)."
+        1, le=100,
+        description="Untimed calls per model before timing, at the smallest batch size (the first call is slower).",
     )
     memory: bool = Field(True, description="Measure load time and peak RSS, one fresh process per model.")
     compare: list[str] = Field(

@@ -14,6 +14,8 @@ from ..vision.adapter import vision_aware
 from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..context import ModelHandle, RunContext
 
 #: Bump when a change here changes the figures, so cached original results are recomputed.

@@ -23,6 +23,8 @@ from ..data import CalibrationConfig
 from .base import PruneConfig, apply_mask_, load_dense_copy, prune_mask, untie_
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from ..context import RunContext

@@ -22,6 +22,8 @@ from ..errors import require
 from .base import QuantizeConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..context import RunContext
 
 

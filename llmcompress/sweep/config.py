@@ -26,7 +26,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError
-from ..registry import did_you_mean
 from ..utils.io import read_yaml
 from ..utils.schema import shown_path, unknown_key
 

@@ -17,6 +17,8 @@ import pytest
 
 from llmcompress.errors import LLMCompressError
 
+from test_vllm import _alive  # noqa: E402 - beside this file; the process-tree check the vLLM tests use
+
 pytestmark = pytest.mark.slow
 
 # No blanket skip: under scripts/test.sh (every extra installed) a skip for a missing vLLM fails the run.
@@ -104,15 +106,3 @@ def test_serve_with_an_api_key_refuses_without_it_and_stops_on_sigterm(tiny_mode
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-
-def _alive(procs) -> list:
-    import psutil
-
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out

@@ -416,3 +416,22 @@ def test_serve_passes_the_key_to_the_server_and_stops_on_sigterm(tmp_path, tiny_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("option,value,bound", [
+    ("--threads", "0", "greater than or equal to 1"), ("--threads", "100000", "less than or equal to 1024"),
+    ("--kv-cache-gib", "0", "greater than or equal to 1"), ("--tp", "0", "greater than or equal to 1"),
+    ("--pp", "-1", "greater than or equal to 1"), ("--max-model-len", "8", "greater than or equal to 16"),
+])
+def test_serve_numeric_options_are_bounded_before_anything_starts(tmp_path, option, value, bound):
+    from typer.testing import CliRunner
+
+    from llmcompress.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing"), option, value])
+    text = " ".join(r.output.replace("│", " ").split())  # typer's message, out of its box
+    assert r.exit_code == 2 and "Invalid value for" in text and f"'{option}'" in text and bound in text, r.output
+    assert "Traceback" not in r.output and "does not exist" not in text  # refused by the option itself
+    edge = {"--threads": "1024", "--max-model-len": "16"}.get(option, "1")
+    ok = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing"), option, edge])  # in range: on to the target
+    assert ok.exit_code == 2 and "does not exist" in ok.output, ok.output

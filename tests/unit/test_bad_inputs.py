@@ -7,7 +7,6 @@ real command functions; fast); ``test_the_real_entry_point_*`` runs a sample thr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -307,25 +306,25 @@ SET_CASES = [
 # Output folders (in-process: refused before anything runs; the fault tests cover disks, locks and --fresh more)
 
 
-def O(id, args, *expect, files=None) -> Case:
+def Out(id, args, *expect, files=None) -> Case:
     return C(id, stage("{type: evaluate, tasks: []}"), *expect, args=args, files=files, kind="output")
 
 
 OUTPUT_CASES = [
-    O("output-is-file", ("run", "{file}", "--output", "{dir}/taken.txt", "-q"), "taken.txt", "is a file",
+    Out("output-is-file", ("run", "{file}", "--output", "{dir}/taken.txt", "-q"), "taken.txt", "is a file",
       files={"taken.txt": "mine"}),
-    O("output-under-file", ("run", "{file}", "--output", "{dir}/taken.txt/run", "-q"), "lies under",
+    Out("output-under-file", ("run", "{file}", "--output", "{dir}/taken.txt/run", "-q"), "lies under",
       files={"taken.txt": "mine"}),
-    O("fresh-foreign-folder", ("run", "{file}", "--output", "{dir}/mine", "--fresh", "-q"), "is not a run folder",
+    Out("fresh-foreign-folder", ("run", "{file}", "--output", "{dir}/mine", "--fresh", "-q"), "is not a run folder",
       "will not delete", files={"mine/thesis.tex": "years of work"}),
-    O("foreign-folder", ("run", "{file}", "--output", "{dir}/mine", "-q"), "is not a run folder",
+    Out("foreign-folder", ("run", "{file}", "--output", "{dir}/mine", "-q"), "is not a run folder",
       "will not write into", files={"mine/thesis.tex": "years of work"}),
-    O("another-recipes-run", ("run", "{file}", "--output", "{dir}/run", "-q"), "holds a run of recipe `other`",
+    Out("another-recipes-run", ("run", "{file}", "--output", "{dir}/run", "-q"), "holds a run of recipe `other`",
       "--fresh", files={"run/manifest.json": '{"recipe": "other", "stages": []}'}),
-    O("fresh-recipe-folder", ("run", "{file}", "--output", "{dir}", "--fresh", "-q"), "is not a run folder"),
-    O("sweep-output-is-file", ("sweep", "{dir}/s.yaml", "--output", "{dir}/taken.txt"), "taken.txt", "is a file",
+    Out("fresh-recipe-folder", ("run", "{file}", "--output", "{dir}", "--fresh", "-q"), "is not a run folder"),
+    Out("sweep-output-is-file", ("sweep", "{dir}/s.yaml", "--output", "{dir}/taken.txt"), "taken.txt", "is a file",
       files={"taken.txt": "mine", "s.yaml": "name: s\nbase: r.yaml\ngrid: {seed: [1]}\n"}),
-    O("sweep-fresh-foreign", ("sweep", "{dir}/s.yaml", "--output", "{dir}/mine", "--fresh"), "is not a sweep folder",
+    Out("sweep-fresh-foreign", ("sweep", "{dir}/s.yaml", "--output", "{dir}/mine", "--fresh"), "is not a sweep folder",
       files={"mine/notes.md": "mine", "s.yaml": "name: s\nbase: r.yaml\ngrid: {seed: [1]}\n"}),
 ]
 

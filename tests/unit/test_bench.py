@@ -38,7 +38,7 @@ def test_docstring_sample_loads_and_matches_defaults(tiny_model_dir):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ({"batch_sizes": [0, 8]}, "`batch_sizes`: batch sizes must be >= 1, got [0, 8]"),
+        ({"batch_sizes": [0, 8]}, "`batch_sizes`: batch sizes must be between 1 and 4096, got [0, 8]"),
         ({"batch_sizes": []}, "`batch_sizes`: needs at least one batch size"),
         ({"batch_sizes": [8, 8]}, "must be distinct"),
         ({"new_tokens": 1}, "`new_tokens`: must be >= 2"),
