@@ -233,6 +233,8 @@ def _finished(stage_dir: Path, fingerprint: str) -> tuple[dict | None, str | Non
         result = StageResult.model_validate(saved["result"])
     except (OSError, ValueError, AttributeError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
         return None, f"its {RESULT} is unreadable"
+    if result.model_dir and not (stage_dir / result.model_dir).resolve().is_relative_to(stage_dir.resolve()):
+        return None, f"its {RESULT} points outside the stage folder"
     if result.model_dir and not (stage_dir / result.model_dir).is_dir():
         return None, f"its model folder {result.model_dir}/ is gone"
     if "outputs" in saved:

@@ -36,7 +36,7 @@ MAX_THREADS = 1024
 class ModelSpec(BaseModel):
     """Where the model comes from. A bare string in the recipe is shorthand for ``{source: <string>}``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = Field(description="Builtin name (see `llmcompress ls`), HF hub id, local folder or .gguf file.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -59,10 +59,11 @@ Stage = _stage_union()
 class Recipe(BaseModel):
     """A named model plus the list of stages to run on it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the default run folder is runs/<name>."
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200,
+        description="Run name; the default run folder is runs/<name> (a folder name: at most 200 characters).",
     )
     model: ModelSpec
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -71,7 +72,8 @@ class Recipe(BaseModel):
         "else float32 (emulated bf16 ran ~6x slower than fp32 on an AVX2-only CPU).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
-    seed: int = Field(0, description="Seeds python, numpy and torch before every stage.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds python, numpy and torch before every stage "
+                      "(numpy takes 0 .. 2**32 - 1).")
     threads: int | None = Field(
         None,
         ge=1,

@@ -54,20 +54,30 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 @dataclass(frozen=True)
 class FolderKind:
-    """What kind of folder a command writes: its marker file and the top-level names it writes."""
+    """What kind of folder a command writes: how to tell one of ours, and the top-level names it writes."""
 
     what: str  # "run" | "sweep", as messages say it
-    marker: str  # a folder holding this file was made by us
+    marker: str  # the file that makes a folder ours (when ``owned`` recognises its content)
     names: tuple[str, ...]  # top-level files and folders we write (besides locks and temporary files)
+    owned: Callable[[Path], bool]  # True for a folder we made (its marker is ours, not a namesake's)
     stage_dirs: bool = False  # ``NN-<stage type>`` folders too
 
 
-RUN = FolderKind("run", MANIFEST, RUN_FILES, stage_dirs=True)
+def _run_owned(path: Path) -> bool:
+    """Our manifest (a mapping with `recipe` and a `stages` list); or, when it was damaged, a manifest beside the
+    resolved recipe a run writes first. A web app's manifest.json is neither."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return isinstance(manifest.get("recipe"), str)
+    return (path / MANIFEST).is_file() and (path / "recipe.resolved.yaml").is_file()
+
+
+RUN = FolderKind("run", MANIFEST, RUN_FILES, _run_owned, stage_dirs=True)
 
 
 def is_ours(path: Path, kind: FolderKind = RUN) -> bool:
-    """True when ``path`` holds the marker a run (or sweep) wrote."""
-    return (Path(path) / kind.marker).is_file()
+    """True when ``path`` is a folder a run (or sweep) made."""
+    return Path(path).is_dir() and kind.owned(Path(path))
 
 
 def _ours(name: str, kind: FolderKind) -> bool:
@@ -96,8 +106,8 @@ def check_output(out: Path, fresh: bool, kind: FolderKind = RUN) -> None:
                 raise LLMCompressError(f"output `{out}`: `{parent}` is {why}. {fix}")
             break
     if out.is_dir() and not is_ours(out, kind):
-        try:
-            foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, kind))
+        try:  # not ours: only an empty folder will do (a lock or temporary file of a killed first try aside)
+            foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not TMP_NAME.match(p.name))
         except OSError as e:
             raise LLMCompressError(f"output `{out}` cannot be read ({e.strerror}). {fix}") from None
         if foreign:

@@ -29,6 +29,10 @@ def final_model(run_dir: Path) -> Path | None:
             continue
         if isinstance(model_dir, str) and model_dir:
             found = run_dir / entry["dir"] / model_dir
+    if found is not None and not found.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise LLMCompressError(f"`{run_dir}`: a stage's result.json points at `{found}`, outside the run folder. Fix: "
+                               "run the recipe again into this folder (the stage is redone), or point at a model "
+                               "folder.")
     return found
 
 
@@ -44,6 +48,9 @@ def model_of(target: str | Path, where: str) -> Path:
             )
         return model
     if (path / "config.json").is_file():
+        from .models.source import check_folder
+
+        check_folder(path)
         return path
     if not path.exists():
         from .models import MODELS

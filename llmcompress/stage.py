@@ -28,7 +28,7 @@ STAGES.register_lazy("export", "llmcompress.export.stage:ExportStage")
 class StageConfig(BaseModel):
     """Base of every stage. Subclasses set ``type: Literal[...]`` and implement ``run``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = Field(None, description="Optional label shown in progress and reports.")
 

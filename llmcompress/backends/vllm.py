@@ -27,9 +27,9 @@ ADAPTER_NAME = "adapter"
 def max_len(path: Path, cap: int = 2048) -> int:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        return min(cap, int(config.get("max_position_embeddings") or cap))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable: vLLM's own default
         return cap
-    return min(cap, int(config.get("max_position_embeddings") or cap))
 
 
 def options_for(runtime: "Runtime", path: Path, **overrides: Any) -> ServerOptions:

@@ -155,10 +155,15 @@ class BenchmarkStage(StageConfig):
             if not path.is_absolute() and base_dir is None:
                 continue
             path = path if path.is_absolute() else base_dir / path
-            if not path.exists():
-                what = "recipe file" if path.suffix in (".yaml", ".yml") else "run or model folder"
-                raise RecipeError(f"{where}: compare: {what} `{path}` does not exist. Fix: correct the path "
+            recipe = path.suffix in (".yaml", ".yml")
+            if not (path.is_file() if recipe else path.is_dir()):
+                what = "recipe file" if recipe else "run or model folder"
+                why = "does not exist" if not path.exists() else f"is not a {'file' if recipe else 'folder'}"
+                raise RecipeError(f"{where}: compare: {what} `{path}` {why}. Fix: correct the path "
                                   "(relative to this recipe's folder).")
+            if recipe and _compares_itself(path):
+                raise RecipeError(f"{where}: compare: `{path}` benchmarks against itself (its own benchmark stage "
+                                  "lists it in `compare`): running it would never end. Fix: compare other recipes.")
         if "vllm" in self.backends:
             from ..serving.runtime import vllm_python
 
@@ -331,6 +336,25 @@ class BenchmarkStage(StageConfig):
 
 def _role(key: str) -> str:
     return key.split("/", 1)[1]
+
+
+def _compares_itself(path: Path) -> bool:
+    """True when the recipe file ``path`` has a benchmark stage whose ``compare`` names ``path`` itself."""
+    from ..errors import LLMCompressError
+    from ..utils.io import read_yaml
+
+    try:
+        raw = read_yaml(path)
+    except LLMCompressError:
+        return False  # its own errors are reported when it is loaded
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    for stage in stages if isinstance(stages, list) else []:
+        compare = stage.get("compare") if isinstance(stage, dict) else None
+        for entry in compare if isinstance(compare, list) else []:
+            other = Path(str(entry)).expanduser()
+            if (other if other.is_absolute() else path.parent / other).resolve() == path.resolve():
+                return True
+    return False
 
 
 def _resolve_compare(ctx: "RunContext", entry: str, where: str) -> tuple[str, Path]:

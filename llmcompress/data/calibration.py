@@ -47,7 +47,7 @@ _HF_CHARS_PER_TOKEN = 8
 class CalibrationConfig(BaseModel):
     """Which text, and how much of it, a method calibrates on (``calibration:`` in a stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = Field(
         "builtin:pydoc",
@@ -125,6 +125,21 @@ def check_text_file(value: str, base_dir: Path | None, where: str) -> None:
                           "or use `builtin:pydoc`.")
     if path.stat().st_size == 0:
         raise RecipeError(f"{where}: `{path}` is empty. Fix: point to a file with text in it.")
+    has_text = bool(_jsonl_rows(path)) if path.suffix == ".jsonl" else bool(read_txt(path).strip())
+    if not has_text:
+        raise RecipeError(f"{where}: `{path}` has no text (only blank lines). Fix: point to a file with text in it.")
+
+
+def read_txt(path: Path) -> str:
+    """A .txt source's text; RecipeError naming the file when it is binary or not UTF-8."""
+    data = Path(path).read_bytes()
+    if b"\0" in data:
+        raise RecipeError(f"{path}: a binary file (it holds NUL bytes), not text. Fix: point to a UTF-8 text file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {e.start}). Fix: save it as UTF-8.") from None
 
 
 def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None, tokenizer: Any = None) -> list[str]:
@@ -137,7 +152,7 @@ def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None,
     else:
         path = cfg.resolve(base_dir)
         if path.suffix == ".txt":
-            docs = [path.read_text(encoding="utf-8")]
+            docs = [read_txt(path)]
         else:
             docs = _jsonl_texts(path, tokenizer)
     docs = [d for d in docs if d.strip()]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class PerplexityConfig(BaseModel):
     """Sliding-window perplexity settings (``perplexity:`` in an evaluate stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     corpus: str = Field(
         "builtin:pydoc",
@@ -63,7 +63,9 @@ def load_corpus(corpus: str, base_dir: Path | None = None) -> str:
     if not path.is_file():
         raise RecipeError(f"perplexity.corpus: no such file `{path}`. Fix: check the path (relative to the recipe).")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        from ..data.calibration import read_txt
+
+        text = read_txt(path)
     else:
         texts = []
         for i, row in read_jsonl(path):

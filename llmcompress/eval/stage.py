@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -14,8 +15,6 @@ from ..vision.adapter import vision_aware
 from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ..context import ModelHandle, RunContext
 
 #: Bump when a change here changes the figures, so cached original results are recomputed.
@@ -98,10 +97,11 @@ class EvaluateStage(StageConfig):
         """lm-eval installed; every task known and, for hub tasks, the hub reachable (fails in <= 2 s); the files it
         reads exist."""
         where = f"stages (evaluate{': ' + self.name if self.name else ''})"
-        if self.perplexity is not None and not self.perplexity.corpus.startswith("builtin:"):
-            from ..data.calibration import check_text_file
+        corpus = self.perplexity.corpus if self.perplexity is not None else "builtin:"
+        if not corpus.startswith("builtin:") and (base_dir is not None or Path(corpus).expanduser().is_absolute()):
+            from .perplexity import load_corpus
 
-            check_text_file(self.perplexity.corpus, base_dir, f"{where}: perplexity.corpus")
+            load_corpus(corpus, base_dir)  # read as the stage will: a missing, binary or empty file fails now
         if self.data is not None:
             from ..vision.data import check_data
 

@@ -102,19 +102,38 @@ class ExportStage(StageConfig):
             summary["reload"] = f"max |Δlogit| {info['reload']['max_abs_logit_diff']:.3g}"
         return StageResult(type="export", label=self.label, data=data, summary=summary, artifacts=[str(out.resolve())])
 
+    def preflight(self, base_dir: "Path | None" = None) -> None:
+        """A `path:` outside the run folder must be free (or an earlier export), checked before any weights load."""
+        if self.path is not None and (base_dir is not None or Path(self.path).expanduser().is_absolute()):
+            _check_target(Path(base_dir or ".") / Path(self.path).expanduser())
+
     def _target(self, ctx: "RunContext") -> Path:
         """The output folder. An existing user folder must be an earlier export (it is replaced), nothing else."""
         if self.path is None:
             return ctx.stage_dir / "model"
         out = ctx.recipe.resolve_path(self.path)
-        from ..models.loading import read_meta
-
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and "export" not in read_meta(out))):
-            raise LLMCompressError(
-                f"export path {out} exists and is not an earlier llmcompress export; it would be replaced. "
-                "Fix: choose a new folder, or delete it first."
-            )
+        _check_target(out)
         return out
+
+
+def _check_target(out: Path) -> None:
+    from ..models.loading import read_meta
+
+    try:
+        ours = out.is_dir() and "export" in read_meta(out)
+    except (OSError, ValueError):
+        ours = False
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ours)):
+        raise LLMCompressError(
+            f"export path {out} exists and is not an earlier llmcompress export; it would be replaced. "
+            "Fix: choose a new folder, or delete it first."
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LLMCompressError(f"export path {out} lies under `{parent}`, which is a file. Fix: choose a "
+                                       "folder path.")
+            break
 
 
 def ctx_report(ctx: "RunContext") -> dict:

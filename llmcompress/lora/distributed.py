@@ -45,7 +45,7 @@ JOB_FILE, RESULT_FILE = "train-job.json", "train-result.json"
 class FSDPConfig(BaseModel):
     """accelerate's ``FullyShardedDataParallelPlugin`` settings (CUDA only: accelerate has no CPU FSDP)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard, DTensor) or FSDP1.")
     auto_wrap_policy: Literal["transformer_based_wrap", "size_based_wrap", "no_wrap"] = Field(
@@ -90,7 +90,7 @@ class FSDPConfig(BaseModel):
 class AccelerateConfig(BaseModel):
     """How the lora stage trains: precision, processes, sharding (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast the forward passes.")
     num_processes: int = Field(1, ge=1, description="Training processes on this machine (one per GPU).")

@@ -30,7 +30,7 @@ class GenerateConfig(BaseModel):
     original continues it with ``new_tokens`` sampled tokens, and the student learns the original's distribution on
     prompt + continuation (on-policy for the teacher, no corpus beyond the prompts needed)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     prompt_tokens: int = Field(32, ge=1, description="Tokens of each data window used as the prompt.")
     new_tokens: int = Field(96, ge=1, description="Tokens the original model generates after each prompt.")

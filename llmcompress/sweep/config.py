@@ -33,7 +33,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LocalExecutorConfig(_Strict):
@@ -151,7 +151,8 @@ _WORDS = (
 class SweepConfig(_Strict):
     """A sweep: one base recipe, the overrides that make the others, where they run and how the winner is picked."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="Sweep name; default output folder runs/sweeps/<name>.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=200,
+                      description="Sweep name; default output folder runs/sweeps/<name>.")
     base: str | dict[str, Any] = Field(description="A recipe file (relative to the sweep file) or an inline recipe.")
     set_: dict[str, Any] = Field(default_factory=dict, alias="set", description="Overrides applied to every recipe.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values: every combination.")

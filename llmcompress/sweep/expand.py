@@ -101,13 +101,16 @@ def expand(sweep: SweepConfig, sweep_path: str | Path, *, preflight: bool = True
             except RecipeError as e:
                 raise RecipeError(f"{sweep_path}: {point.label}: {str(e).replace('--set ', '', 1)} "
                                   f"(in the base recipe {origin.name})") from None
-        point.name = explicit or _name(sweep, point, varying, base)
+        try:
+            point.name = explicit or _name(sweep, point, varying, base)
+        except RecipeError as e:
+            raise RecipeError(f"{sweep_path}: {e}") from None
         raw["name"] = point.name
         points.append(point)
     _check_names(points, sweep_path)
     for point in points:
         _validate(point, origin, sweep_path, preflight)
-    _check_outcome(points, sweep, sweep_path)
+    _check_outcome(points, sweep, sweep_path, origin)
     return points
 
 
@@ -130,7 +133,7 @@ def _short(message: str, where: str, origin: Path) -> str:
     return message
 
 
-def _check_outcome(points: list[Point], sweep: SweepConfig, sweep_path: Path) -> None:
+def _check_outcome(points: list[Point], sweep: SweepConfig, sweep_path: Path, origin: Path) -> None:
     bad = [p for p in points if not p.valid]
     hand_written = [p for p in bad if p.source != "grid"]
     fatal = hand_written if sweep.on_invalid == "skip" else bad
@@ -139,7 +142,8 @@ def _check_outcome(points: list[Point], sweep: SweepConfig, sweep_path: Path) ->
     if fatal:
         lines = [f"{sweep_path}: {p.label} -> recipe `{p.name}`: {p.error}" for p in fatal]
         if len(bad) == len(points):
-            lines.append("No recipe of the sweep validates: the base recipe or a key common to all is wrong.")
+            base = f"`{origin}`" if origin != sweep_path else "(inline)"
+            lines.append(f"No recipe of the sweep validates: the base recipe {base} or a key common to all is wrong.")
         elif sweep.on_invalid == "fail":
             lines.append("Fix: correct these values, or set `on_invalid: skip` to run the rest and list these.")
         else:

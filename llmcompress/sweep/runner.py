@@ -28,8 +28,20 @@ from .worker import finished_report
 
 SWEEP_JSON, RUNS_DIR = "sweep.json", "runs"
 #: What a sweep writes at the top of its folder (``--fresh`` and the output check go by it).
+def _sweep_owned(path: Path) -> bool:
+    """Our sweep.json; or, before the first recipe finished, a `runs/` folder holding run folders only."""
+    try:
+        saved = read_json(path / SWEEP_JSON)
+        return isinstance(saved, dict) and saved.get("format") == "llmcompress-sweep"
+    except (OSError, ValueError):
+        pass
+    runs = path / RUNS_DIR
+    others = [p for p in path.iterdir() if p.name != RUNS_DIR and p.name != rundir.LOCK]
+    return runs.is_dir() and not others and all(rundir.is_ours(p) for p in runs.iterdir())
+
+
 SWEEP_FOLDER = rundir.FolderKind("sweep", SWEEP_JSON, (SWEEP_JSON, RUNS_DIR, LEADERBOARD_CSV, LEADERBOARD_MD,
-                                                       PARETO_PNG))
+                                                       PARETO_PNG), _sweep_owned)
 
 
 def resolve_executor(sweep: SweepConfig, executor: str | None = None, address: str | None = None) -> Any:

@@ -30,7 +30,7 @@ class LimitExceeded(LLMCompressError):
 class Limits(BaseModel):
     """Bounds on what one visitor can ask for. Defaults suit a 2-vCPU Space (CPU basic) and a 135M model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_prompt_chars: int = Field(2000, gt=0)  # one message
     max_system_chars: int = Field(1000, ge=0)  # the system prompt
@@ -59,7 +59,7 @@ class Limits(BaseModel):
 class AppConfig(BaseModel):
     """How the operator launched the app (``--runs``, ``--recipe``, ``--backends``, ... in ``launch.parse_args``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     runs_dir: Path = Path("runs")  # run folders (each with manifest.json), up to 4 levels down (a sweep's too)
     recipes: tuple[Path, ...] = ()  # built into runs_dir on start (resumed when already done)

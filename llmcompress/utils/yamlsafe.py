@@ -54,7 +54,56 @@ class StrictLoader(yaml.SafeLoader):
                 raise YAMLInputError(f"key `{key}` is given twice ({lines}); the second would silently replace "
                                      "the first. Fix: keep one of them.", line)
             seen[key] = line
+        for key_node, value_node in node.value:  # name the key of a value refused below (in lists too)
+            bad = _refused_in(value_node)
+            if bad is not None:
+                raise YAMLInputError(f"`{self.construct_object(key_node, deep=True)}`: {_refusal(bad)}",
+                                     bad.start_mark.line + 1)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if _huge_int(node):
+            raise YAMLInputError(_refusal(node), node.start_mark.line + 1)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_str_timestamp(self, node: yaml.ScalarNode) -> str:
+        return self.construct_scalar(node)  # `2001-12-14` stays text: recipes hold JSON-like values only
+
+    def refuse_tag(self, node: yaml.Node) -> None:
+        raise YAMLInputError(_refusal(node), node.start_mark.line + 1)
+
+
+#: YAML types a recipe never holds (it is JSON-like: text, numbers, booleans, null, lists, mappings).
+REFUSED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("binary", "set", "omap", "pairs")}
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.construct_yaml_str_timestamp)
+for _tag in REFUSED_TAGS:
+    StrictLoader.add_constructor(_tag, StrictLoader.refuse_tag)
+
+
+def _refused_in(node: yaml.Node) -> yaml.Node | None:
+    """``node``, or a value in the lists it holds, that a recipe may not contain (mappings check their own)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.tag in REFUSED_TAGS or _huge_int(n):
+            return n
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return None
+
+
+def _huge_int(node: yaml.Node) -> bool:
+    """An integer literal longer than any setting needs (Python refuses to convert over 4,300 digits)."""
+    return node.tag == "tag:yaml.org,2002:int" and isinstance(node, yaml.ScalarNode) and len(node.value) > 100
+
+
+def _refusal(node: yaml.Node) -> str:
+    if _huge_int(node):
+        return (f"a {len(node.value):,}-character integer (`{node.value[:12]}...`) is no setting. Fix: write a number "
+                "of sensible size.")
+    return (f"`{node.tag.rsplit(':', 1)[-1]}` values (`{node.tag}`) are not allowed in a recipe, only text, numbers, "
+            "booleans, null, lists and mappings. Fix: write the value as plain YAML.")
 
 
 def loads(text: str) -> Any:
@@ -68,12 +117,20 @@ def loads(text: str) -> Any:
         _check_expansion(node)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        at = f"column {mark.column + 1}: " if mark else ""
-        raise YAMLInputError(f"not valid YAML ({at}{getattr(e, 'problem', None) or e}).", line) from None
+        raise _invalid(e, text) from None
     finally:
         loader.dispose()
+
+
+def _invalid(e: yaml.YAMLError, text: str) -> YAMLInputError:
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: PyYAML gives a position, not a line
+        line = text[: e.position].count("\n") + 1
+        ch = chr(e.character) if isinstance(e.character, int) else e.character
+        return YAMLInputError(f"not valid YAML (the character {ch!r} is not allowed in YAML text). Fix: remove it.",
+                              line)
+    at = f"column {mark.column + 1}: " if mark else ""
+    return YAMLInputError(f"not valid YAML ({at}{getattr(e, 'problem', None) or e}).", mark.line + 1 if mark else None)
 
 
 def _check_depth(text: str) -> None:
@@ -89,10 +146,7 @@ def _check_depth(text: str) -> None:
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"column {mark.column + 1}: " if mark else ""
-        raise YAMLInputError(f"not valid YAML ({at}{getattr(e, 'problem', None) or e}).",
-                             mark.line + 1 if mark else None) from None
+        raise _invalid(e, text) from None
 
 
 def _check_expansion(root: yaml.Node) -> None:

@@ -39,7 +39,7 @@ _IMAGE_KEYS = {"split", "image_column", "label_column"}
 class ImageDataConfig(BaseModel):
     """Which images a vision stage uses: ``data: {source: builtin:digits, split: test, samples: null}``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = Field(DIGITS, description="`builtin:digits`, `builtin:digits-detect` (detection), "
                         "`imagefolder:<path>` or `hf:<dataset>[:<config>]` (needs hub access).")

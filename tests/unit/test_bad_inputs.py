@@ -798,7 +798,7 @@ SWEEP_CASES += [
     W("sweep-int-over-4300-digits", SW + f"grid: {{seed: [{BIG}]}}\n", "s.yaml", "line 3"),
     W("sweep-grid-binary-tag", SW + "grid: {seed: [1, !!binary AAAA]}\n", "s.yaml", "seed"),
     W("sweep-list-set-tag", SW + "list: [{seed: !!set {a}}]\n", "s.yaml", "seed"),
-    W("sweep-set-timestamp", SW + G1 + "set: {seed: 2001-12-14}\n", "s.yaml", "seed"),
+    W("sweep-set-timestamp", SW + G1 + "set: {threads: 2001-12-14}\n", "s.yaml", "threads"),
     C("sweep-fifo", stage("{type: evaluate, tasks: []}"), "{dir}/pipe.yaml", "not a regular file",
       args=("sweep", "{dir}/pipe.yaml", "--dry-run"), kind="sweep", setup=fifo("pipe.yaml")),
     C("sweep-folder", None, "{dir}", "is a folder", args=("sweep", "{dir}", "--dry-run"), kind="sweep"),
