@@ -127,7 +127,8 @@ def check_text_file(value: str, base_dir: Path | None, where: str) -> None:
         raise RecipeError(f"{where}: `{path}` is empty. Fix: point to a file with text in it.")
     has_text = bool(_jsonl_rows(path)) if path.suffix == ".jsonl" else bool(read_txt(path).strip())
     if not has_text:
-        raise RecipeError(f"{where}: `{path}` has no text (only blank lines). Fix: point to a file with text in it.")
+        raise RecipeError(f"{where}: `{path}` has no text. Fix: point to a file with text in it (this one holds "
+                          "only blank lines).")
 
 
 def read_txt(path: Path) -> str:

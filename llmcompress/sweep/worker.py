@@ -53,6 +53,11 @@ def run_point(job: dict, console: Any = None, show_progress: bool = False) -> di
         if console is None:
             from rich.console import Console
 
+            from .. import rundir
+
+            rundir.check_output(Path(job["run_dir"]), fresh=False)  # then mark it ours before the log goes in
+            Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
+            rundir.start_manifest(Path(job["run_dir"]), job["name"])
             log = Path(job["run_dir"]) / SWEEP_LOG
             log.parent.mkdir(parents=True, exist_ok=True)
             log_file = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed below

@@ -269,11 +269,11 @@ def test_compare_entries_are_named_after_their_run_or_their_own_folder(tmp_path)
 
     plain = tmp_path / "home" / "models" / "Qwen"
     plain.mkdir(parents=True)
-    (plain / "config.json").write_text("{}")
+    (plain / "config.json").write_text('{"model_type": "llama"}')
     run = tmp_path / "runs" / "w8a8"
     model = run / "01-quantize" / "model"
     model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "llama"}')
     (run / "01-quantize" / "result.json").write_text(json.dumps({"result": {"model_dir": "model"}}))
     (run / "manifest.json").write_text(json.dumps({"stages": [{"dir": "01-quantize"}]}))
     ctx = SimpleNamespace(recipe=SimpleNamespace(resolve_path=Path))

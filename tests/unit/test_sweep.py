@@ -207,14 +207,15 @@ def own_cache(tmp_path, monkeypatch, _isolated_cache):
 
 def corrupt_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A model folder whose weights do not fit its config.json: it validates (whole files), then loading it crashes
-    inside transformers (a crash to retry, not a recipe mistake found up front). Also writes ``bad-data.jsonl``
-    beside it, a lora data file that exists but holds no JSON: a mistake found only when the stage reads it."""
+    inside transformers (a crash to retry, not a recipe mistake found up front). Also writes ``bad-data.txt``
+    beside it, a lora data file too short for the windows asked of it: a mistake found only once the model's
+    tokenizer counts its tokens."""
     bad = tmp_path / "corrupt-model"
     shutil.copytree(tiny_model_dir, bad)
     config = json.loads((bad / "config.json").read_text())
     config["intermediate_size"] *= 2
     (bad / "config.json").write_text(json.dumps(config))
-    (tmp_path / "bad-data.jsonl").write_text("{not json\n")
+    (tmp_path / "bad-data.txt").write_text("Too short to train on.\n")
     return bad
 
 
@@ -224,8 +225,8 @@ def test_local_sweep_runs_resumes_and_reports_failures_without_stopping(tmp_path
     path = write_sweep(
         tmp_path, grid={"stages.0.method": ["rtn", "hqq"], "stages.0.bits": [4, 8]},
         list=[{"name": "crashes", "model": str(bad)},
-              {"name": "missing-data", "stages.0": {"type": "lora", "objective": "sft", "steps": 1,
-                                                    "data": {"source": "bad-data.jsonl"}}}],
+              {"name": "missing-data", "stages.0": {"type": "lora", "objective": "distill", "steps": 1,
+                                                    "data": {"source": "bad-data.txt", "skip_tokens": 0}}}],
         executor={"type": "local", "retries": 1},
         recommend=[{"pick": "smallest", "min_quality_recovery": 0.9}, {"pick": "fastest", "max_size_mib": 0.001}])
     out = tmp_path / "out"
@@ -237,7 +238,7 @@ def test_local_sweep_runs_resumes_and_reports_failures_without_stopping(tmp_path
     assert by["crashes"]["error_kind"] == "runtime" and by["crashes"]["attempts"] == 2  # retried once
     assert "RuntimeError" in by["crashes"]["error"] and "mismatch" in by["crashes"]["error"]
     assert by["missing-data"]["error_kind"] == "input" and by["missing-data"]["attempts"] == 1  # bad input: no retry
-    assert "bad-data.jsonl:1: not valid JSON" in by["missing-data"]["error"]
+    assert "bad-data.txt` has" in by["missing-data"]["error"] and "Fix: add text" in by["missing-data"]["error"]
     # The original's evaluation was computed by the first recipe and reused by the later ones.
     assert summary["baseline"] == {"runs": 4, "computed": 1, "reused": 3}
     first, second = (json.loads((out / "runs" / n / "report.json").read_text()) for n in ("rtn-bits4", "rtn-bits8"))

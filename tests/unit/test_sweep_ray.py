@@ -20,8 +20,8 @@ def test_ray_sweep_matches_the_local_leaderboard_and_keeps_every_failure(tmp_pat
     path = write_sweep(
         tmp_path, grid={"stages.0.bits": [4, 8]},
         list=[{"name": "crashes", "model": str(bad)},
-              {"name": "missing-data", "stages.0": {"type": "lora", "objective": "sft", "steps": 1,
-                                                    "data": {"source": "bad-data.jsonl"}}}],
+              {"name": "missing-data", "stages.0": {"type": "lora", "objective": "distill", "steps": 1,
+                                                    "data": {"source": "bad-data.txt", "skip_tokens": 0}}}],
         executor={"type": "ray", "num_cpus": 1, "retries": 1, "local_cpus": 2, "object_store_mib": 80},
         recommend=[{"pick": "smallest", "min_quality_recovery": 0.9}])
     local = run_sweep(path, tmp_path / "local", executor="local", show_progress=False)
