@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
+
+from test_bad_inputs import Hung, deadline  # the same alarm: a hang fails the example
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Valid recipes that validate offline (the CUDA-only fp8 one aside), by file name.
@@ -124,24 +124,6 @@ def recipes_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fuzz") / "recipes"
     shutil.copytree(ROOT / "recipes", folder)
     return folder
-
-
-class Hung(BaseException):
-    """The alarm went off inside a command (BaseException: CliRunner would catch an Exception as the command's)."""
-
-
-@contextmanager
-def deadline(seconds: float, what: str):
-    def ring(signum, frame):
-        raise Hung(f"{what}: no answer after {seconds:.0f} s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def invoke(args: list[str], shown: str, allowed=(0, 2)) -> str:
