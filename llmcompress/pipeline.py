@@ -146,7 +146,7 @@ def _disk_needed(recipe: Recipe, original_bytes: int) -> int:
 def _warn_disk(console: Any, run_dir: Path, needed: int) -> None:
     from .report.metrics import fmt_bytes
 
-    free = shutil.disk_usage(run_dir).free
+    free = rundir.free_bytes(run_dir)
     if free < needed:
         console.log(f"[yellow]warning[/yellow]: {fmt_bytes(free)} free on the disk of {run_dir}; this run may "
                     f"write up to {fmt_bytes(needed)} (a model as large as the original per stage that writes one)")

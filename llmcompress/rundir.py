@@ -242,16 +242,14 @@ def _files(root: Path) -> Iterator[Path]:
 def record_outputs(stage_dir: Path, artifacts: list[str], skip: str) -> dict[str, list]:
     """``{path: [size, digest]}`` of every file the stage wrote: in its folder (relative names, ``skip`` aside) and
     its artifacts elsewhere (absolute names)."""
-    out: dict[str, list] = {}
-    for p in _files(stage_dir):
-        if p.name != skip:
-            size = p.stat().st_size
-            out[str(p.relative_to(stage_dir))] = [size, file_digest(p, size)]
-    for a in artifacts:
-        for p in _files(Path(a)):
-            size = p.stat().st_size
-            out[str(p)] = [size, file_digest(p, size)]
-    return out
+    named = [(str(p.relative_to(stage_dir)), p) for p in _files(stage_dir) if p.name != skip]
+    named += [(str(p), p) for a in artifacts for p in _files(Path(a))]
+    return {name: _entry(p) for name, p in named}
+
+
+def _entry(path: Path) -> list:
+    size = path.stat().st_size
+    return [size, file_digest(path, size)]
 
 
 def outputs_problem(stage_dir: Path, recorded: Any) -> str | None:
@@ -324,7 +322,7 @@ def _disk_message(code: int, path: Any, run_dir: Path, needed_bytes: int | None)
 
     what = DISK_ERRNOS[code]
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        free = _free_bytes(Path(path))
+        free = free_bytes(Path(path))
         need = f"; this run needs about {human_bytes(needed_bytes)} in all" if needed_bytes else ""
         return LLMCompressError(
             f"the disk is {what} while writing `{path}` ({human_bytes(free)} free there{need}). Nothing finished is "
@@ -335,7 +333,8 @@ def _disk_message(code: int, path: Any, run_dir: Path, needed_bytes: int | None)
         "kept), or fix its permissions.")
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk holding ``path`` (its nearest existing folder), 0 when none can be read."""
     for p in [path, *path.parents]:
         try:
             return shutil.disk_usage(p).free

@@ -113,8 +113,9 @@ def check_calibration(cfg: CalibrationConfig, base_dir: Path | None = None) -> N
 
 
 def check_text_file(value: str, base_dir: Path | None, where: str) -> None:
-    """A text file a stage reads (relative to the recipe's folder ``base_dir``) exists and is not empty. With
-    ``base_dir=None`` a relative path cannot be placed yet, and is left to the reader."""
+    """A text file a stage reads (relative to the recipe's folder ``base_dir``) exists and holds text the stage can
+    read: UTF-8 and not binary (.txt), or rows with text (.jsonl), not only blank lines. With ``base_dir=None`` a
+    relative path cannot be placed yet, and is left to the reader."""
     path = Path(value).expanduser()
     if not path.is_absolute():
         if base_dir is None:

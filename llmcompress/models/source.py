@@ -58,28 +58,30 @@ _SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
           "vocab_size", "max_position_embeddings")
 
 
+_FIX = "Fix: copy or save the model again (save_pretrained), or point `model:` at another folder."
+
+
 def check_folder(folder: Path) -> None:
     """A model folder's config.json names a model, the shards its index lists are there, and every weights file is
     whole: a damaged folder fails here, naming the file, before anything loads."""
     from ..utils.io import read_config
 
-    fix = "Fix: copy or save the model again (save_pretrained), or point `model:` at another folder."
     config = read_config(Path(folder) / "config.json")
     if not config.get("model_type") and not config.get("architectures"):
         raise LLMCompressError(f"model: config.json of `{folder}` names no `model_type` or `architectures`, so no "
-                               f"loader can build the model. {fix}")
+                               f"loader can build the model. {_FIX}")
     bad = [k for k in _SIZES if k in config and (type(config[k]) is not int or config[k] < 1)]
     if bad:
         raise LLMCompressError(f"model: config.json of `{folder}`: {', '.join(f'`{k}` = {config[k]!r}' for k in bad)} "
-                               f"must be a positive integer. {fix}")
+                               f"must be a positive integer. {_FIX}")
     for index in sorted(Path(folder).glob("*.safetensors.index.json")):
         weight_map = read_config(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise LLMCompressError(f"model: `{index}` has no `weight_map`. {fix}")
+            raise LLMCompressError(f"model: `{index}` has no `weight_map`. {_FIX}")
         missing = sorted({str(f) for f in weight_map.values() if not (Path(folder) / str(f)).is_file()})
         if missing:
             raise LLMCompressError(f"model: `{index}` lists {len(missing)} weights file(s) that are not in "
-                                   f"`{folder}`: {', '.join(missing[:3])}. {fix}")
+                                   f"`{folder}`: {', '.join(missing[:3])}. {_FIX}")
     check_weights(folder)
 
 
@@ -89,7 +91,6 @@ def check_weights(folder: Path) -> None:
     import json
     import struct
 
-    fix = "Fix: copy or save the model again (save_pretrained), or point `model:` at another folder."
     for f in sorted(Path(folder).glob("*.safetensors")):
         try:
             size = f.stat().st_size
@@ -101,7 +102,7 @@ def check_weights(folder: Path) -> None:
             ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
         except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error) as e:
             raise LLMCompressError(f"model: `{f}` is not a readable safetensors file "
-                                   f"({getattr(e, 'strerror', None) or e}). {fix}") from None
+                                   f"({getattr(e, 'strerror', None) or e}). {_FIX}") from None
         need = 8 + n + max(ends, default=0)
         if size < need:
-            raise LLMCompressError(f"model: `{f}` is truncated: {size:,} bytes, and its header says {need:,}. {fix}")
+            raise LLMCompressError(f"model: `{f}` is truncated: {size:,} bytes, and its header says {need:,}. {_FIX}")
