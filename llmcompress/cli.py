@@ -1,4 +1,4 @@
-"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | setup vllm``.
+"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | setup vllm | setup llamacpp``.
 
 Thin: it parses arguments and prints; the library does the work.
 
@@ -279,6 +279,21 @@ def setup_vllm(
 
     try:
         setup(gpu=_device() == "cuda" if gpu is None else gpu, force=force, log=lambda m: err.print(m))
+    except LLMCompressError as e:
+        _fail(e)
+
+
+@setup_app.command("llamacpp")
+def setup_llamacpp(
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the build is up to date."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, max=256, help="Parallel compile jobs "
+                                       "(default: all cores)."),
+) -> None:
+    """Build llama.cpp (pinned, from the llama-cpp-python sdist) for GGUF methods and the llamacpp backend."""
+    from .llamacpp.runtime import setup
+
+    try:
+        setup(force=force, jobs=jobs, log=lambda m: err.print(m))
     except LLMCompressError as e:
         _fail(e)
 

@@ -184,17 +184,18 @@ class RunContext:
         self.current = ModelHandle("compressed", path, self.runtime)
         self.current._loaded = loaded
 
-    def engine(self, path: Path, options: Any, make: Callable[[Path], Any]) -> Any:
+    def engine(self, path: Path, options: Any, make: Callable[[Path], Any], kind: str = "vllm") -> Any:
         """A serving engine (e.g. a vLLM server) for ``path`` with ``options``, started once per run and reused.
 
         ``make(log_path)`` builds it; it is started here and stopped by ``close_engines`` when the run ends.
+        ``kind`` names it in the log file's name and the messages (vllm, llama-server).
         """
         key = stable_hash([str(Path(path).resolve()), repr(options)])
         if key not in self.engines or not self.engines[key].alive():
             if key in self.engines:  # it died (OOM, a crash): its engine-core children may not have
                 self.engines[key].close()
-            log = self.run_dir / "logs" / f"vllm-{len(self.engines)}-{Path(path).parent.name}.log"
-            self.log(f"starting a vLLM server for {path} (log: {log})")
+            log = self.run_dir / "logs" / f"{kind}-{len(self.engines)}-{Path(path).parent.name}.log"
+            self.log(f"starting a {'vLLM server' if kind == 'vllm' else kind} for {path} (log: {log})")
             self.engines[key] = make(log).start()
         return self.engines[key]
 

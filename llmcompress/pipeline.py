@@ -39,15 +39,20 @@ def preflight(recipe: Recipe) -> None:
     from .models.source import check_source
 
     try:
-        check_source(resolve_source(recipe.model, recipe.base_dir))
+        source = resolve_source(recipe.model, recipe.base_dir)
+        check_source(source)
     except LLMCompressError as e:
         raise _located(e, _where(recipe)) from None
+    # A local folder's config.json tells what it is: stages that only take some architectures say so now.
+    folder = Path(source.ref) if source.kind == "folder" and not source.spec.gguf_file else None
     from .vision.checks import check_recipe_kind
 
     check_recipe_kind(recipe, _where(recipe), hub=True)  # recipes built in Python; hub models by their config.json
     for i, stage in enumerate(recipe.stages):
         try:
             stage.preflight(recipe.base_dir)
+            if folder is not None and i == 0 and hasattr(stage, "check_model"):
+                stage.check_model(folder)
         except LLMCompressError as e:
             raise _located(e, f"{_where(recipe)}: stages[{i}] ({stage.kind})") from None
 

@@ -11,3 +11,4 @@ from ..registry import Registry
 BACKENDS: Registry = Registry("generation backend")
 BACKENDS.register_lazy("hf", "llmcompress.backends.hf:HFBackend")
 BACKENDS.register_lazy("vllm", "llmcompress.backends.vllm:VLLMBackend")
+BACKENDS.register_lazy("llamacpp", "llmcompress.llamacpp.backend:LlamaCppBackend")

@@ -44,6 +44,11 @@ class HFBackend:
     def open(cls, handle: "ModelHandle", ctx: Any = None, **overrides: Any) -> "HFBackend":
         if overrides:
             raise TypeError(f"the hf backend takes no engine settings, got {sorted(overrides)}")
+        if handle.meta.get("format") == "gguf":
+            from ..serving.support import Unservable
+
+            raise Unservable(f"`{handle.path}` is a GGUF file, which runs under llama.cpp. Fix: add `llamacpp` to "
+                             "`backends`.")
         model, tokenizer = handle.load()
         return cls(model, tokenizer, handle.runtime.device)
 

@@ -66,10 +66,11 @@ class BenchmarkStage(StageConfig):
     """
 
     type: Literal["benchmark"] = "benchmark"
-    backends: list[Literal["hf", "vllm"]] = Field(
+    backends: list[Literal["hf", "vllm", "llamacpp"]] = Field(
         default_factory=lambda: ["hf"], description="Generation engines: hf = transformers `generate`, "
-        "vllm = a vLLM server per model (`llmcompress setup vllm` installs it). The first one fills the report's "
-        "original-vs-compressed tables; all appear in its serving table."
+        "vllm = a vLLM server per model (`llmcompress setup vllm` installs it), llamacpp = llama-server per GGUF "
+        "(`llmcompress setup llamacpp`; a dense model runs as its F16 GGUF). The first that runs both models fills "
+        "the report's original-vs-compressed tables; all appear in its serving table."
     )
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 8], description="Batch sizes to time decode at (sorted; the smallest gives TTFT)."
@@ -168,6 +169,12 @@ class BenchmarkStage(StageConfig):
             from ..serving.runtime import vllm_python
 
             vllm_python(f"{where}: backend vllm")
+        from ..backends import BACKENDS
+
+        for name in self.backends:  # an engine that needs its own install says so now (e.g. llama.cpp not set up)
+            cls = BACKENDS.get(name)
+            if hasattr(cls, "preflight"):
+                cls.preflight(f"{where}: backend {name}")
 
     @vision_aware
     def run(self, ctx: "RunContext") -> StageResult:
@@ -203,7 +210,9 @@ class BenchmarkStage(StageConfig):
             engines = [b.describe() for k, b in backends.items() if k.startswith(name + "/")]
             results[name] = {"engine": engines[0] if engines else {}, "figures": figs, "ratios": ratios,
                              "unsupported": {r: why for (b, r), why in unsupported.items() if b == name}}
-        first = results[self.backends[0]]
+        # The report's original-vs-compressed tables: the first backend that ran both (hf cannot run a GGUF file).
+        first = next((results[n] for n in self.backends if {"original", "compressed"} <= set(results[n]["figures"])),
+                     results[self.backends[0]])
         data = {
             "settings": self._settings(ctx, backends),
             "same_model": same,
@@ -242,7 +251,8 @@ class BenchmarkStage(StageConfig):
         backends, unsupported = {}, {}
         for name in self.backends:
             cls = BACKENDS.get(name)
-            extra = vllm_overrides(self.vllm, ctx.runtime.device, len(handles)) if name == "vllm" else {}
+            extra = vllm_overrides(self.vllm, ctx.runtime.device, len(handles)) if name == "vllm" else (
+                cls.bench_settings(self, len(handles)) if hasattr(cls, "bench_settings") else {})
             for role, handle in handles.items():
                 try:
                     backends[f"{name}/{role}"] = cls.open(handle, ctx, **extra)

@@ -179,7 +179,9 @@ def run_tasks(
     manager = task_manager(tasks)
     out: dict[str, dict[str, float]] = {}
     with _lean_lm_eval(quiet=progress is not None):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # A model another engine runs (llama.cpp's GGUF) brings its own lm-eval LM; transformers models use HFLM.
+        lm = (model.lm_eval_model(tokenizer, batch_size) if hasattr(model, "lm_eval_model")
+              else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
         for task in tasks:  # one at a time, so the progress bar moves per task
             res = simple_evaluate(
                 lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=manager,

@@ -26,7 +26,16 @@ class GGUFExporter(Exporter):
     consumer = "llama.cpp, and transformers AutoModelForCausalLM.from_pretrained(folder, gguf_file='model.gguf')"
     library = "gguf"
 
+    def check(self, stage: "ExportStage", quantize: Any) -> str | None:
+        if quantize is not None and getattr(quantize, "method", None) == "gguf" and stage.gguf_type is not None:
+            return (f"the model is already a {quantize.gguf_type} GGUF file, so `gguf_type: {stage.gguf_type}` would "
+                    "re-round it. Fix: remove `gguf_type` (the file is exported as it is), or set the type in the "
+                    "quantize stage.")
+        return None
+
     def export(self, stage: "ExportStage", ctx: "RunContext", out: Path) -> dict[str, Any]:
+        if ctx.current.meta.get("format") == "gguf":  # llama.cpp's own file (method gguf): exported as it is
+            return _copy_gguf(ctx, out)
         require("gguf", "all", "`format: gguf`")
         kind = stage.gguf_type or "f16"
         model, tokenizer = dense_copy(ctx)
@@ -58,7 +67,25 @@ class GGUFExporter(Exporter):
                 "caveats": caveats}
 
     def verify(self, stage: "ExportStage", ctx: "RunContext", out: Path, info: dict) -> dict[str, Any]:
-        return reload_check(ctx, f"AutoModelForCausalLM.from_pretrained(folder, gguf_file={FILE!r}, dtype=dtype)", out)
+        """llama.cpp in a fresh process (when set up) against the evaluated model; for a re-export of a transformers
+        model also transformers' own GGUF loader."""
+        from ..errors import LLMCompressError
+
+        llamacpp = None
+        try:
+            from ..llamacpp.check import check_file
+
+            model, tokenizer = ctx.current.load()
+            llamacpp = check_file(out / FILE, model, tokenizer, ctx.runtime.threads)
+        except LLMCompressError as e:
+            if ctx.current.meta.get("format") == "gguf" or "setup llamacpp" not in str(e):
+                raise
+            ctx.log(f"export gguf: not checked in llama.cpp ({e})")
+        if ctx.current.meta.get("format") == "gguf":
+            return llamacpp
+        check = reload_check(ctx, f"AutoModelForCausalLM.from_pretrained(folder, gguf_file={FILE!r}, dtype=dtype)",
+                             out)
+        return {**check, **({"llamacpp": llamacpp} if llamacpp else {})}
 
     def load_code(self, folder: str, info: dict) -> str:
         return (
@@ -69,6 +96,21 @@ class GGUFExporter(Exporter):
             f'model = AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="{FILE}", dtype=torch.bfloat16)\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{folder}", gguf_file="{FILE}")'
         )
+
+
+def _copy_gguf(ctx: "RunContext", out: Path) -> dict[str, Any]:
+    import shutil
+
+    from ..llamacpp.model import gguf_file
+
+    src = gguf_file(ctx.current.path)
+    shutil.copy2(src, out / FILE)
+    meta = {k: v for k, v in ctx.current.meta.items() if k not in ("versions", *LAYOUT_KEYS)}
+    kind = ctx.current.meta.get("gguf_type", "gguf")
+    write_meta(out, {**meta, "format": "gguf", "file": FILE}, {"format": "gguf", "gguf_type": kind,
+                                                                "from": str(ctx.current.path)})
+    return {"files": sorted(p.name for p in out.iterdir()), "gguf_type": kind,
+            "caveats": [f"llama.cpp's own {kind} file, as the quantize stage made it (exported unchanged)."]}
 
 
 def _source_pre_tokenizer(ctx: "RunContext") -> str:

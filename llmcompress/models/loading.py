@@ -23,6 +23,7 @@ FORMATS.register_lazy("torchao", "llmcompress.quant.torchao:load_torchao")
 FORMATS.register_lazy("peft", "llmcompress.lora.merge:load_peft")  # base folder + LoRA adapter, not merged
 FORMATS.register_lazy("compressed-tensors", "llmcompress.quant.llmcompressor:load_compressed_tensors")
 FORMATS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:load_dynamic_int8")
+FORMATS.register_lazy("gguf", "llmcompress.llamacpp.model:load_gguf")  # model.gguf run by llama.cpp
 FORMATS.register_lazy("structured", "llmcompress.vision.layers:load_structured")  # MLP channels removed
 
 

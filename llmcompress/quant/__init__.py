@@ -23,6 +23,7 @@ QUANTIZERS.register_lazy("llmc-gptq-w4a16", "llmcompress.quant.llmcompressor:Llm
 QUANTIZERS.register_lazy("llmc-awq-w4a16", "llmcompress.quant.llmcompressor:LlmcAWQConfig")
 QUANTIZERS.register_lazy("llmc-w8a8", "llmcompress.quant.llmcompressor:LlmcW8A8Config")
 QUANTIZERS.register_lazy("llmc-fp8", "llmcompress.quant.llmcompressor:LlmcFP8Config")
+QUANTIZERS.register_lazy("gguf", "llmcompress.llamacpp.quant:GGUFConfig")
 QUANTIZERS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:DynamicInt8Config")
 
 QuantizeStage = Annotated[

@@ -147,6 +147,9 @@ class VLLMServer:
     _sampler: threading.Thread | None = field(default=None, init=False, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
+    #: What the messages call this server.
+    label = "vLLM server"
+
     @property
     def url(self) -> str:
         return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
@@ -188,8 +191,8 @@ class VLLMServer:
                                              preexec_fn=die_with_parent(signal.SIGTERM))
             except OSError as e:
                 raise LLMCompressError(
-                    f"vLLM server for `{self.model}`: cannot run `{cmd[0]}` ({e.strerror or e}). Fix: point "
-                    "LLMCOMPRESS_VLLM_PYTHON at an executable python with vllm, or run `llmcompress setup vllm`."
+                    f"{self.label} for `{self.model}`: cannot run `{cmd[0]}` ({e.strerror or e}). Fix: "
+                    f"{self.start_fix()}."
                 ) from None
         _LIVE.add(self)
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
@@ -208,7 +211,7 @@ class VLLMServer:
                 code = self.proc.returncode
                 self.close()
                 raise LLMCompressError(
-                    f"vLLM server for `{self.model}` exited during start-up (exit {code}):\n{self.log_tail()}\n"
+                    f"{self.label} for `{self.model}` exited during start-up (exit {code}):\n{self.log_tail()}\n"
                     f"Fix: {self._log_hint()}; the command was: {' '.join(self.command())}"
                 )
             try:
@@ -220,9 +223,12 @@ class VLLMServer:
             time.sleep(0.5)
         self.close()
         raise LLMCompressError(
-            f"vLLM server for `{self.model}` did not answer /health within {timeout_s:.0f} s:\n{self.log_tail()}\n"
+            f"{self.label} for `{self.model}` did not answer /health within {timeout_s:.0f} s:\n{self.log_tail()}\n"
             f"Fix: {self._log_hint()}; on a busy machine start-up is slower."
         )
+
+    def start_fix(self) -> str:
+        return "point LLMCOMPRESS_VLLM_PYTHON at an executable python with vllm, or run `llmcompress setup vllm`"
 
     def __enter__(self) -> "VLLMServer":
         return self.wait_ready()

