@@ -25,6 +25,7 @@ def _isolated_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("llmcompress-cache")
     (root / "models").symlink_to(real_models, target_is_directory=True)
     os.environ.setdefault("LLMCOMPRESS_VLLM_ENV", str(real_root / "vllm-env"))  # `llmcompress setup vllm` built it
+    os.environ.setdefault("LLMCOMPRESS_LLAMACPP_DIR", str(real_root / "llamacpp"))  # `setup llamacpp` built it
     old = os.environ.get("LLMCOMPRESS_CACHE")
     os.environ["LLMCOMPRESS_CACHE"] = str(root)
     yield root

@@ -137,6 +137,10 @@ class EvaluateStage(StageConfig):
             lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference))
         if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
+        for role, t in timing.items():  # a model another engine runs (a GGUF file: llama.cpp) says so beside the figures
+            if isinstance(t, dict) and t.get("engine"):
+                settings["notes"].append(f"the {role} model ran on {t['engine']['engine']} (its tasks, perplexity "
+                                         "and KL from that engine's full logits; the other model's on transformers)")
         if not settings["notes"]:
             del settings["notes"]
         data = {"settings": settings, "original": original, "compressed": compressed, "timing": timing}
@@ -191,6 +195,8 @@ class EvaluateStage(StageConfig):
         n_windows = 0
         if text is not None or self.backend == "hf":
             model, tokenizer = handle.load()
+            if callable(getattr(model, "describe", None)):  # not a transformers model: its engine tells what it is
+                timing["engine"] = model.describe()
         if text is not None:
             check_context(model, self.perplexity)
             if "w" not in windows:

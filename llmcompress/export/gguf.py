@@ -36,6 +36,8 @@ class GGUFExporter(Exporter):
     def export(self, stage: "ExportStage", ctx: "RunContext", out: Path) -> dict[str, Any]:
         if ctx.current.meta.get("format") == "gguf":  # llama.cpp's own file (method gguf): exported as it is
             return _copy_gguf(ctx, out)
+        if ctx.current.meta.get("format") == "peft":  # base + LoRA (merge: keep): base GGUF + GGUF LoRA adapter
+            return _export_lora(stage, ctx, out)
         require("gguf", "all", "`format: gguf`")
         kind = stage.gguf_type or "f16"
         model, tokenizer = dense_copy(ctx)
@@ -69,9 +71,13 @@ class GGUFExporter(Exporter):
     def verify(self, stage: "ExportStage", ctx: "RunContext", out: Path, info: dict) -> dict[str, Any]:
         """llama.cpp in a fresh process (when set up) against the evaluated model; for a re-export of a transformers
         model also transformers' own GGUF loader."""
-        from ..errors import LLMCompressError
-
         llamacpp = None
+        if info.get("adapter"):
+            from ..llamacpp.check import check_lora
+
+            model, tokenizer = ctx.current.load()
+            return check_lora(out / FILE, out / info["adapter"], model, _BaseOf(model), tokenizer,
+                              ctx.runtime.threads)
         try:
             from ..llamacpp.check import check_file
 
@@ -88,9 +94,15 @@ class GGUFExporter(Exporter):
         return {**check, **({"llamacpp": llamacpp} if llamacpp else {})}
 
     def load_code(self, folder: str, info: dict) -> str:
+        lora = f" --lora {folder}/{info['adapter']}" if info.get("adapter") else ""
+        adapter = f"\\nADAPTER ./{info['adapter']}" if info.get("adapter") else ""
         return (
-            "# llama.cpp\n"
-            f"#   llama-cli -m {folder}/{FILE} -p \"Hello\"\n"
+            "# llama.cpp (chat in the terminal; llama-server serves an OpenAI API)\n"
+            f"#   llama-cli -m {folder}/{FILE}{lora} -cnv\n"
+            f"#   llama-server -m {folder}/{FILE}{lora} --port 8080\n"
+            "# Ollama\n"
+            f"#   cd {folder} && printf 'FROM ./{FILE}{adapter}\\n' > Modelfile && ollama create my-model -f Modelfile"
+            " && ollama run my-model\n"
             "# transformers (dequantizes to dense)\n"
             "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'model = AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="{FILE}", dtype=torch.bfloat16)\n'
@@ -111,6 +123,47 @@ def _copy_gguf(ctx: "RunContext", out: Path) -> dict[str, Any]:
                                                                 "from": str(ctx.current.path)})
     return {"files": sorted(p.name for p in out.iterdir()), "gguf_type": kind,
             "caveats": [f"llama.cpp's own {kind} file, as the quantize stage made it (exported unchanged)."]}
+
+
+class _BaseOf:
+    """Calls a peft model with its adapter switched off (the base the adapter was trained on)."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def __call__(self, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(**kwargs)
+
+
+ADAPTER = "adapter.gguf"
+
+
+def _export_lora(stage: "ExportStage", ctx: "RunContext", out: Path) -> dict[str, Any]:
+    """The base as llama.cpp's converter writes it, and the adapter as its convert_lora_to_gguf.py does."""
+    import json
+
+    from ..llamacpp.convert import lora_to_gguf, to_gguf
+
+    base = ctx.current.path / "base"
+    config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}
+    fmt = json.loads((base / "llmcompress.json").read_text()).get("format", "hf") if (
+        base / "llmcompress.json").is_file() else "hf"
+    if fmt != "hf" or "quantization_config" in config:
+        raise LLMCompressError(
+            "gguf export of a LoRA adapter needs a dense base (llama.cpp applies the adapter to its own weights), "
+            "and this adapter sits on a quantized one. Fix: merge it (`merge: dequantized`) and export the merged "
+            "model, or train the adapter on the dense model and quantize with `method: gguf` afterwards."
+        )
+    kind = stage.gguf_type or "f16"
+    to_gguf(base, out / FILE, kind, log_path=ctx.stage_dir / "convert.log")
+    lora_to_gguf(ctx.current.path, base, out / ADAPTER, "f16", log_path=ctx.stage_dir / "convert_lora.log")
+    meta = {k: v for k, v in ctx.current.meta.items() if k not in ("format", "versions", "base", *LAYOUT_KEYS)}
+    write_meta(out, {**meta, "format": "gguf", "file": FILE, "adapter": ADAPTER},
+               {"format": "gguf", "gguf_type": kind, "adapter": ADAPTER, "from": str(ctx.current.path)})
+    return {"files": sorted(p.name for p in out.iterdir()), "gguf_type": kind, "adapter": ADAPTER,
+            "caveats": [f"The base as {kind} GGUF and the LoRA adapter as a GGUF adapter (llama.cpp's converters); "
+                        "llama.cpp applies it at run time (`--lora`), unmerged, as transformers+peft did."]}
 
 
 def _source_pre_tokenizer(ctx: "RunContext") -> str:

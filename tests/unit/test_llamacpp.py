@@ -93,12 +93,12 @@ def test_setup_refuses_a_folder_it_did_not_make(tmp_path):
 
 QUANTIZE_LOG = """\
 [   1/ 272]                   output_norm.weight - [   576,      1,      1,      1], type =    f32, size =    0.002 MiB
-[   2/ 272]                    token_embd.weight - [   576,  49152,      1,      1], type =    f16, 
+[   2/ 272]                    token_embd.weight - [   576,  49152,      1,      1], type =    f16,
 ====== llama_model_quantize_impl: did not find weights for token_embd.weight
 converting to q8_0 .. load_imatrix: imatrix dataset='calibration.txt'
 size =    54.00 MiB ->    28.69 MiB
-[   3/ 272]                  blk.0.attn_k.weight - [   576,    192,      1,      1], type =    f16, converting to q5_0 .. size =     0.21 MiB ->     0.07 MiB
-[   4/ 272]                blk.0.ffn_down.weight - [  1536,    576,      1,      1], type =    f16, converting to q6_K .. size =     1.69 MiB ->     0.69 MiB
+[   3/ 272] blk.0.attn_k.weight - [   576,    192,      1,      1], type =    f16, converting to q5_0 .. size = 0.2
+[   4/ 272] blk.0.ffn_down.weight - [  1536,    576,      1,      1], type =    f16, converting to q6_K .. size = 1
 """
 
 
