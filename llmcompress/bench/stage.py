@@ -211,10 +211,11 @@ class BenchmarkStage(StageConfig):
             results[name] = {"engine": engines[0] if engines else {}, "figures": figs, "ratios": ratios,
                              "unsupported": {r: why for (b, r), why in unsupported.items() if b == name}}
         # The report's original-vs-compressed tables: the first backend that ran both (hf cannot run a GGUF file).
-        first = next((results[n] for n in self.backends if {"original", "compressed"} <= set(results[n]["figures"])),
-                     results[self.backends[0]])
+        table = next((n for n in self.backends if {"original", "compressed"} <= set(results[n]["figures"])),
+                     self.backends[0])
+        first = results[table]
         data = {
-            "settings": self._settings(ctx, backends),
+            "settings": {**self._settings(ctx, backends), "table_backend": table},
             "same_model": same,
             "models": {role: h.describe() for role, h in handles.items()} | (
                 {"compressed": ctx.current.describe()} if same else {}),

