@@ -137,7 +137,7 @@ class EvaluateStage(StageConfig):
             lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference))
         if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
-        for role, t in timing.items():  # a model another engine runs (a GGUF file: llama.cpp) says so beside the figures
+        for role, t in timing.items():  # another engine (a GGUF file: llama.cpp) is named
             if isinstance(t, dict) and t.get("engine"):
                 settings["notes"].append(f"the {role} model ran on {t['engine']['engine']} (its tasks, perplexity "
                                          "and KL from that engine's full logits; the other model's on transformers)")

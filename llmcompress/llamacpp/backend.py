@@ -141,8 +141,9 @@ class LlamaCppBackend:
         from ..serving.client import run_batch
 
         self.ready()
+        # cache_prompt off: the rounds repeat their prompts, and a slot would skip the prefill it already holds
         timings, wall = run_batch(self.server.url, self.server.name, prompt_ids, new_tokens,
-                                  api_key=self.server.options.api_key)
+                                  api_key=self.server.options.api_key, cache_prompt=False)
         first = max(t.token_s[0] for t in timings)
         last = max(t.token_s[-1] for t in timings)
         return GenTiming(batch_size=len(prompt_ids), prompt_tokens=len(prompt_ids[0]), new_tokens=new_tokens,

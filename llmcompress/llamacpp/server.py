@@ -61,8 +61,11 @@ class LlamaServer(VLLMServer):
         return "run `llmcompress setup llamacpp --force` to rebuild llama.cpp"
 
     def model_memory_bytes(self) -> int | None:
-        """Sum of the "model buffer size" lines llama.cpp logs while loading (mapped weights plus repacked ones)."""
-        if not self.log_path or not Path(self.log_path).is_file():
-            return None
-        found = re.findall(r"model buffer size = +([0-9.]+) MiB", Path(self.log_path).read_text(errors="replace"))
-        return int(sum(float(x) for x in found) * 2**20) if found else None
+        """The "model buffer size" lines llama.cpp logs while loading (mapped plus repacked weights) when its log
+        level shows them, else the GGUF files it maps (model and adapters): the weights it holds in memory."""
+        if self.log_path and Path(self.log_path).is_file():
+            found = re.findall(r"model buffer size = +([0-9.]+) MiB", Path(self.log_path).read_text(errors="replace"))
+            if found:
+                return int(sum(float(x) for x in found) * 2**20)
+        files = [Path(self.model), *map(Path, self.options.lora)]
+        return sum(f.stat().st_size for f in files if f.is_file()) or None

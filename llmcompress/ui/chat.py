@@ -77,9 +77,30 @@ class Sampling:
         return {"temperature": 0.0} if self.greedy else {"temperature": self.temperature, "top_p": self.top_p}
 
 
-def context_limit(entry: PoolEntry) -> int | None:
-    model = getattr(entry.engines["hf"].backend, "model", None)
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def context_limit(entry: PoolEntry, backend: str = "hf") -> int | None:
+    """Tokens a conversation plus its reply may take on ``backend``: a llama-server's context per slot, else the
+    model's ``max_position_embeddings`` (from the hf model, or the folder's config.json for a GGUF run)."""
+    engine = entry.engines.get(backend)
+    options = getattr(getattr(getattr(engine, "backend", None), "server", None), "options", None)
+    slot = getattr(options, "slot_ctx", None)
+    if backend == "llamacpp" and isinstance(slot, int):
+        return slot
+    hf = entry.engines.get("hf")
+    model = getattr(hf.backend, "model", None) if hf is not None else None
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if limit is not None else _config_limit(entry.path)
+
+
+def _config_limit(path) -> int | None:
+    """``max_position_embeddings`` of the config.json in a model folder, or None when it has none."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def check_request(pool: ModelPool, limits: Limits, session: ChatSession, prompt: str, system: str,
@@ -96,8 +117,8 @@ def check_request(pool: ModelPool, limits: Limits, session: ChatSession, prompt:
         if e.tokenizer is not None and not getattr(e.tokenizer, "chat_template", None):
             raise LimitExceeded(f"{e.key} has no chat template (a base model rather than an instruct one), so it "
                                 "cannot chat. Untick it above the chat; the throughput race still covers it.")
-        limit = context_limit(e)
-        if limit is None:
+        limit = context_limit(e, backend)
+        if limit is None or e.tokenizer is None:
             continue
         try:
             n = len(e.tokenizer.apply_chat_template(session.messages(e.key, system, prompt),
@@ -112,15 +133,20 @@ def check_request(pool: ModelPool, limits: Limits, session: ChatSession, prompt:
     return entries
 
 
+#: What the memory line calls each server backend's process.
+SERVERS = {"vllm": "vLLM server", "llamacpp": "llama-server"}
+
+
 def _memory(entry: PoolEntry, backend: str) -> str:
     from ..bench.memory import rss_bytes
 
-    if backend == "vllm":
-        server = getattr(entry.engines["vllm"].backend, "server", None)
+    if backend in SERVERS:
+        engine = entry.engines.get(backend)
+        server = getattr(getattr(engine, "backend", None), "server", None)
         if server is None:
             return ""
         weights = server.model_memory_bytes()
-        return (f"vLLM server RSS {fmt_bytes(server.peak_rss_bytes)} (peak)"
+        return (f"{SERVERS[backend]} RSS {fmt_bytes(server.peak_rss_bytes)} (peak)"
                 + (f" · weights {fmt_bytes(weights)}" if weights else ""))
     return f"process RSS {fmt_bytes(rss_bytes())} (all hf models share it)"
 

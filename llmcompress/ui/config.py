@@ -68,7 +68,8 @@ class AppConfig(BaseModel):
     original: str | None = None  # the original to compare against when no run names one (default: smollm2-135m)
     runs: tuple[str, ...] = ()  # runs to load for chat, as paths under runs_dir (default: the first ones found)
     max_models: int = Field(4, gt=0)  # columns, original included
-    backends: tuple[Literal["hf", "vllm", "auto"], ...] = ("auto",)  # auto: hf, plus vllm when it is set up
+    # auto: hf, plus vllm when it is set up (a GGUF run gets llamacpp whatever this says)
+    backends: tuple[Literal["hf", "vllm", "llamacpp", "auto"], ...] = ("auto",)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(1, gt=0)  # torch CPU threads (each column streams in its own thread)

@@ -1,6 +1,6 @@
 """Start the app: parse the operator's arguments, build the recipes asked for, load the pool, serve.
 
-    python app.py [--runs DIR] [--recipe FILE ...] [--backends hf,vllm] [--port 7860] ...
+    python app.py [--runs DIR] [--recipe FILE ...] [--backends hf,vllm,llamacpp] [--port 7860] ...
     llmcompress app [same arguments]
 
 Mistakes in the arguments or recipes print one message naming the fix and exit 2, before any model loads.
@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    "--runs (`tiny-rtn`, `sweeps/w4/runs/gptq`: the Reports tab's names; repeatable; default: the "
                    "first runs found, up to --max-models)")
     p.add_argument("--max-models", type=int, default=4, help="chat columns, original included (default 4)")
-    p.add_argument("--backends", default="auto", help="hf, vllm or hf,vllm; auto: hf, plus vllm when "
-                   "`llmcompress setup vllm` has been run (default auto)")
+    p.add_argument("--backends", default="auto", help="comma-separated: hf, vllm, llamacpp (hf,vllm,llamacpp); "
+                   "auto: hf, plus vllm when `llmcompress setup vllm` has been run (default auto). A GGUF run "
+                   "always runs under llamacpp; name llamacpp to run every model there too (a dense one as F16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: each column streams in "
@@ -148,22 +149,42 @@ def runtime_of(config: AppConfig):
 
 
 def backends_of(config: AppConfig) -> tuple[str, ...]:
-    """The backends to start: ``auto`` adds vllm only when it is set up; an explicit vllm must be."""
-    from ..serving.runtime import vllm_python
+    """The backends to start: ``auto`` adds vllm only when it is set up; an explicit vllm or llamacpp must be.
 
+    A GGUF run gets a llamacpp engine whatever this says (the pool starts one for it: no other backend runs it).
+    """
     names = set(config.backends)
     if "auto" in names:
         names.discard("auto")
         names.add("hf")
-        try:
-            vllm_python("the app's vllm backend")
+        try:  # llamacpp is not added here: a GGUF run gets it anyway, and every other model would pay an F16 copy
+            _require("vllm", "the app's vllm backend")
             names.add("vllm")
         except LLMCompressError:
             pass
-    elif "vllm" in names:
-        vllm_python("app --backends vllm")  # raises with the fix (llmcompress setup vllm)
+    else:
+        for name in sorted(names & {"vllm", "llamacpp"}):
+            _require(name, f"app --backends {name}")  # raises with the fix (llmcompress setup vllm / llamacpp)
     names.add("hf")  # always: the pool loads every model in this process too (chat header, tokenizer, limits)
     return tuple(sorted(names))
+
+
+def _require(name: str, where: str) -> None:
+    """Raise LLMCompressError naming ``where`` and the setup command when backend ``name`` is not set up here."""
+    if name == "vllm":
+        from ..serving.runtime import vllm_python
+
+        vllm_python(where)
+    elif name == "llamacpp":
+        from ..backends import BACKENDS
+
+        BACKENDS.get("llamacpp").preflight(where)  # the plug-in is imported only here, when asked for
+
+
+def llamacpp_slots(config: AppConfig) -> int:
+    """Requests each llama-server runs at once: the race's largest batch (timed as one batch, as vLLM runs it)
+    and the chat requests that may generate together."""
+    return max(config.limits.race_max_batch, config.limits.concurrency)
 
 
 def prepare(config: AppConfig, log: Callable[[str], None] = print):
@@ -177,7 +198,8 @@ def prepare(config: AppConfig, log: Callable[[str], None] = print):
     hf_logging.disable_progress_bar()  # one line per model instead of a bar per weight file (after the runs)
     candidates, skipped = plan(find_runs(config.runs_dir), config.original, config.runs, config.max_models,
                                runs_dir=config.runs_dir)
-    return ModelPool.load(candidates, runtime_of(config), backends, skipped=skipped, log=log)
+    return ModelPool.load(candidates, runtime_of(config), backends, skipped=skipped, log=log,
+                          slots=llamacpp_slots(config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import build_app, launch
 
-    def stop(signum, frame):  # SIGTERM (docker stop, a Space restart) like Ctrl-C: vLLM servers are stopped too
+    def stop(signum, frame):  # SIGTERM (docker stop, a Space restart) like Ctrl-C: servers are stopped too
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

@@ -234,16 +234,16 @@ class PoolEntry:
     run_dir: Path | None
     method: str | None
     size_bytes: int  # weight files on disk
-    weights_bytes: int | None  # parameters and buffers in memory (hf; quantized at their packed size)
+    weights_bytes: int | None  # parameters and buffers in memory (hf; quantized at their packed size; GGUF: None)
     peak_rss_bytes: int | None  # peak RSS of this model alone in a fresh process (the run's benchmark), if measured
     load_s: float
     tokenizer: Any
     engines: dict[str, Engine] = field(default_factory=dict)
-    describe: dict = field(default_factory=dict)  # the hf engine's settings (dtype, threads, ...)
+    describe: dict = field(default_factory=dict)  # the hf engine's settings (dtype, threads, ...; GGUF: its type)
 
 
 class ModelPool:
-    """Every model loaded once; sessions share it. Close it to stop vLLM servers (``with ModelPool.load(...)``)."""
+    """Every model loaded once; sessions share it. Close it to stop its servers (``with ModelPool.load(...)``)."""
 
     def __init__(self, runtime: Any, entries: list[PoolEntry] | None = None, skipped: list[str] | None = None):
         self.runtime = runtime
@@ -252,18 +252,27 @@ class ModelPool:
         self.servers: list[Any] = []
         self.active = 0  # chat requests generating now (shown beside race results)
         self._lock = threading.Lock()
+        self._servers_lock = threading.Lock()  # servers start in background threads while the pool may close
+        self._closed = False
 
     @classmethod
     def load(cls, candidates: list[Candidate], runtime: Any, backends: tuple[str, ...] = ("hf",),
-             skipped: list[str] | None = None, log: Callable[[str], None] = print) -> "ModelPool":
-        """Load every candidate with the hf backend; start vLLM servers (in the background) when asked for."""
+             skipped: list[str] | None = None, log: Callable[[str], None] = print, slots: int = 1) -> "ModelPool":
+        """Load every candidate with the hf backend (a GGUF run: its tokenizer only); start vLLM and llama.cpp
+        servers (in the background) when asked for, and a llama.cpp one for every GGUF run.
+
+        ``slots``: requests one llama-server runs at once (the race's largest batch, the chat concurrency).
+        """
         pool = cls(runtime, skipped=skipped)
         try:
             for c in candidates:
-                pool.entries.append(pool._load_hf(c, log))
+                pool.entries.append(pool._load_gguf(c, log) if is_gguf(c.path) else pool._load_hf(c, log))
             if "vllm" in backends:
                 for entry in pool.entries:
                     entry.engines["vllm"] = pool._start_vllm(entry, log)
+            for entry in pool.entries:
+                if "llamacpp" in backends or is_gguf(entry.path):
+                    entry.engines["llamacpp"] = pool._start_llamacpp(entry, log, slots)
         except BaseException:
             pool.close()
             raise
@@ -285,6 +294,25 @@ class ModelPool:
         log(f"loaded {c.key} ({c.path}) in {load_s:.1f} s")
         return entry
 
+    def _load_gguf(self, c: Candidate, log: Callable[[str], None]) -> PoolEntry:
+        """A GGUF run: no transformers model (its hf engine says why); the tokenizer of its folder, for the chat's
+        limits. Its llamacpp engine is started by ``load``."""
+        from ..context import weight_bytes
+        from ..models.loading import read_meta
+
+        t0 = time.perf_counter()
+        tokenizer = _tokenizer_of(c.path, c.key, log)
+        load_s = time.perf_counter() - t0
+        gguf_type = read_meta(c.path).get("gguf_type")
+        kind = f"{gguf_type} GGUF" if isinstance(gguf_type, str) and gguf_type else "GGUF"  # "Q4_K_M GGUF"
+        reason = f"a {kind} file runs under llama.cpp, not transformers: pick the llamacpp backend"
+        entry = PoolEntry(key=c.key, role=c.role, path=c.path, run_dir=c.run_dir, method=c.method,
+                          size_bytes=weight_bytes(c.path), weights_bytes=None, peak_rss_bytes=c.peak_rss_bytes,
+                          load_s=load_s, tokenizer=tokenizer, engines={"hf": Engine("hf", reason=reason)},
+                          describe={"dtype": kind})
+        log(f"found {c.key} ({c.path}): a {kind} file, served by llama.cpp")
+        return entry
+
     def _start_vllm(self, entry: PoolEntry, log: Callable[[str], None]) -> Engine:
         from ..backends.vllm import VLLMBackend
         from ..context import ModelHandle
@@ -295,27 +323,52 @@ class ModelPool:
             return Engine("vllm", reason=f"vLLM cannot serve this model here: {why}")
         backend = VLLMBackend.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self)
         engine = Engine("vllm", backend)
-
-        def wait() -> None:
-            try:
-                backend.ready()
-                log(f"vLLM ready for {entry.key} in {backend.server.ready_s:.0f} s")
-                engine._ready.set()
-            except Exception as e:  # noqa: BLE001 - any failure must end "starting": the engine says why instead
-                why = str(e) if isinstance(e, LLMCompressError) else f"{type(e).__name__}: {e}"
-                engine.reason = f"the vLLM server failed to start: {why}"
-                log(f"vLLM failed for {entry.key}: {why}")
-
-        threading.Thread(target=wait, daemon=True, name=f"vllm-start-{entry.key}").start()
+        threading.Thread(target=_watch, args=(engine, entry.key, "vLLM", "the vLLM server", log), daemon=True,
+                         name=f"vllm-start-{entry.key}").start()
         return engine
 
-    def engine(self, path: Path, options: Any, make: Callable[[Path], Any]) -> Any:
-        """What ``VLLMBackend.open`` asks its context for: a started server, owned (and closed) by the pool."""
+    def _start_llamacpp(self, entry: PoolEntry, log: Callable[[str], None], slots: int = 1) -> Engine:
+        """A llama-server for the entry, opened and started in the background: a dense folder is converted to F16
+        GGUF first (cached; tens of seconds the first time). A folder llama.cpp cannot run gets the reason."""
+        engine = Engine("llamacpp")
+
+        def start() -> None:
+            if self._open_llamacpp(engine, entry, log, slots):
+                _watch(engine, entry.key, "llama.cpp", "llama-server", log)
+
+        threading.Thread(target=start, daemon=True, name=f"llamacpp-start-{entry.key}").start()
+        return engine
+
+    def _open_llamacpp(self, engine: Engine, entry: PoolEntry, log: Callable[[str], None], slots: int) -> bool:
+        """Open the llamacpp backend into ``engine``; on failure set its reason. True when it opened."""
+        from ..backends import BACKENDS
+        from ..context import ModelHandle
+        from ..serving.support import Unservable
+
+        try:
+            backend_cls = BACKENDS.get("llamacpp")
+            engine.backend = backend_cls.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self,
+                                              parallel=max(1, int(slots)))
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure must end "starting": the engine says why instead
+            why = str(e) if isinstance(e, LLMCompressError) else f"{type(e).__name__}: {e}"
+            engine.reason = (f"llama.cpp cannot run this model: {why}" if isinstance(e, Unservable)
+                             else f"the llama.cpp engine could not start: {why}")
+            log(f"llama.cpp failed for {entry.key}: {why}")
+            return False
+
+    def engine(self, path: Path, options: Any, make: Callable[[Path], Any], kind: str = "vllm") -> Any:
+        """What ``VLLMBackend.open`` and ``LlamaCppBackend.open`` ask their context for: a started server, owned (and
+        closed) by the pool. ``kind`` (vllm, llama-server) names its log file."""
         from ..utils.cache import cache_dir
 
-        log = cache_dir("logs", f"app-vllm-{int(time.time())}-{len(self.servers)}-{Path(path).parent.name}.log")
-        server = make(log).start()
-        self.servers.append(server)
+        with self._servers_lock:
+            if self._closed:
+                raise LLMCompressError(f"app: the model pool is closed; no {kind} server is started for {path}. "
+                                       "Fix: restart the app.")
+            log = cache_dir("logs", f"app-{kind}-{int(time.time())}-{len(self.servers)}-{Path(path).parent.name}.log")
+            server = make(log).start()
+            self.servers.append(server)
         return server
 
     def keys(self) -> list[str]:
@@ -333,8 +386,9 @@ class ModelPool:
     def backends(self) -> list[str]:
         """Backend names some model has (hf always)."""
         names = ["hf"]
-        if any("vllm" in e.engines for e in self.entries):
-            names.append("vllm")
+        for name in ("vllm", "llamacpp"):
+            if any(name in e.engines for e in self.entries):
+                names.append(name)
         return names
 
     def busy(self, delta: int) -> None:
@@ -342,9 +396,12 @@ class ModelPool:
             self.active += delta
 
     def close(self) -> None:
-        """Stop every vLLM server this pool started and drop the models. Safe to call twice."""
-        while self.servers:
-            self.servers.pop().close()
+        """Stop every server (vLLM, llama-server) this pool started and drop the models. Safe to call twice."""
+        with self._servers_lock:
+            self._closed = True
+            servers, self.servers = self.servers, []
+        while servers:
+            servers.pop().close()
         self.entries.clear()
         import gc
 
@@ -355,3 +412,38 @@ class ModelPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether a model folder is a GGUF one of ours (``llmcompress.json`` says ``format: gguf``)."""
+    from ..models.loading import read_meta
+
+    try:
+        return read_meta(Path(path)).get("format") == "gguf"
+    except (OSError, ValueError, AttributeError):  # an unreadable llmcompress.json: loading it says why
+        return False
+
+
+def _tokenizer_of(path: Path, key: str, log: Callable[[str], None]) -> Any:
+    """The tokenizer in a GGUF run's folder (never remote code), or None, logged, when it has none: the chat then
+    skips its template and context checks (llama-server applies the template in the GGUF file)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        log(f"{key}: no tokenizer in {path} ({type(e).__name__}: {e}); the chat's context check is skipped for it. "
+            "Fix: re-run the run's gguf stage, which copies the tokenizer files next to model.gguf")
+        return None
+
+
+def _watch(engine: Engine, key: str, short: str, label: str, log: Callable[[str], None]) -> None:
+    """Wait for ``engine``'s server (in a background thread): ready, or its reason says why it failed."""
+    try:
+        engine.backend.ready()
+        log(f"{short} ready for {key} in {engine.backend.server.ready_s:.0f} s")
+        engine._ready.set()
+    except Exception as e:  # noqa: BLE001 - any failure must end "starting": the engine says why instead
+        why = str(e) if isinstance(e, LLMCompressError) else f"{type(e).__name__}: {e}"
+        engine.reason = f"{label} failed to start: {why}"
+        log(f"{short} failed for {key}: {why}")

@@ -62,10 +62,12 @@ def run_race(pool: ModelPool, keys: list[str], backends: list[str], batch: int, 
                     why = str(e) if isinstance(e, LLMCompressError) else f"failed: {type(e).__name__}: {e}"
                     result.rows.append({**row, "note": why[:500]})
                     continue
-                engines.setdefault(backend_name, engine.backend.describe())
+                desc = dict(engine.backend.describe())
+                what = desc.pop("model", "")  # per model (llamacpp: "Q4_K_M GGUF", the original's F16 conversion)
+                engines.setdefault(backend_name, desc)
                 result.rows.append({**row, "decode tok/s": round(timing.decode_tok_s, 2),
                                     "output tok/s": round(timing.output_tok_s, 2), "TTFT s": round(timing.ttft_s, 3),
-                                    "total s": round(timing.total_s, 3), "note": ""})
+                                    "total s": round(timing.total_s, 3), "note": str(what)})
         result.conditions = {
             "device": pool.runtime.device, "dtype": pool.runtime.dtype, "threads": pool.runtime.threads,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
