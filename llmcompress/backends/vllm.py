@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..serving.server import ServerOptions, VLLMServer
 from ..serving.support import adapter_base, max_lora_rank, require_servable
-from .base import GenTiming
-from .prompts import prompt_ids
+from .served import ServedBackend
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext, Runtime
@@ -52,17 +51,13 @@ def make_server(path: str | Path, options: ServerOptions, log_path: Path | None,
     return VLLMServer(model=base, options=options, log_path=log_path, name=name, adapters=adapters)
 
 
-class VLLMBackend:
+class VLLMBackend(ServedBackend):
     """A model served by vLLM (see the module docstring). ``open`` starts the server without waiting for it."""
 
     name = "vllm"
 
     def __init__(self, server: VLLMServer, tokenizer_dir: Path):
-        self.server = server
-        self.tokenizer_dir = tokenizer_dir
-        self._tokenizer = None
-        self.model_name = ADAPTER_NAME if server.adapters else server.name
-        self._owned = False
+        super().__init__(server, tokenizer_dir, ADAPTER_NAME if server.adapters else server.name)
 
     @classmethod
     def open(cls, handle: "ModelHandle", ctx: "RunContext | None" = None, **overrides: Any) -> "VLLMBackend":
@@ -75,29 +70,6 @@ class VLLMBackend:
             backend._owned = True
         return backend
 
-    def __enter__(self) -> "VLLMBackend":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._owned:  # servers of a run are closed by the run
-            self.server.close()
-
-    def ready(self) -> "VLLMBackend":
-        if self.server.ready_s is None:
-            self.server.wait_ready()
-        return self
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        return self._tokenizer
-
     def check(self, prompt_tokens: int, new_tokens: int, where: str) -> None:
         limit = self.server.options.max_model_len
         if prompt_tokens + new_tokens > limit:
@@ -106,18 +78,6 @@ class VLLMBackend:
                 f"max_model_len ({limit}). Fix: lower `prompt_tokens` or `new_tokens`."
             )
         self.ready()
-
-    def prompts(self, batch: int, tokens: int) -> list[list[int]]:
-        return prompt_ids(self.tokenizer, batch, tokens)
-
-    def param_bytes(self) -> int | None:
-        return self.ready().server.model_memory_bytes()
-
-    def memory(self) -> dict[str, Any]:
-        s = self.ready().server
-        return {"load_s": round(s.ready_s, 3), "peak_rss_bytes": s.peak_rss_bytes,
-                "model_memory_bytes": s.model_memory_bytes(), "what": "server process tree, RSS sampled every 0.2 s; "
-                "load_s = process start to /health answering (import + engine start)"}
 
     def describe(self) -> dict[str, Any]:
         o = self.server.options
@@ -135,24 +95,3 @@ class VLLMBackend:
             return None
         found = re.search(r"LLM engine \(v([^)]+)\)", Path(log).read_text(errors="replace"))
         return found.group(1) if found else None
-
-    def generate(self, prompt_ids: list[list[int]], new_tokens: int) -> GenTiming:
-        from ..serving.client import run_batch
-
-        self.ready()
-        timings, wall = run_batch(self.server.url, self.model_name, prompt_ids, new_tokens,
-                                  api_key=self.server.options.api_key)
-        first = max(t.token_s[0] for t in timings)  # every sequence has its first token
-        last = max(t.token_s[-1] for t in timings)
-        return GenTiming(
-            batch_size=len(prompt_ids), prompt_tokens=len(prompt_ids[0]), new_tokens=new_tokens, ttft_s=first,
-            decode_s=last - first, total_s=wall, ttfts_s=tuple(t.ttft_s for t in timings),
-            itls_s=tuple(x for t in timings for x in t.itl_s),
-        )
-
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
-        from ..serving.client import stream_chat
-
-        self.ready()
-        yield from stream_chat(self.server.url, self.model_name, messages, max_tokens=max_new_tokens,
-                               api_key=self.server.options.api_key, **sampling)

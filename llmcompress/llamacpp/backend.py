@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..serving.support import Unservable
-from ..backends.base import GenTiming
-from ..backends.prompts import prompt_ids
+from ..backends.served import ServedBackend
 from . import runtime
 from .server import LlamaServer, LlamaServerOptions
 
@@ -52,15 +51,16 @@ def gguf_for(handle: "ModelHandle") -> tuple[Path, str, tuple[str, ...]]:
     return f16_of(path, handle.fingerprint()), "F16 GGUF (llama.cpp's conversion of the dense folder)", ()
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(ServedBackend):
     """A GGUF model under llama-server (see the module docstring)."""
 
     name = "llamacpp"
+    #: The rounds repeat their prompts: a slot would skip the prefill it already holds (prompt cache) and flatter TTFT.
+    request_params = {"cache_prompt": False}
 
     def __init__(self, server: LlamaServer, tokenizer_dir: Path, what: str):
-        self.server, self.tokenizer_dir, self.what = server, tokenizer_dir, what
-        self._tokenizer = None
-        self._owned = False
+        super().__init__(server, tokenizer_dir, server.name)
+        self.what = what
 
     @classmethod
     def preflight(cls, where: str) -> None:
@@ -89,29 +89,6 @@ class LlamaCppBackend:
             backend._owned = True
         return backend
 
-    def __enter__(self) -> "LlamaCppBackend":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._owned:
-            self.server.close()
-
-    def ready(self) -> "LlamaCppBackend":
-        if self.server.ready_s is None:
-            self.server.wait_ready()
-        return self
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
-        return self._tokenizer
-
     def check(self, prompt_tokens: int, new_tokens: int, where: str) -> None:
         limit = self.server.options.slot_ctx
         if prompt_tokens + new_tokens > limit:
@@ -119,43 +96,11 @@ class LlamaCppBackend:
                               f"llama-server's context per slot ({limit}). Fix: lower `prompt_tokens` or `new_tokens`.")
         self.ready()
 
-    def prompts(self, batch: int, tokens: int) -> list[list[int]]:
-        return prompt_ids(self.tokenizer, batch, tokens)
-
-    def param_bytes(self) -> int | None:
-        return self.ready().server.model_memory_bytes()
-
-    def memory(self) -> dict[str, Any]:
-        s = self.ready().server
-        return {"load_s": round(s.ready_s, 3), "peak_rss_bytes": s.peak_rss_bytes,
-                "model_memory_bytes": s.model_memory_bytes(), "what": "llama-server process, RSS sampled every "
-                "0.2 s; load_s = process start to /health answering"}
-
     def describe(self) -> dict[str, Any]:
         o = self.server.options
         return {"engine": f"llama.cpp {runtime.LLAMA_CPP_COMMIT} llama-server", "model": self.what,
                 "batching": f"continuous ({o.parallel} slots of {o.slot_ctx} tokens)", "threads": o.threads,
                 "repack": runtime.repack_note(), **({"lora": list(o.lora)} if o.lora else {})}
-
-    def generate(self, prompt_ids: list[list[int]], new_tokens: int) -> GenTiming:
-        from ..serving.client import run_batch
-
-        self.ready()
-        # cache_prompt off: the rounds repeat their prompts, and a slot would skip the prefill it already holds
-        timings, wall = run_batch(self.server.url, self.server.name, prompt_ids, new_tokens,
-                                  api_key=self.server.options.api_key, cache_prompt=False)
-        first = max(t.token_s[0] for t in timings)
-        last = max(t.token_s[-1] for t in timings)
-        return GenTiming(batch_size=len(prompt_ids), prompt_tokens=len(prompt_ids[0]), new_tokens=new_tokens,
-                         ttft_s=first, decode_s=last - first, total_s=wall, ttfts_s=tuple(t.ttft_s for t in timings),
-                         itls_s=tuple(x for t in timings for x in t.itl_s))
-
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
-        from ..serving.client import stream_chat
-
-        self.ready()
-        yield from stream_chat(self.server.url, self.server.name, messages, max_tokens=max_new_tokens,
-                               api_key=self.server.options.api_key, **sampling)
 
 
 def _max_len(path: Path) -> int | None:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LLMCompressError
+from ..serving.support import cpu_flags
+from ..utils.proc import run_checked
 
 #: The llama-cpp-python release whose sdist vendors the llama.cpp we build (llama.cpp commit 0c1e570, Oct 2026).
 PIN = "0.3.36"
@@ -55,17 +57,6 @@ def source_dir(folder: Path | None = None) -> Path:
 
 def bin_dir(folder: Path | None = None) -> Path:
     return (folder or root()) / "build" / "bin"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def cpu_has_amx() -> bool:
@@ -227,12 +218,6 @@ def _check_ours(folder: Path) -> None:
 
 
 def _call(cmd: list[str], folder: Path, env: dict | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
-        raise LLMCompressError(
-            f"setup llamacpp: `{' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}` failed (exit {proc.returncode}):"
-            f"\n{tail}\nFix: check a C++ compiler and cmake are installed (apt-get install build-essential cmake) "
-            f"and the package index is reachable, then run `llmcompress setup llamacpp` again (it resumes in "
-            f"{folder})."
-        )
+    run_checked(cmd, "setup llamacpp", "check a C++ compiler and cmake are installed (apt-get install build-essential "
+                "cmake) and the package index is reachable, then run `llmcompress setup llamacpp` again (it resumes "
+                f"in {folder}).", env=env)

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -128,11 +127,7 @@ def _check_ours(folder: Path) -> None:
 
 
 def _call(cmd: list[str], folder: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-        raise LLMCompressError(
-            f"setup vllm: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}\n"
-            f"Fix: check the package index is reachable, then run `llmcompress setup vllm --force` "
-            f"(the half-built environment in {folder} is replaced)."
-        )
+    from ..utils.proc import run_checked
+
+    run_checked(cmd, "setup vllm", "check the package index is reachable, then run `llmcompress setup vllm --force` "
+                f"(the half-built environment in {folder} is replaced).", tail=8)

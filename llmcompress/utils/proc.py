@@ -38,3 +38,17 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def run_checked(cmd: list[str], what: str, fix: str, env: dict | None = None, tail: int = 12) -> None:
+    """Run ``cmd`` to the end; on a non-zero exit raise LLMCompressError with ``what``, the output's last ``tail``
+    lines and ``fix`` (the setup commands' installs and builds)."""
+    import subprocess
+
+    from ..errors import LLMCompressError
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-tail:])
+        shown = " ".join(cmd[:6]) + (" ..." if len(cmd) > 6 else "")
+        raise LLMCompressError(f"{what}: `{shown}` failed (exit {proc.returncode}):\n{out}\nFix: {fix}")
