@@ -79,7 +79,8 @@ class LlamaCppModel(_torch_module()):  # type: ignore[misc]
 
     def describe(self) -> dict[str, Any]:
         return {"engine": f"llama.cpp {runtime.LLAMA_CPP_COMMIT} (llama-cpp-python {runtime.PIN})",
-                "threads": self.llm.n_threads, "n_ctx": self.n_ctx, "repack": runtime.repack_note()}
+                "threads": self.llm.n_threads, "n_ctx": self.n_ctx, "flash_attention": "off",
+                "repack": runtime.repack_note()}
 
     def row_logits(self, ids: list[int]):
         """Logits (len(ids), vocab) float32 numpy for one sequence, from an empty context."""

@@ -1,7 +1,9 @@
 """GGUF k-quants and i-quants by llama.cpp's own tools, with an importance matrix from the stage's calibration text.
 
     - {type: quantize, method: gguf, gguf_type: Q4_K_M}                       # imatrix from builtin:pydoc
-    - {type: quantize, method: gguf, gguf_type: IQ4_XS, tensor_types: {"attn_v": q8_0}}
+    - {type: quantize, method: gguf, gguf_type: IQ4_XS, imatrix: true}
+
+``tensor_types`` sets single tensors' types as llama-quantize's ``--tensor-type`` does, e.g. ``attn_v: q8_0``.
 
 Steps, all llama.cpp's (``llmcompress setup llamacpp`` builds them once): the dense model -> F16 GGUF
 (``convert_hf_to_gguf.py``); the calibration windows, written as text, through ``llama-imatrix`` (the mean squared

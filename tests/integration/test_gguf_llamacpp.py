@@ -141,7 +141,9 @@ def test_lora_adapter_exports_as_gguf_adapter_that_moves_logits_the_same_way(tmp
 
 def test_our_lm_eval_scores_match_llama_server_logprobs(run):
     """The lm-eval LM over llama-cpp-python's logits against the outside tool: llama-server's own top logprobs for
-    the next token after the same context (same file, fresh process)."""
+    the next token after the same context (same file, fresh process). Flash attention off on both sides: llama-server
+    turns it on by default on CPU, and on this 6-token context it moved single log-probabilities by up to 0.35 nats
+    (perplexity over 14.5k tokens: 12.7245 on, 12.7240 off)."""
     import httpx
 
     from llmcompress.context import ModelHandle, Runtime
@@ -152,11 +154,12 @@ def test_our_lm_eval_scores_match_llama_server_logprobs(run):
     model, tokenizer = ModelHandle("compressed", folder, Runtime("cpu", 1, "float32", 0)).load()
     lm = model.lm_eval_model(tokenizer)
     context = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
-    with LlamaServer(model=folder / "model.gguf", options=LlamaServerOptions(slot_ctx=256)) as server:
+    options = LlamaServerOptions(slot_ctx=256, extra_args=("-fa", "off"))
+    with LlamaServer(model=folder / "model.gguf", options=options) as server:
         body = {"prompt": context, "max_tokens": 1, "temperature": 0, "logprobs": 5}
         answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
     top = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     assert len(top) == 5
     for entry in top:
         ours, _ = lm._score(context, [entry["id"]])
-        assert abs(ours - entry["logprob"]) < 0.02, (entry, ours)
+        assert abs(ours - entry["logprob"]) < 0.01, (entry, ours)  # measured: 1e-4
