@@ -64,7 +64,6 @@ def _convert(cmd: list[str], env: dict, source: Path, out_file: Path, outtype: s
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
     tmp.unlink(missing_ok=True)
-    model_dir = source
     proc = subprocess.run([*cmd, "--outfile", str(tmp), "--outtype", outtype], capture_output=True, text=True,
                           env=env)
     output = proc.stdout + proc.stderr
@@ -75,7 +74,7 @@ def _convert(cmd: list[str], env: dict, source: Path, out_file: Path, outtype: s
         tmp.unlink(missing_ok=True)
         tail = "\n".join(line for line in output.splitlines() if "Writing:" not in line)[-1500:]
         raise LLMCompressError(
-            f"llama.cpp's {Path(cmd[1]).name} failed on `{model_dir}` (exit {proc.returncode}):\n{tail}\n"
+            f"llama.cpp's {Path(cmd[1]).name} failed on `{source}` (exit {proc.returncode}):\n{tail}\n"
             f"Fix: {'see ' + str(log_path) if log_path else 'run it by hand to see why'}; the model must be a dense "
             "Hugging Face folder of an architecture llama.cpp supports."
         )
@@ -85,25 +84,24 @@ def _convert(cmd: list[str], env: dict, source: Path, out_file: Path, outtype: s
 
 def f16_of(model_dir: Path, fingerprint: str) -> Path:
     """The F16 GGUF of a dense folder (the original), converted once and cached by its fingerprint."""
-    from ..utils.cache import cache_dir
-    from ..utils.io import file_lock
-
-    target = cache_dir("gguf", f"{Path(model_dir).name}-{fingerprint}", "model-f16.gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.with_name("convert.lock")):
-        if not target.is_file():
-            to_gguf(model_dir, target, "f16", log_path=target.with_name("convert.log"))
-    return target
+    return _cached(f"{Path(model_dir).name}-{fingerprint}", "model-f16.gguf",
+                   lambda target, log: to_gguf(model_dir, target, "f16", log_path=log))
 
 
 def lora_gguf_of(adapter_dir: Path, base_dir: Path, fingerprint: str) -> Path:
     """The GGUF LoRA adapter of a peft adapter folder, converted once and cached by its fingerprint."""
+    return _cached(f"lora-{Path(adapter_dir).parent.name}-{fingerprint}", "adapter-f16.gguf",
+                   lambda target, log: lora_to_gguf(adapter_dir, base_dir, target, "f16", log_path=log))
+
+
+def _cached(folder: str, name: str, convert) -> Path:
+    """``<cache>/gguf/<folder>/<name>``, made by ``convert(target, log)`` once (locked: sweep workers share it)."""
     from ..utils.cache import cache_dir
     from ..utils.io import file_lock
 
-    target = cache_dir("gguf", f"lora-{Path(adapter_dir).parent.name}-{fingerprint}", "adapter-f16.gguf")
+    target = cache_dir("gguf", folder, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.with_name("convert.lock")):
         if not target.is_file():
-            lora_to_gguf(adapter_dir, base_dir, target, "f16", log_path=target.with_name("convert.log"))
+            convert(target, target.with_name("convert.log"))
     return target

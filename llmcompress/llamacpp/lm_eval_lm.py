@@ -61,8 +61,8 @@ class LlamaCppLM(TemplateLM):
         for context, args in [req.args for req in requests]:
             until = args.get("until") or [self.tokenizer.decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
-            max_tokens = int(args.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_tokens):]
+            max_tokens = min(int(args.get("max_gen_toks", 256)), self.max_length - 1)
+            ids = self.tok_encode(context)[-(self.max_length - max_tokens):]  # the prompt's end, room for the reply
             text = self.model.greedy_text(ids, max_tokens, stop=until)
             for stop in until:  # lm-eval's models cut at the first stop sequence
                 text = text.split(stop)[0]

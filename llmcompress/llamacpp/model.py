@@ -11,9 +11,12 @@ for the benchmark and the app goes through llama-server instead (``backend.py``)
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from ..errors import LLMCompressError
 from . import runtime
@@ -46,24 +49,14 @@ def load_gguf(path: str | Path, device: str = "cpu", dtype: str = "float32", thr
     if device != "cpu":
         raise LLMCompressError(f"a GGUF model is evaluated by llama.cpp on the CPU here, not on `{device}`. "
                                "Fix: set `device: cpu`.")
-    import torch
-
     return LlamaCppModel(gguf_file(Path(path)), _config(Path(path)), n_ctx=n_ctx,
                          threads=threads or torch.get_num_threads())
 
 
-def _torch_module():
-    import torch
-
-    return torch.nn.Module
-
-
-class LlamaCppModel(_torch_module()):  # type: ignore[misc]
+class LlamaCppModel(torch.nn.Module):
     """llama.cpp's logits behind the slice of the transformers interface the evaluator uses (see the module doc)."""
 
     def __init__(self, gguf: Path, config: Any, n_ctx: int = 2048, threads: int = 1):
-        import torch
-
         super().__init__()
         llama_cpp = runtime.import_llama_cpp("a GGUF model")
         self.config, self.path, self.n_ctx = config, Path(gguf), n_ctx
@@ -76,6 +69,9 @@ class LlamaCppModel(_torch_module()):  # type: ignore[misc]
             self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
                                        n_ubatch=self.n_ctx, logits_all=True, n_threads=threads,
                                        n_threads_batch=threads, seed=0, verbose=False)
+        # Freed before interpreter shutdown: llama-cpp-python's __del__ at shutdown finds its ctypes gone and prints
+        # a TypeError (close() is idempotent, so its own __del__ later is a no-op).
+        weakref.finalize(self, self.llm.close)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": f"llama.cpp {runtime.LLAMA_CPP_COMMIT} (llama-cpp-python {runtime.PIN})",
@@ -100,8 +96,6 @@ class LlamaCppModel(_torch_module()):  # type: ignore[misc]
 
     def forward(self, input_ids=None, attention_mask=None, use_cache: bool = False, logits_to_keep: int = 0,
                 **kwargs: Any) -> SimpleNamespace:
-        import torch
-
         rows = []
         for i, row in enumerate(input_ids.tolist()):
             if attention_mask is not None:  # left or right padding: score the real tokens only

@@ -15,6 +15,7 @@ calibration text, the imatrix and every tool's log, so the file can be made agai
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -152,10 +153,8 @@ class GGUFConfig(QuantizeConfig):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _run_tool(cmd: list[str], log: Path, what: str, threads: int) -> str:
-    """Run a llama.cpp tool with the run's threads, its output into ``log``; LLMCompressError on failure."""
-    import os
-
+def _run_tool(cmd: list[str], log: Path, what: str) -> str:
+    """Run a llama.cpp tool, its output into ``log``; LLMCompressError (with the log's tail) on failure."""
     env = {**os.environ, **runtime.repack_env()}
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -179,20 +178,22 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     source = ctx.current.path
     f16 = stage / "model-f16.gguf"  # scaffolding: removed once the quantized file exists
     ctx.log(f"gguf: converting {source} to F16 with llama.cpp's convert_hf_to_gguf.py")
-    to_gguf(source, f16, "f16", log_path=stage / "convert.log")
     cmd = [str(runtime.tool("llama-quantize", "method gguf"))]
     info: dict[str, Any] = {"llama_cpp": runtime.LLAMA_CPP_COMMIT, "repack": runtime.repack_note()}
-    if cfg.imatrix:
-        imatrix = _imatrix(cfg, ctx, f16, threads)
-        cmd += ["--imatrix", str(imatrix)]
-        info["imatrix"] = {"file": imatrix.name, "calibration": cfg.calibration.model_dump(),
-                           "chunks": cfg.calibration.samples, "ctx": cfg.calibration.seq_len}
-    for pattern, kind in cfg.tensor_types.items():
-        cmd += ["--tensor-type", f"{pattern}={kind}"]
-    cmd += [str(f16), str(out / FILE), cfg.gguf_type, threads]
-    ctx.log(f"gguf: llama-quantize -> {cfg.gguf_type}" + (" with the importance matrix" if cfg.imatrix else ""))
-    text = _run_tool(cmd, stage / "quantize.log", f"{cfg.label}: llama-quantize", ctx.runtime.threads)
-    f16.unlink()
+    try:
+        to_gguf(source, f16, "f16", log_path=stage / "convert.log")
+        if cfg.imatrix:
+            imatrix, chunks = _imatrix(cfg, ctx, f16, threads)
+            cmd += ["--imatrix", str(imatrix)]
+            info["imatrix"] = {"file": imatrix.name, "calibration": cfg.calibration.model_dump(), "chunks": chunks,
+                               "ctx": cfg.calibration.seq_len}
+        for pattern, kind in cfg.tensor_types.items():
+            cmd += ["--tensor-type", f"{pattern}={kind}"]
+        cmd += [str(f16), str(out / FILE), cfg.gguf_type, threads]
+        ctx.log(f"gguf: llama-quantize -> {cfg.gguf_type}" + (" with the importance matrix" if cfg.imatrix else ""))
+        text = _run_tool(cmd, stage / "quantize.log", f"{cfg.label}: llama-quantize")
+    finally:
+        f16.unlink(missing_ok=True)
     info["tensor_types"] = _type_counts(text)
     for name in ("config.json", "generation_config.json"):  # config: context length etc. for the evaluator
         if (source / name).is_file():
@@ -214,8 +215,9 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     return info
 
 
-def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, threads: str) -> Path:
-    """Write the calibration windows as text and run llama-imatrix over them, one window per chunk."""
+def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, threads: str) -> tuple[Path, int]:
+    """Write the calibration windows as text and run llama-imatrix over them, one window per chunk; return the
+    imatrix file and the chunks it computed (re-tokenized text can come a few tokens short of the last chunk)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.current.path))
@@ -228,11 +230,12 @@ def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, threads: str) -> Pat
     cmd = [str(runtime.tool("llama-imatrix", "method gguf")), "-m", str(f16), "-f", str(text_file), "-o",
            str(imatrix), "-c", str(cfg.calibration.seq_len), "--chunks", str(cfg.calibration.samples), "-t", threads,
            "-b", str(cfg.calibration.seq_len)]
-    _run_tool(cmd, ctx.stage_dir / "imatrix.log", f"{cfg.label}: llama-imatrix", ctx.runtime.threads)
+    log = _run_tool(cmd, ctx.stage_dir / "imatrix.log", f"{cfg.label}: llama-imatrix")
     if not imatrix.is_file():
         raise LLMCompressError(f"{cfg.label}: llama-imatrix wrote no {imatrix.name}. Fix: read "
                                f"{ctx.stage_dir / 'imatrix.log'}.")
-    return imatrix
+    found = re.findall(r"computing over (\d+) chunks", log)
+    return imatrix, int(found[-1]) if found else cfg.calibration.samples
 
 
 def _type_counts(log: str) -> dict[str, int]:

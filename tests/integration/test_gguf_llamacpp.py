@@ -53,7 +53,7 @@ def result(out: Path, stage: str) -> dict:
 def test_q4_k_m_is_made_by_llama_cpp_tools_with_the_imatrix(run):
     _, out = run
     q = result(out, "01-quantize")
-    assert q["gguf_type"] == "Q4_K_M" and q["imatrix"]["chunks"] == 8
+    assert q["gguf_type"] == "Q4_K_M" and 7 <= q["imatrix"]["chunks"] <= 8  # re-tokenized: the last may fall short
     assert q["tensor_types"].get("q4_K", 0) > 0 and q["tensor_types"].get("q6_K", 0) > 0
     assert 95 * 2**20 < q["size_bytes"] < 106 * 2**20  # 100.6 MiB measured by hand with llama-quantize
     assert (out / "01-quantize" / "imatrix.gguf").is_file() and (out / "01-quantize" / "calibration.txt").is_file()
