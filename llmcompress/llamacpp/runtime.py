@@ -92,7 +92,7 @@ def require(what: str) -> Path:
         why = "is not set up" if stamp is None else f"in {folder} is incomplete or another version"
         raise LLMCompressError(
             f"{what} needs llama.cpp, which {why}. Fix: run `llmcompress setup llamacpp` (builds llama.cpp "
-            f"{LLAMA_CPP_COMMIT} from the llama-cpp-python {PIN} sdist into {folder}: ~10-20 min once on 2 cores)."
+            f"{LLAMA_CPP_COMMIT} from the llama-cpp-python {PIN} sdist into {folder}: ~7 min once on 2 cores)."
         )
     missing = sorted(set(stamp.get("cpu_flags", [])) - cpu_flags())
     if missing:
@@ -152,7 +152,7 @@ def setup(force: bool = False, folder: Path | None = None, jobs: int | None = No
     build = folder / "build"
     log(f"configuring llama.cpp ({' '.join(CMAKE_FLAGS)})")
     _call(["cmake", "-S", str(source_dir(folder)), "-B", str(build), *CMAKE_FLAGS], folder)
-    log(f"building {', '.join(TOOLS)} with {jobs} jobs (~10-20 min on 2 cores)")
+    log(f"building {', '.join(TOOLS)} with {jobs} jobs (~7 min on 2 cores)")
     _call(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], folder)
     log(f"installing llama-cpp-python {PIN} (bindings only, bound to that build) and {', '.join(CONVERTER_PACKAGES)}")
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
