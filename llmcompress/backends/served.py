@@ -8,11 +8,21 @@ its server and stops it on ``close``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from .base import GenTiming
 from .prompts import prompt_ids
+
+
+def max_len(path: Path, cap: int = 2048) -> int:
+    """Tokens a server gives one sequence: the model's ``max_position_embeddings`` (config.json), at most ``cap``."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        return min(cap, int(config.get("max_position_embeddings") or cap))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable: the engine's own default
+        return cap
 
 
 class ServedBackend:

@@ -7,7 +7,6 @@ and settings is started once and reused by every stage (``RunContext.engine``), 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,20 +14,12 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RecipeError
 from ..serving.server import ServerOptions, VLLMServer
 from ..serving.support import adapter_base, max_lora_rank, require_servable
-from .served import ServedBackend
+from .served import ServedBackend, max_len  # noqa: F401 - max_len: also imported from here (cli, eval)
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext, Runtime
 
 ADAPTER_NAME = "adapter"
-
-
-def max_len(path: Path, cap: int = 2048) -> int:
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-        return min(cap, int(config.get("max_position_embeddings") or cap))
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable: vLLM's own default
-        return cap
 
 
 def options_for(runtime: "Runtime", path: Path, **overrides: Any) -> ServerOptions:
@@ -58,6 +49,20 @@ class VLLMBackend(ServedBackend):
 
     def __init__(self, server: VLLMServer, tokenizer_dir: Path):
         super().__init__(server, tokenizer_dir, ADAPTER_NAME if server.adapters else server.name)
+
+    @classmethod
+    def preflight(cls, where: str) -> None:
+        """vLLM installed (here or in `llmcompress setup vllm`'s environment), else the error with the fix."""
+        from ..serving.runtime import vllm_python
+
+        vllm_python(where)
+
+    @classmethod
+    def bench_settings(cls, stage: Any, runtime: "Runtime", n_models: int) -> dict[str, Any]:
+        """Server settings of a benchmark stage's vLLM engines (``bench.stage.vllm_overrides``)."""
+        from ..bench.stage import vllm_overrides
+
+        return vllm_overrides(stage.vllm, runtime.device, n_models)
 
     @classmethod
     def open(cls, handle: "ModelHandle", ctx: "RunContext | None" = None, **overrides: Any) -> "VLLMBackend":

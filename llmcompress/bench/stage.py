@@ -165,10 +165,6 @@ class BenchmarkStage(StageConfig):
             if recipe and _compares_itself(path):
                 raise RecipeError(f"{where}: compare: `{path}` benchmarks against itself (its own benchmark stage "
                                   "lists it in `compare`): running it would never end. Fix: compare other recipes.")
-        if "vllm" in self.backends:
-            from ..serving.runtime import vllm_python
-
-            vllm_python(f"{where}: backend vllm")
         from ..backends import BACKENDS
 
         for name in self.backends:  # an engine that needs its own install says so now (e.g. llama.cpp not set up)
@@ -252,8 +248,7 @@ class BenchmarkStage(StageConfig):
         backends, unsupported = {}, {}
         for name in self.backends:
             cls = BACKENDS.get(name)
-            extra = vllm_overrides(self.vllm, ctx.runtime.device, len(handles)) if name == "vllm" else (
-                cls.bench_settings(self, len(handles)) if hasattr(cls, "bench_settings") else {})
+            extra = cls.bench_settings(self, ctx.runtime, len(handles)) if hasattr(cls, "bench_settings") else {}
             for role, handle in handles.items():
                 try:
                     backends[f"{name}/{role}"] = cls.open(handle, ctx, **extra)

@@ -141,15 +141,10 @@ ADAPTER = "adapter.gguf"
 
 def _export_lora(stage: "ExportStage", ctx: "RunContext", out: Path) -> dict[str, Any]:
     """The base as llama.cpp's converter writes it, and the adapter as its convert_lora_to_gguf.py does."""
-    import json
-
-    from ..llamacpp.convert import lora_to_gguf, to_gguf
+    from ..llamacpp.convert import dense_format, lora_to_gguf, to_gguf
 
     base = ctx.current.path / "base"
-    config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}
-    fmt = json.loads((base / "llmcompress.json").read_text()).get("format", "hf") if (
-        base / "llmcompress.json").is_file() else "hf"
-    if fmt != "hf" or "quantization_config" in config:
+    if dense_format(base) is not None:
         raise LLMCompressError(
             "gguf export of a LoRA adapter needs a dense base (llama.cpp applies the adapter to its own weights), "
             "and this adapter sits on a quantized one. Fix: merge it (`merge: dequantized`) and export the merged "

@@ -8,13 +8,12 @@ not timed. A batch of B prompts is B concurrent streamed requests on B server sl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..serving.support import Unservable
-from ..backends.served import ServedBackend
+from ..backends.served import ServedBackend, max_len
 from . import runtime
 from .server import LlamaServer, LlamaServerOptions
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 def gguf_for(handle: "ModelHandle") -> tuple[Path, str, tuple[str, ...]]:
     """``(GGUF file, what it is, GGUF LoRA adapters)`` llama.cpp runs for a model folder; ``Unservable`` when there
     is none. A base + LoRA folder (``merge: keep``) runs as its base with the adapter converted to a GGUF adapter."""
-    from .convert import check_convertible, f16_of, lora_gguf_of
+    from .convert import check_convertible, dense_format, f16_of, lora_gguf_of
     from .model import gguf_file
 
     path = Path(handle.path)
@@ -39,11 +38,10 @@ def gguf_for(handle: "ModelHandle") -> tuple[Path, str, tuple[str, ...]]:
         gguf, what, _ = gguf_for(base)
         adapter = lora_gguf_of(path, path / "base", handle.fingerprint())
         return gguf, f"{what} + LoRA adapter (llama.cpp's convert_lora_to_gguf.py)", (str(adapter),)
-    config = path / "config.json"
-    quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
-    if fmt != "hf" or quantized:
-        raise Unservable(f"`{path}` is a {fmt if fmt != 'hf' else 'quantized transformers'} folder; llama.cpp runs "
-                         "GGUF files. Fix: quantize with `method: gguf`, or export it with `format: gguf`.")
+    other = dense_format(path)
+    if other is not None:
+        raise Unservable(f"`{path}` is a {other} folder; llama.cpp runs GGUF files. Fix: quantize with "
+                         "`method: gguf`, or export it with `format: gguf`.")
     try:
         check_convertible(path, "the llamacpp backend")
     except RecipeError as e:
@@ -67,7 +65,7 @@ class LlamaCppBackend(ServedBackend):
         runtime.require(where)
 
     @classmethod
-    def bench_settings(cls, stage: Any, n_models: int) -> dict[str, Any]:
+    def bench_settings(cls, stage: Any, runtime: Any, n_models: int) -> dict[str, Any]:
         """Server settings for a benchmark: a slot per request of the largest batch, each long enough for one."""
         return {"parallel": max(stage.batch_sizes), "slot_ctx": stage.prompt_tokens + stage.new_tokens + 8}
 
@@ -75,10 +73,8 @@ class LlamaCppBackend(ServedBackend):
     def open(cls, handle: "ModelHandle", ctx: "RunContext | None" = None, **overrides: Any) -> "LlamaCppBackend":
         runtime.require("the llamacpp backend")
         gguf, what, lora = gguf_for(handle)
-        base = {"threads": handle.runtime.threads, "seed": handle.runtime.seed, "lora": lora}
-        limit = _max_len(handle.path)
-        if limit:
-            base["slot_ctx"] = min(limit, 2048)
+        base = {"threads": handle.runtime.threads, "seed": handle.runtime.seed, "lora": lora,
+                "slot_ctx": max_len(handle.path)}
         options = LlamaServerOptions(**{**base, **overrides})
         if ctx is not None:
             server = ctx.engine(gguf, options, lambda log: LlamaServer(model=gguf, options=options, log_path=log,
@@ -102,10 +98,3 @@ class LlamaCppBackend(ServedBackend):
                 "batching": f"continuous ({o.parallel} slots of {o.slot_ctx} tokens)", "threads": o.threads,
                 "flash_attention": "auto (llama.cpp's default: on for CPU)",
                 "repack": runtime.repack_note(), **({"lora": list(o.lora)} if o.lora else {})}
-
-
-def _max_len(path: Path) -> int | None:
-    try:
-        return int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings") or 0) or None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None

@@ -19,15 +19,15 @@ from . import runtime
 
 PROBE_TEXT = "def quantize(model, bits=4):\n    return model  # a short probe text for the reload check"
 
-_KW = 'kw = {"lora_path": args["lora"]} if args.get("lora") else {}'
 _CODE = """
 import json, sys
 import numpy as np
 import llama_cpp
+from llmcompress.llamacpp.runtime import open_llama
 args = json.loads(sys.argv[1])
-""" + _KW + """
-llm = llama_cpp.Llama(model_path=args["file"], n_ctx=max(64, len(args["ids"])), logits_all=True, verbose=False,
-                      n_threads=args["threads"], n_threads_batch=args["threads"], **kw)
+kw = {"lora_path": args["lora"]} if args.get("lora") else {}
+llm = open_llama(llama_cpp, model_path=args["file"], n_ctx=max(64, len(args["ids"])), logits_all=True,
+                 verbose=False, n_threads=args["threads"], n_threads_batch=args["threads"], **kw)
 llm.eval(args["ids"])
 np.save(args["out"], np.array(llm.scores[: len(args["ids"])], dtype=np.float32))
 """
@@ -44,11 +44,10 @@ def fresh_logits(gguf: Path, ids: list[int], threads: int = 1, lora: Path | None
     folder = runtime.require("the GGUF reload check")
     out = Path(gguf).parent / f".{Path(gguf).name}.probe.npy"
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir(folder)), **runtime.repack_env()}
-    code = _CODE if not runtime.cpu_has_amx() else _CODE.replace(_KW, _NO_REPACK)
     args = json.dumps({"file": str(gguf), "ids": list(map(int, ids)), "threads": threads, "out": str(out),
                        "lora": str(lora) if lora else None})
     try:
-        run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env,
+        run = subprocess.run([sys.executable, "-c", _CODE, args], capture_output=True, text=True, env=env,
                              timeout=900, preexec_fn=die_with_parent())
         if run.returncode != 0 or not out.is_file():
             raise LLMCompressError(f"`{gguf}` did not load in a fresh llama.cpp process (exit {run.returncode}):\n"
@@ -56,16 +55,6 @@ def fresh_logits(gguf: Path, ids: list[int], threads: int = 1, lora: Path | None
         return torch.from_numpy(np.load(out))
     finally:
         out.unlink(missing_ok=True)
-
-
-# On AMX CPUs: llama.cpp's --no-repack for the probe too (see runtime.repack_env).
-_NO_REPACK = _KW + """
-_default = llama_cpp.llama_cpp.llama_model_default_params
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-llama_cpp.llama_cpp.llama_model_default_params = _params"""
 
 
 def compare(theirs: Any, ours: Any) -> dict[str, Any]:

@@ -28,6 +28,18 @@ def supported_architectures(src: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def dense_format(model_dir: Path) -> str | None:
+    """None for a dense save_pretrained folder (what the converter reads), else what it is instead: our format name
+    (rtn, peft, ...) or "quantized transformers" (config.json has a ``quantization_config``)."""
+    from ..models.loading import read_meta
+
+    fmt = read_meta(Path(model_dir)).get("format", "hf")
+    if fmt != "hf":
+        return fmt
+    config = Path(model_dir) / "config.json"
+    return "quantized transformers" if config.is_file() and "quantization_config" in read_config(config) else None
+
+
 def check_convertible(model_dir: Path, where: str) -> None:
     """RecipeError unless llama.cpp's converter knows the folder's architecture (read from config.json)."""
     cfg_file = Path(model_dir) / "config.json"

@@ -10,7 +10,6 @@ for the benchmark and the app goes through llama-server instead (``backend.py``)
 
 from __future__ import annotations
 
-import json
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,10 +24,10 @@ FILE = "model.gguf"
 
 
 def gguf_file(folder: Path) -> Path:
-    meta = Path(folder) / "llmcompress.json"
-    name = FILE
-    if meta.is_file():
-        name = json.loads(meta.read_text()).get("file", FILE)
+    """The GGUF file of a gguf model folder (``file`` in its llmcompress.json)."""
+    from ..models.loading import read_meta
+
+    name = read_meta(Path(folder)).get("file", FILE)
     path = Path(folder) / name
     if not path.is_file():
         raise LLMCompressError(f"`{folder}` is a gguf model folder without its `{name}`. Fix: re-run the stage that "
@@ -65,10 +64,9 @@ class LlamaCppModel(torch.nn.Module):
             self.n_ctx = min(n_ctx, limit)
         # A parameter of no size: callers take the model's device and dtype from its parameters.
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
-        with _no_repack_on_amx(llama_cpp):
-            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
-                                       n_ubatch=self.n_ctx, logits_all=True, n_threads=threads,
-                                       n_threads_batch=threads, seed=0, verbose=False)
+        self.llm = runtime.open_llama(llama_cpp, model_path=str(gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                                      n_ubatch=self.n_ctx, logits_all=True, n_threads=threads,
+                                      n_threads_batch=threads, seed=0, verbose=False)
         # Freed before interpreter shutdown: llama-cpp-python's __del__ at shutdown finds its ctypes gone and prints
         # a TypeError (close() is idempotent, so its own __del__ later is a no-op).
         weakref.finalize(self, self.llm.close)
@@ -109,33 +107,3 @@ class LlamaCppModel(torch.nn.Module):
         from .lm_eval_lm import LlamaCppLM
 
         return LlamaCppLM(self, tokenizer)
-
-
-class _no_repack_on_amx:
-    """``use_extra_bufts = False`` (llama.cpp's ``--no-repack``) for models loaded inside, on AMX CPUs only: there
-    this llama.cpp build segfaulted repacking quantized weights. llama-cpp-python has no argument for it, so its
-    default-params factory is wrapped while the model loads."""
-
-    def __init__(self, llama_cpp: Any):
-        self.saved = None
-
-    def __enter__(self):
-        if runtime.cpu_has_amx():
-            import llama_cpp.llama as llama_py
-
-            self.saved = llama_py.llama_cpp.llama_model_default_params
-            original = self.saved
-
-            def params():
-                p = original()
-                p.use_extra_bufts = False
-                return p
-
-            llama_py.llama_cpp.llama_model_default_params = params
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.saved is not None:
-            import llama_cpp.llama as llama_py
-
-            llama_py.llama_cpp.llama_model_default_params = self.saved

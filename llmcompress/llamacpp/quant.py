@@ -173,9 +173,12 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     from ..utils.io import atomic_write_json
     from .convert import to_gguf
 
+    from transformers import AutoTokenizer
+
     stage = ctx.stage_dir
     threads = str(ctx.runtime.threads)
     source = ctx.current.path
+    tokenizer = AutoTokenizer.from_pretrained(str(source))  # for the calibration windows, then copied beside the GGUF
     f16 = stage / "model-f16.gguf"  # scaffolding: removed once the quantized file exists
     ctx.log(f"gguf: converting {source} to F16 with llama.cpp's convert_hf_to_gguf.py")
     cmd = [str(runtime.tool("llama-quantize", "method gguf"))]
@@ -183,7 +186,7 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     try:
         to_gguf(source, f16, "f16", log_path=stage / "convert.log")
         if cfg.imatrix:
-            imatrix, chunks = _imatrix(cfg, ctx, f16, threads)
+            imatrix, chunks = _imatrix(cfg, ctx, f16, tokenizer, threads)
             cmd += ["--imatrix", str(imatrix)]
             info["imatrix"] = {"file": imatrix.name, "calibration": cfg.calibration.model_dump(), "chunks": chunks,
                                "ctx": cfg.calibration.seq_len}
@@ -198,9 +201,6 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     for name in ("config.json", "generation_config.json"):  # config: context length etc. for the evaluator
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
     tokenizer.save_pretrained(out)
     meta = {"format": "gguf", "file": FILE, "method": "gguf", "gguf_type": cfg.gguf_type,
             "config": cfg.model_dump(mode="json"), "source": ctx.original.describe(),
@@ -215,12 +215,9 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     return info
 
 
-def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, threads: str) -> tuple[Path, int]:
+def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, tokenizer: Any, threads: str) -> tuple[Path, int]:
     """Write the calibration windows as text and run llama-imatrix over them, one window per chunk; return the
     imatrix file and the chunks it computed (re-tokenized text can come a few tokens short of the last chunk)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.current.path))
     ids = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
     text_file = ctx.stage_dir / "calibration.txt"
     # Decoded back to text, llama.cpp re-tokenizes it: the same tokenizer, so the same tokens but at window seams.

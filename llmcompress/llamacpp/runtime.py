@@ -75,6 +75,27 @@ def repack_note() -> str:
             if cpu_has_amx() else "weight repacking on (llama.cpp's default)")
 
 
+def open_llama(llama_cpp, **kwargs):
+    """``llama_cpp.Llama(**kwargs)``, with weight repacking off on AMX CPUs (``use_extra_bufts = False``, the
+    bindings' ``--no-repack``; see ``repack_env``). llama-cpp-python has no argument for it, so its default-params
+    factory is wrapped while the model loads."""
+    if not cpu_has_amx():
+        return llama_cpp.Llama(**kwargs)
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        module.llama_model_default_params = original
+
+
 def installed(folder: Path | None = None) -> dict | None:
     """What ``setup`` recorded in ``folder`` (None when it never finished)."""
     try:
@@ -84,11 +105,16 @@ def installed(folder: Path | None = None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _built(folder: Path, stamp: dict | None) -> bool:
+    """``setup`` finished in ``folder`` for this pin, and every tool is there."""
+    return bool(stamp) and stamp.get("pin") == PIN and all((bin_dir(folder) / t).is_file() for t in TOOLS)
+
+
 def require(what: str) -> Path:
     """The llama.cpp folder, set up and usable on this CPU; else LLMCompressError with the fix."""
     folder = root()
     stamp = installed(folder)
-    if stamp is None or stamp.get("pin") != PIN or not all((bin_dir(folder) / t).is_file() for t in TOOLS):
+    if not _built(folder, stamp):
         why = "is not set up" if stamp is None else f"in {folder} is incomplete or another version"
         raise LLMCompressError(
             f"{what} needs llama.cpp, which {why}. Fix: run `llmcompress setup llamacpp` (builds llama.cpp "
@@ -138,8 +164,8 @@ def setup(force: bool = False, folder: Path | None = None, jobs: int | None = No
     folder = Path(folder or root())
     stamp = installed(folder)
     flags = sorted(cpu_flags() & set(_ISA_FLAGS))
-    if (not force and stamp and stamp.get("pin") == PIN and set(stamp.get("cpu_flags", [])) <= set(flags)
-            and all((bin_dir(folder) / t).is_file() for t in TOOLS) and _bindings_ok(folder)):
+    if (not force and _built(folder, stamp) and set(stamp.get("cpu_flags", [])) <= set(flags)
+            and _bindings_ok(folder)):
         log(f"llama.cpp in {folder} is up to date (llama-cpp-python {PIN}, llama.cpp {LLAMA_CPP_COMMIT})")
         return folder
     _check_ours(folder)

@@ -171,14 +171,9 @@ def backends_of(config: AppConfig) -> tuple[str, ...]:
 
 def _require(name: str, where: str) -> None:
     """Raise LLMCompressError naming ``where`` and the setup command when backend ``name`` is not set up here."""
-    if name == "vllm":
-        from ..serving.runtime import vllm_python
+    from ..backends import BACKENDS
 
-        vllm_python(where)
-    elif name == "llamacpp":
-        from ..backends import BACKENDS
-
-        BACKENDS.get("llamacpp").preflight(where)  # the plug-in is imported only here, when asked for
+    BACKENDS.get(name).preflight(where)  # the backend is imported only here, when asked for
 
 
 def llamacpp_slots(config: AppConfig) -> int:

@@ -117,3 +117,19 @@ def test_gguf_transformers_tokenizer_is_written_as_plain_byte_level(tmp_path):
     out = json.loads((tmp_path / "tokenizer.json").read_text())
     assert out["model"]["byte_fallback"] is False
     assert out["decoder"] == {"type": "ByteLevel", "add_prefix_space": True}
+
+
+def test_open_llama_turns_repacking_off_on_amx_only(monkeypatch):
+    """The bindings have no --no-repack: their default-params factory is wrapped while the model loads."""
+    from types import SimpleNamespace
+
+    seen = []
+    bindings = SimpleNamespace(llama_model_default_params=lambda: SimpleNamespace(use_extra_bufts=True))
+    fake = SimpleNamespace(llama_cpp=bindings,
+                           Llama=lambda **kw: seen.append(bindings.llama_model_default_params().use_extra_bufts) or kw)
+    original = bindings.llama_model_default_params
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "amx_tile"})
+    assert runtime.open_llama(fake, model_path="m.gguf") == {"model_path": "m.gguf"}
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    runtime.open_llama(fake, model_path="m.gguf")
+    assert seen == [False, True] and bindings.llama_model_default_params is original
