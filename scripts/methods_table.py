@@ -512,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     text, methods = build(args.recipes, args.runs, args.only, args.run, args.lock)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    old = args.output.read_text() if args.output.is_file() else ""
+    begin, end = "<!-- ladder:begin -->", "<!-- ladder:end -->"  # bench/ladder.py's section is kept as it is
+    if begin in old and end in old:
+        text = text.rstrip() + "\n\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
     args.output.write_text(text)
     done = sum(m.report is not None for m in methods)
     print(f"[methods_table] wrote {args.output} ({done} of {len(methods)} methods with figures)")

@@ -1,6 +1,6 @@
 """Calibration data: the text a method runs through the model to see real activations (GPTQ, AWQ, Wanda, SmoothQuant).
 
-    calibration: {source: builtin:pydoc, samples: 16, seq_len: 256, seed: 0, skip_tokens: 4096}
+    calibration: {source: builtin:mixed, samples: 16, seq_len: 256, seed: 0, skip_tokens: 4096}
 
 A source is read as documents (strings), the documents are joined and tokenized once, the first ``skip_tokens`` are
 dropped, the rest is cut into non-overlapping windows of ``seq_len`` tokens, and ``samples`` of those windows are
@@ -10,6 +10,10 @@ tensor; ``to_records`` turns that into the ``[{"input_ids", "attention_mask"}]``
 ``datasets.Dataset.from_list`` take.
 
 Sources:
+- ``builtin:mixed`` (the default): 40% ``builtin:pydoc`` windows, 30% chats in which the original model answers
+  open-ended instructions (rendered with its chat template), 30% prose the original model writes from short openings
+  (``mixed.py`` says why, how, and what it costs). ``load_calibration`` needs the original model for it (``model=``)
+  and raises without one; the generated text is cached, so only the first run with a model and seed pays for it.
 - ``builtin:pydoc``: Python's reference documentation (``pydoc_data.topics``, ~120k SmolLM2 tokens), on every Python.
   The default evaluation reads the same documentation, so a method calibrated on it is evaluated in-domain
   (``skip_tokens`` keeps clear of the perplexity windows, not of the lm-eval tasks' passages); for an
@@ -31,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import RecipeError, require
+from ..errors import LLMCompressError, RecipeError, require
 from ..utils.io import read_jsonl
 from .corpora import BUILTIN_PREFIX, builtin_documents, check_builtin
+from .mixed import MIXED, load_mixed
+from .mixed import record as mixed_record
 
 if TYPE_CHECKING:
     import torch
@@ -50,13 +56,14 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = Field(
-        "builtin:pydoc",
-        description="`builtin:pydoc` (Python's reference docs), a .txt file, a .jsonl file (`text`, `messages` or "
+        MIXED,
+        description="`builtin:mixed` (40% Python's docs, 30% chats and 30% prose written by the original model), "
+        "`builtin:pydoc` (Python's reference docs), a .txt file, a .jsonl file (`text`, `messages` or "
         "`prompt` + `response` per line; relative to the recipe), or `hf:<dataset>[:<config>]` (needs hub access).",
     )
     samples: int = Field(16, ge=1, description="Number of token windows.")
     seq_len: int = Field(256, ge=8, description="Tokens per window.")
-    seed: int = Field(0, description="Seeds which windows are drawn.")
+    seed: int = Field(0, description="Seeds which windows are drawn (and, for builtin:mixed, the generated text).")
     skip_tokens: int = Field(
         4096, ge=0, description="Tokens at the start of the source never used, so that calibration stays clear of the "
         "evaluate stage's perplexity windows (the first 2,048 tokens of builtin:pydoc by default).",
@@ -66,7 +73,7 @@ class CalibrationConfig(BaseModel):
     @classmethod
     def _known_source(cls, v: str) -> str:
         if v.startswith(BUILTIN_PREFIX):
-            check_builtin(v, "source")
+            check_builtin(v, "source", also=(MIXED,))
         elif v.startswith(HF_PREFIX):
             name, _, config = v[len(HF_PREFIX):].partition(":")
             if not name.strip() or (":" in v[len(HF_PREFIX):] and not config.strip()):
@@ -81,6 +88,15 @@ class CalibrationConfig(BaseModel):
     def tokens(self) -> int:
         """Tokens the calibration set holds (``samples * seq_len``)."""
         return self.samples * self.seq_len
+
+    def record(self, ids: "torch.Tensor | None" = None) -> dict[str, Any]:
+        """What a stage result says about its calibration: these settings, the tokens used (``ids``' size, else
+        ``samples * seq_len``) and, for builtin:mixed, the windows and tokens per domain and how the generated text
+        was sampled."""
+        out = {**self.model_dump(), "tokens": int(ids.numel()) if ids is not None else self.tokens}
+        if self.source == MIXED:
+            out["domains"] = mixed_record(self)
+        return out
 
     def resolve(self, base_dir: Path | None) -> Path:
         """The file of a file source, relative to ``base_dir`` (the recipe's folder)."""
@@ -147,6 +163,9 @@ def read_txt(path: Path) -> str:
 def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None, tokenizer: Any = None) -> list[str]:
     """The source as a list of documents. ``tokenizer`` renders chat rows with its chat template (else plain lines)."""
     check_calibration(cfg, base_dir)
+    if cfg.source == MIXED:
+        raise LLMCompressError(f"{_where(cfg)} is partly written by the original model, so it has no documents to "
+                               f"read. Fix: use load_calibration(cfg, tokenizer, model=...).")
     if cfg.source.startswith(BUILTIN_PREFIX):
         docs = builtin_documents(cfg.source)
     elif cfg.source.startswith(HF_PREFIX):
@@ -164,13 +183,23 @@ def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None,
     return docs
 
 
-def load_calibration(cfg: CalibrationConfig, tokenizer: Any, base_dir: Path | None = None) -> "torch.Tensor":
+def load_calibration(
+    cfg: CalibrationConfig, tokenizer: Any, base_dir: Path | None = None, model: Any = None
+) -> "torch.Tensor":
     """``samples`` random windows of ``seq_len`` tokens from the source: an int64 tensor ``(samples, seq_len)``.
 
-    Deterministic for a given source, tokenizer and seed. Raises RecipeError when the source is too short.
+    Deterministic for a given source, tokenizer and seed (and, for builtin:mixed, model). Raises RecipeError when the
+    source is too short.
+
+    Args:
+        model: the original model, which writes part of ``builtin:mixed`` (a ``ModelHandle`` such as
+            ``ctx.original``, loaded only when its text is not cached yet, or a loaded transformers model). Other
+            sources ignore it; ``builtin:mixed`` without it raises LLMCompressError.
     """
     import torch
 
+    if cfg.source == MIXED:
+        return load_mixed(cfg, tokenizer, model, load_calibration, _render_chat)
     docs = read_calibration_texts(cfg, base_dir, tokenizer)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"][cfg.skip_tokens:]  # (T,)
     windows = len(ids) // cfg.seq_len

@@ -36,10 +36,11 @@ def builtin_text(source: str = "pydoc") -> str:
     return "\n\n".join(builtin_documents(source))
 
 
-def check_builtin(value: str, what: str = "corpus") -> None:
-    """Raise ValueError (with a did-you-mean) when ``value`` is ``builtin:<name>`` for no known name."""
+def check_builtin(value: str, what: str = "corpus", also: tuple[str, ...] = ()) -> None:
+    """Raise ValueError (with a did-you-mean) when ``value`` is ``builtin:<name>`` for no known name (``also``: more
+    accepted names, e.g. calibration's ``builtin:mixed``, which is no corpus of documents)."""
     from ..registry import did_you_mean
 
-    if value.removeprefix(BUILTIN_PREFIX) not in BUILTIN_CORPORA:
-        choices = builtin_names()
+    if value.removeprefix(BUILTIN_PREFIX) not in BUILTIN_CORPORA and value not in also:
+        choices = list(also) + builtin_names()
         raise ValueError(f"unknown {what} `{value}`.{did_you_mean(value, choices)} Builtin: {', '.join(choices)}")

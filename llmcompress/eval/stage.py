@@ -1,4 +1,5 @@
-"""The evaluate stage: lm-eval tasks, sliding-window perplexity and KL divergence, original vs compressed."""
+"""The evaluate stage: lm-eval tasks, sliding-window perplexity, KL divergence and chat answers, original vs
+compressed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..serving.config import VLLMConfig
 from ..vision.data import ImageDataConfig
 from ..stage import StageConfig, StageResult
 from ..vision.adapter import vision_aware
+from .chat import ChatConfig
 from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
@@ -19,17 +21,19 @@ if TYPE_CHECKING:
 
 #: Bump when a change here changes the figures, so cached original results are recomputed.
 EVAL_VERSION = 2
-_RESERVED = ("perplexity", "kl")  # keys beside the task names in each model's results
+_RESERVED = ("perplexity", "kl", "chat")  # keys beside the task names in each model's results
 
 
 class EvaluateStage(StageConfig):
-    """Evaluate the current model against the original: lm-eval tasks, perplexity and KL divergence.
+    """Evaluate the current model against the original: lm-eval tasks, perplexity, KL divergence and chat answers.
 
     The original's results are cached across runs (same model, settings and versions), so a recipe sweep pays for
     them once. With the defaults, SmolLM2-135M in float32 on one (shared) CPU thread takes about a minute for the
     original and two for a compressed copy (KL runs both models); bfloat16 on a CPU without native bf16 is ~6x slower.
     `limit` is a smoke-test size (acc stderr ~0.12): perplexity and KL are the sensitive figures; for accuracy
-    claims set `limit: null`.
+    claims set `limit: null`. `chat: {}` has both models answer the shipped prompts (facts, arithmetic, instructions)
+    with their chat template, greedy, and counts the flips: prompts the original answers right and the compressed
+    model wrong (see ``chat.py``).
 
     ```yaml
     - type: evaluate
@@ -40,6 +44,7 @@ class EvaluateStage(StageConfig):
       perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 2048}  # null to skip
       kl: true                          # KL(original || compressed) on the perplexity windows
       backend: hf                       # vllm: tasks through lm-eval's vllm model (`llmcompress setup vllm`)
+      chat: null                        # {} = greedy chat replies to builtin:chat, flips vs the original
     ```
     """
 
@@ -71,6 +76,11 @@ class EvaluateStage(StageConfig):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
     data: ImageDataConfig | None = Field(
         None, description="Vision models only: the images to evaluate on (default builtin:digits, test split).")
+    chat: ChatConfig | None = Field(
+        None, description="Chat answers: both models reply to a prompt set (chat template, greedy); the report "
+        "gives each model's correct answers and the compressed model's flips (right before, wrong after). "
+        "`{}` = the shipped set; null = off. Always under transformers (or the model's own engine: llama.cpp).",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -86,8 +96,9 @@ class EvaluateStage(StageConfig):
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EvaluateStage":
-        if not self.tasks and self.perplexity is None:
-            raise ValueError("nothing to evaluate: `tasks` is empty and `perplexity` is null. Fix: set either")
+        if not self.tasks and self.perplexity is None and self.chat is None:
+            raise ValueError("nothing to evaluate: `tasks` is empty, `perplexity` is null and `chat` is off. "
+                             "Fix: set one of them")
         if self.vllm != VLLMConfig() and self.backend != "vllm":  # defaults (`vllm: {}`, a resolved recipe) pass
             raise ValueError("`vllm:` settings apply to `backend: vllm` only, and this stage's backend is "
                              f"{self.backend}. Fix: set `backend: vllm`, or remove the `vllm:` block.")
@@ -95,8 +106,14 @@ class EvaluateStage(StageConfig):
 
     def preflight(self, base_dir: "Path | None" = None) -> None:
         """lm-eval installed; every task known and, for hub tasks, the hub reachable (fails in <= 2 s); the files it
-        reads exist."""
+        reads exist (the chat prompts are read and checked row by row)."""
         where = f"stages (evaluate{': ' + self.name if self.name else ''})"
+        if self.chat is not None:
+            from .chat import BUILTIN_PROMPTS, load_prompts
+
+            prompts = self.chat.prompts
+            if prompts in BUILTIN_PROMPTS or base_dir is not None or Path(prompts).expanduser().is_absolute():
+                load_prompts(self.chat, base_dir)  # every row checked now: a bad file fails before weights load
         corpus = self.perplexity.corpus if self.perplexity is not None else "builtin:"
         if not corpus.startswith("builtin:") and (base_dir is not None or Path(corpus).expanduser().is_absolute()):
             from .perplexity import load_corpus
@@ -130,28 +147,38 @@ class EvaluateStage(StageConfig):
                 require_servable(handle.path, ctx.runtime.device, f"backend vllm cannot evaluate the {handle.role} "
                                  "model here")
         text = self._corpus_text(ctx)  # file errors surface before any weights load
-        settings = self._settings(ctx, text)
+        rows = self._chat_rows(ctx)
+        settings = self._settings(ctx, text, rows)
         windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models
         original, compressed, timing, same = measure_both(
             ctx, "evaluate", settings, EVAL_VERSION,
-            lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference))
+            lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference,
+                                                             rows=rows))
+        if rows is not None and not same:
+            from .chat import compare
+
+            compressed["chat"] = {**compressed["chat"], **compare(rows, original["chat"], compressed["chat"])}
         if timing["original"]["cached"]:
             ctx.log("evaluate: original results reused from the cache")
         for role, t in timing.items():  # another engine (a GGUF file: llama.cpp) is named
             if isinstance(t, dict) and t.get("engine"):
+                chat = ", chat replies from its own greedy generation" if rows is not None else ""
                 settings["notes"].append(f"the {role} model ran on {t['engine']['engine']} (its tasks, perplexity "
-                                         "and KL from that engine's full logits; the other model's on transformers)")
+                                         f"and KL from that engine's full logits{chat}; the other model's on "
+                                         "transformers)")
         if not settings["notes"]:
             del settings["notes"]
         data = {"settings": settings, "original": original, "compressed": compressed, "timing": timing}
         return StageResult(type="evaluate", label=self.label, seconds=time.perf_counter() - t0, data=data,
                            summary=summarize(original, compressed, same=same))
 
-    def _settings(self, ctx: "RunContext", text: str | None) -> dict[str, Any]:
+    def _settings(self, ctx: "RunContext", text: str | None, rows: list | None = None) -> dict[str, Any]:
         """How the figures were measured; all but ``notes`` also key the cache of the original's results.
 
-        The fingerprints identify the task data and the corpus text (which varies with the Python version).
+        The fingerprints identify the task data, the corpus text (which varies with the Python version) and the chat
+        prompts used.
         """
+        from .chat import prompts_fingerprint
         from .tasks import tasks_fingerprint
         from .perplexity import text_fingerprint
 
@@ -170,6 +197,8 @@ class EvaluateStage(StageConfig):
             # tasks through lm-eval's HFLM (hf) or its vllm model type (vllm); perplexity/KL always transformers
             "backend": self.backend,
             **({"vllm": self.vllm.model_dump()} if self.backend == "vllm" else {}),
+            # chat replies: greedy, always under transformers (or the model's own engine), never through vllm
+            **({"chat": self.chat.model_dump(), "chat_fingerprint": prompts_fingerprint(rows)} if rows else {}),
             **ctx.runtime.describe(),
             "notes": notes,
         }
@@ -179,6 +208,11 @@ class EvaluateStage(StageConfig):
 
         return load_corpus(self.perplexity.corpus, ctx.recipe.base_dir) if self.perplexity else None
 
+    def _chat_rows(self, ctx: "RunContext") -> list | None:
+        from .chat import load_prompts
+
+        return load_prompts(self.chat, ctx.recipe.base_dir) if self.chat is not None else None
+
     def _evaluate(
         self,
         ctx: "RunContext",
@@ -187,13 +221,15 @@ class EvaluateStage(StageConfig):
         windows: dict,
         timing: dict,
         reference: "ModelHandle | None" = None,
+        rows: list | None = None,
     ) -> dict[str, Any]:
-        """Tasks, then perplexity (and KL against ``reference`` when given) for one model; seconds go to ``timing``."""
+        """Tasks, chat replies to ``rows``, then perplexity (and KL against ``reference`` when given) for one model;
+        seconds go to ``timing``."""
         from .harness import run_tasks
         from .perplexity import check_context, make_windows, perplexity
 
         n_windows = 0
-        if text is not None or self.backend == "hf":
+        if text is not None or rows is not None or self.backend == "hf":
             model, tokenizer = handle.load()
             if callable(getattr(model, "describe", None)):  # not a transformers model: its engine tells what it is
                 timing["engine"] = model.describe()
@@ -203,7 +239,8 @@ class EvaluateStage(StageConfig):
                 windows["w"] = make_windows(tokenizer, text, self.perplexity)
             n_windows = len(windows["w"].spans)
         out: dict[str, Any] = {}
-        with ctx.task(f"evaluate {handle.role}", total=len(self.tasks) + n_windows) as advance:
+        n_chat = len(rows) if rows is not None else 0
+        with ctx.task(f"evaluate {handle.role}", total=len(self.tasks) + n_chat + n_windows) as advance:
             t = time.perf_counter()
             if self.tasks:
                 args = (self.tasks, self.limit, self.num_fewshot, self.batch_size)
@@ -218,6 +255,12 @@ class EvaluateStage(StageConfig):
                 else:
                     out.update(run_tasks(model, tokenizer, *args, progress=advance))
                 timing["tasks_s"] = round(time.perf_counter() - t, 3)
+            if rows is not None:
+                from .chat import answer_all, model_results
+
+                t = time.perf_counter()
+                out["chat"] = model_results(rows, answer_all(model, tokenizer, rows, self.chat, advance))
+                timing["chat_s"] = round(time.perf_counter() - t, 3)
             if text is None:
                 return out
             t = time.perf_counter()
@@ -283,7 +326,8 @@ def _change(a: float, b: float) -> str:
 
 
 def summarize(original: dict, compressed: dict, same: bool) -> dict[str, str]:
-    """Short strings for the run summary: each task's headline metric, perplexity and KL, original -> compressed."""
+    """Short strings for the run summary: each task's headline metric, perplexity, KL and chat answers, original ->
+    compressed."""
     fmt: Callable[[float, float], str] = (lambda a, b: f"{_fmt(a)} (original only)") if same else _change
     out = {}
     comp = primary_metrics(compressed)
@@ -296,5 +340,9 @@ def summarize(original: dict, compressed: dict, same: bool) -> dict[str, str]:
     if "kl" in compressed:
         kl = compressed["kl"]
         out["KL"] = f"mean {kl['kl_mean']:.4f} nats, p95 {kl['kl_p95']:.4f}; top-1 agree {kl['top1_agreement']:.1%}"
+    if "chat" in original and "chat" in compressed:
+        from .chat import summary_line
+
+        out["chat"] = summary_line(original["chat"], None if same else compressed["chat"])
     return out
 

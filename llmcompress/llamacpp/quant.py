@@ -31,6 +31,7 @@ from ..quant.base import QuantizeConfig
 from ..registry import did_you_mean
 from ..stage import StageResult
 from . import runtime
+from .plan import BLOCK, DEFAULT_TYPES
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -75,6 +76,16 @@ class GGUFConfig(QuantizeConfig):
     tensor_types: dict[str, str] = Field(
         default_factory=dict, description="Per-tensor types, as llama-quantize's --tensor-type: a regex on GGUF "
         "tensor names (blk.N.attn_v.weight, token_embd.weight, ...) -> a ggml type (q8_0, q6_k, f16, ...).")
+    target_bits: float | None = Field(
+        None, gt=1, le=16, description="Mixed precision under a bit budget: bits per weight over every quantized "
+        "matrix (token embedding included). Each tensor's type is chosen among `plan_types` by its measured "
+        "sensitivity (llama.cpp's own rounding error weighted by the Fisher information on the calibration windows); "
+        "see llmcompress/llamacpp/plan.py. null: llama-quantize's fixed mixture for `gguf_type`.")
+    plan_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TYPES), description="Candidate ggml types for `target_bits` "
+        f"(any of {', '.join(BLOCK)}); k-quants apply to tensors whose rows are a multiple of 256.")
+    plan_samples: int = Field(16, ge=1, description="Calibration windows the sensitivity (Fisher) is measured on "
+                              "(the first N of `calibration`).")
     skip: list[str] = Field(default_factory=list, description="Not used by gguf: keep tensors at a higher type with "
                             "`tensor_types` (e.g. {\"attn_v\": q8_0}).")
 
@@ -103,6 +114,22 @@ class GGUFConfig(QuantizeConfig):
             out[pattern] = kind
         return out
 
+    @field_validator("plan_types")
+    @classmethod
+    def _plan_types(cls, v: list[str]) -> list[str]:
+        out = []
+        for kind in v:
+            kind = str(kind).lower()
+            if kind not in BLOCK:
+                raise ValueError(f"plan_types: `{kind}` is not a type the planner measures."
+                                 f"{did_you_mean(kind, list(BLOCK))} Choices: {', '.join(BLOCK)}")
+            if kind in out:
+                raise ValueError(f"plan_types: `{kind}` is listed twice")
+            out.append(kind)
+        if not out:
+            raise ValueError("plan_types is empty. Fix: list at least one type, e.g. [q4_k, q5_1, q8_0]")
+        return out
+
     @field_validator("skip")
     @classmethod
     def _no_skip(cls, v: list[str]) -> list[str]:
@@ -115,10 +142,19 @@ class GGUFConfig(QuantizeConfig):
     def _imatrix_needed(self) -> "GGUFConfig":
         if self.gguf_type in NEEDS_IMATRIX and not self.imatrix:
             raise ValueError(f"gguf_type {self.gguf_type} needs an importance matrix. Fix: set `imatrix: true`")
+        if self.target_bits is None and (self.plan_types != list(DEFAULT_TYPES) or self.plan_samples != 16):
+            raise ValueError("`plan_types` and `plan_samples` apply to `target_bits` only. Fix: set `target_bits`, "
+                             "or remove them")
+        if self.target_bits is not None and self.tensor_types:
+            raise ValueError("`target_bits` chooses every tensor's type, so `tensor_types` would be overridden. "
+                             "Fix: use one of them")
+        if self.target_bits is not None and self.plan_samples > self.calibration.samples:
+            raise ValueError(f"plan_samples ({self.plan_samples}) is more than calibration.samples "
+                             f"({self.calibration.samples}). Fix: lower plan_samples or raise calibration.samples")
         return self
 
     def bits_per_weight(self) -> float:
-        return GGUF_TYPES[self.gguf_type]
+        return self.target_bits if self.target_bits is not None else GGUF_TYPES[self.gguf_type]
 
     def preflight(self, base_dir: Path | None = None) -> None:
         """llama.cpp set up (and built for this CPU); the calibration file there."""
@@ -185,13 +221,19 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"llama_cpp": runtime.LLAMA_CPP_COMMIT, "repack": runtime.repack_note()}
     try:
         to_gguf(source, f16, "f16", log_path=stage / "convert.log")
+        ids = None
+        if cfg.imatrix or cfg.target_bits is not None:
+            ids = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # (n, len)
         if cfg.imatrix:
-            imatrix, chunks = _imatrix(cfg, ctx, f16, tokenizer, threads)
+            imatrix, chunks = _imatrix(cfg, ctx, f16, ids, tokenizer, threads)
             cmd += ["--imatrix", str(imatrix)]
-            info["imatrix"] = {"file": imatrix.name, "calibration": cfg.calibration.model_dump(), "chunks": chunks,
+            info["imatrix"] = {"file": imatrix.name, "calibration": cfg.calibration.record(), "chunks": chunks,
                                "ctx": cfg.calibration.seq_len}
         for pattern, kind in cfg.tensor_types.items():
             cmd += ["--tensor-type", f"{pattern}={kind}"]
+        if cfg.target_bits is not None:
+            type_file, embedding, info["plan"] = _plan(cfg, ctx, f16, ids, cmd[1:], threads)
+            cmd += ["--tensor-type-file", str(type_file)] + (["--token-embedding-type", embedding] if embedding else [])
         cmd += [str(f16), str(out / FILE), cfg.gguf_type, threads]
         ctx.log(f"gguf: llama-quantize -> {cfg.gguf_type}" + (" with the importance matrix" if cfg.imatrix else ""))
         text = _run_tool(cmd, stage / "quantize.log", f"{cfg.label}: llama-quantize")
@@ -215,10 +257,47 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     return info
 
 
-def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, tokenizer: Any, threads: str) -> tuple[Path, int]:
+def _plan(cfg: GGUFConfig, ctx: "RunContext", f16: Path, ids: Any, imatrix_args: list[str], threads: str,
+          ) -> tuple[Path, str | None, dict[str, Any]]:
+    """The measured mixed-precision plan for ``target_bits`` (see plan.py): the tensor-type file, the embedding's
+    type and a summary for the stage's result; plan.json keeps every candidate."""
+    from . import plan
+
+    t0 = time.perf_counter()
+    weights = plan.weights_f32(f16)
+    model, _ = ctx.current.load()
+    windows = ids[: cfg.plan_samples]
+    with ctx.task(f"gguf plan: sensitivity on {len(windows)} windows", total=len(windows)) as advance:
+        fish = plan.fisher(model, windows, advance)
+    source = {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters() if n in fish}
+    fish = plan.map_fisher(fish, source, weights)
+    del source
+
+    def quantize(args: list[str], ftype: str, out: Path) -> None:
+        _run_tool([str(runtime.tool("llama-quantize", "method gguf")), *imatrix_args, *args, str(f16), str(out),
+                   ftype, threads], ctx.stage_dir / "plan-quantize.log", f"{cfg.label}: llama-quantize (plan)")
+
+    table = plan.measure(cfg.plan_types, quantize, fish, weights, ctx.stage_dir, ctx.log)
+    n_params = sum(int(w.size) for w in weights.values())
+    del fish, weights
+    budget = cfg.target_bits * n_params / 8
+    chosen = plan.allocate(table, budget, n_params)
+    missing = [n for n, c in table.items() if not c]
+    if missing:
+        raise LLMCompressError(f"{cfg.label}: no type of `plan_types` fits {missing[0]} (and {len(missing) - 1} "
+                               "more). Fix: add a block-32 type (q5_1, q8_0, ...) to `plan_types`.")
+    info = {**plan.summary(chosen, table, n_params), "target_bits": cfg.target_bits, "candidates": cfg.plan_types,
+            "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1), "file": "plan.json"}
+    plan.save(ctx.stage_dir / "plan.json", chosen, table, info)
+    type_file, embedding = plan.type_file(chosen, ctx.stage_dir / "tensor-types.txt")
+    ctx.log(f"gguf plan: {info['bits_per_weight']} bits per weight ({info['seconds']}s): {info['types']}")
+    return type_file, embedding, info
+
+
+def _imatrix(cfg: GGUFConfig, ctx: "RunContext", f16: Path, ids: Any, tokenizer: Any, threads: str,
+             ) -> tuple[Path, int]:
     """Write the calibration windows as text and run llama-imatrix over them, one window per chunk; return the
     imatrix file and the chunks it computed (re-tokenized text can come a few tokens short of the last chunk)."""
-    ids = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
     text_file = ctx.stage_dir / "calibration.txt"
     # Decoded back to text, llama.cpp re-tokenizes it: the same tokenizer, so the same tokens but at window seams.
     text_file.write_text("".join(tokenizer.decode(row) for row in ids))

@@ -62,7 +62,7 @@ def build_data(cfg: "LoraStage", ctx: "RunContext", tokenizer: Any, teacher: Any
     rows = read_rows(cfg.data, base_dir) if cfg.objective == "sft" else None
     if rows is not None and any("text" not in r for r in rows):
         return chat_data(rows[: cfg.data.samples], tokenizer, cfg.data.seq_len, len(rows))
-    ids = load_calibration(cfg.data, tokenizer, base_dir)  # (samples, seq_len)
+    ids = load_calibration(cfg.data, tokenizer, base_dir, model=ctx.original)  # (samples, seq_len)
     if cfg.generate is not None:
         return generated_data(ids, teacher, tokenizer, cfg.generate, ctx)
     return TrainData(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())

@@ -65,7 +65,7 @@ class _LlmcPruneConfig(PruneConfig):
             )
         names = {n for n, _ in targets}
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in names]
-        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
+        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # (N, L)
         log = ctx.stage_dir / LOG_FILE
         t0 = time.perf_counter()
         with llmcompressor_output(log, ctx.console):  # imports llmcompressor (~10 s the first time)
@@ -87,7 +87,7 @@ class _LlmcPruneConfig(PruneConfig):
             "import_seconds": round(import_seconds, 3),
             "compute": {"device": ctx.runtime.device, "dtype": str(model.dtype).removeprefix("torch."),
                         "threads": ctx.runtime.threads},
-            "calibration": {**self.calibration.model_dump(), "tokens": int(ids.numel())},
+            "calibration": self.calibration.record(ids),
             "log": f"{ctx.stage_dir.name}/{LOG_FILE}",
         }
         return model, tokenizer, info

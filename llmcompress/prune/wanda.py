@@ -49,7 +49,7 @@ class WandaConfig(PruneConfig):
 
         model, tokenizer = load_dense_copy(ctx)
         t0 = time.perf_counter()
-        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
+        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # (N, L)
         targets = self.targets(model)
         untied = untie_(model, targets)
         with ctx.task("wanda: layer by layer", total=len(decoder_layers(model)[1])) as advance:
@@ -57,7 +57,7 @@ class WandaConfig(PruneConfig):
         info = {
             "pruned": [n for n, _ in targets],
             "untied": untied,
-            "calibration": {**self.calibration.model_dump(), "tokens": ids.numel(), "dtype": "float32",
+            "calibration": {**self.calibration.record(ids), "dtype": "float32",
                             "seconds": round(time.perf_counter() - t0, 3)},
         }
         return model, tokenizer, info

@@ -127,7 +127,7 @@ def _quantize_gptq(cfg: GPTQConfig, ctx: "RunContext", out: Path) -> dict[str, A
     cfg.ensure_dense(source)
     plan = _plan(cfg, source.path)  # checks group size, skips and seq_len before any weights load
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    calibration = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir)  # (samples, seq_len)
+    calibration = load_calibration(cfg.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # (N, L)
 
     on_cpu = ctx.runtime.device == "cpu"
     workers = max(_MIN_CPU_WORKERS, ctx.runtime.threads) if on_cpu else None
@@ -160,7 +160,7 @@ def _quantize_gptq(cfg: GPTQConfig, ctx: "RunContext", out: Path) -> dict[str, A
         "import_seconds": round(t1 - t0, 3),
         "quantized_modules": len(plan["quantized"]),
         "skipped_modules": plan["skipped"] + [plan["lm_head"]],
-        "calibration": {**cfg.calibration.model_dump(), "tokens": int(calibration.numel())},
+        "calibration": cfg.calibration.record(calibration),
         "compute": {"device": ctx.runtime.device, "dtype": str(compute_dtype).removeprefix("torch."),
                     "threads": ctx.runtime.threads, "gptqmodel_cpu_workers": workers},
         "log": f"{ctx.stage_dir.name}/{LOG_FILE}",

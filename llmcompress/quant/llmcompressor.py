@@ -76,7 +76,8 @@ class _LlmcConfig(QuantizeConfig):
         config, meta = meta_model(source.path)
         plan = plan_layers(self.skips, config, meta, self.group_size_or_none(), self.calibration_seq_len())
         model, tokenizer = source.load()
-        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir) if self.calibrated else None  # type: ignore[attr-defined]
+        ids = (load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # type: ignore[attr-defined]
+               if self.calibrated else None)
         model = copy.deepcopy(model)  # oneshot works in place; the original stays untouched for comparison
         log = ctx.stage_dir / LOG_FILE
         t0 = time.perf_counter()
@@ -99,7 +100,7 @@ class _LlmcConfig(QuantizeConfig):
                                                          "ignore": plan["skipped"]}},
         }
         if ids is not None:
-            info["calibration"] = {**self.calibration.model_dump(), "tokens": int(ids.numel())}  # type: ignore[attr-defined]
+            info["calibration"] = self.calibration.record(ids)  # type: ignore[attr-defined]
         return model, tokenizer, info
 
     def calibration_seq_len(self) -> int | None:

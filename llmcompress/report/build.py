@@ -5,15 +5,26 @@ Shape (``None`` where a part was not measured)::
     {"format": "llmcompress-report", "version": 1, "name", "method", "same_model", "headline", "notes": [...],
      "recipe": {...}, "environment": {...},
      "models": {"original":   {"path", "description", "size_bytes", "meta", "eval": {task: {metric: v}},
+                               "chat": {"n", "n_with_answer", "correct", "accuracy", "by_kind"} | None,
                                "bench": {figure: v}, "measured_with": {"eval": {...} | None, "bench": {...} | None}},
                 "compressed": {... same ..., "kl": {...}}},
      "comparison": {"size": {...}, "eval": {"measured_with", "metrics": {task: {metric: entry}}} | None,
                     "kl": {"measured_with", "metrics": {name: {"value", "better"}}} | None,
+                    "chat": {"measured_with", "accuracy": entry | None, "flips", "gains", "identical",
+                             "exact_agreement", "diverged", "mean_first_divergence", "flipped": [...],
+                             "gained": [...]} | None,
                     "bench": {"measured_with", "figures": {figure: entry}} | None, "headline": {...}},
      "stages": [{"index", "dir", "type", "label", "seconds", "resumed", "model_dir", "config", "summary", "data"}]}
 
 Entries come from ``metrics.compare``: original, compressed, better ("lower"/"higher"), delta, relative, verdict,
 change (words), plus recovery/stderr for accuracies and ratio/speedup for benchmark figures.
+
+Chat answers (an evaluate stage with ``chat:``; ``llmcompress.eval.chat``): ``models.<role>.chat`` holds each model's
+counts (``by_kind``: ``{kind: {"n_with_answer", "correct", "accuracy"}}``); ``comparison.chat`` the compressed model
+against the original: flips (right before, wrong after) and gains (wrong before, right after) with the items
+(``{"index", "kind", "prompt", "answer", "original", "compressed"}``), the share of replies identical to the
+original's, and the mean index of the first differing token over the replies that differ. Every reply (text and
+token ids) stays in the stage's ``data``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ _PPL_PREFERENCE = [("perplexity", "perplexity"), (None, "perplexity"), (None, "w
 _ACC_PREFERENCE = ["acc", "acc_norm", "exact_match"]
 #: Vision runs (no perplexity): quality is detection mAP, else top-1 accuracy; speed is images/s.
 _VISION_QUALITY = ["map", "acc"]
+#: Chat figures copied from the evaluate stage into the report (each reply's text and ids stay in the stage data).
+_CHAT_MODEL_KEYS = ("n", "n_with_answer", "correct", "accuracy", "by_kind")
+_CHAT_COMPARE_KEYS = ("flips", "gains", "identical", "exact_agreement", "diverged", "mean_first_divergence",
+                      "flipped", "gained")
 
 
 def build_report(recipe: Any, environment: dict, stages: list[dict], original: dict, compressed: dict | None) -> dict:
@@ -126,7 +141,7 @@ def _measured_with(stage: dict | None, environment: dict) -> dict | None:
 
 def _model_entry(role: str, info: dict, evaluate: dict | None, benchmark: dict | None, environment: dict) -> dict:
     evals = dict((evaluate or {}).get("data", {}).get(role) or {})
-    kl = evals.pop("kl", None)
+    kl, chat = evals.pop("kl", None), evals.pop("chat", None)
     bench = dict((benchmark or {}).get("data", {}).get(role) or {})
     size = info.get("size_bytes")
     entry = {
@@ -135,6 +150,7 @@ def _model_entry(role: str, info: dict, evaluate: dict | None, benchmark: dict |
         "size_bytes": size if M.is_number(size) else bench.get("size_bytes"),
         "meta": info.get("meta") or {},
         "eval": evals,
+        "chat": {k: chat.get(k) for k in _CHAT_MODEL_KEYS} if isinstance(chat, dict) else None,
         "bench": bench,
         "measured_with": {"eval": _measured_with(evaluate, environment),
                           "bench": _measured_with(benchmark, environment)},
@@ -159,6 +175,7 @@ def _comparison(models: dict, evaluate: dict | None, benchmark: dict | None) -> 
                 k: {"value": v, "better": M.direction(k)} for k, v in comp["kl"].items() if M.is_score(k, v)
             },
         }
+    out["chat"] = _chat_entry(orig, comp, evaluate)
     out["bench"] = None
     if benchmark is not None:
         figures = {}
@@ -170,6 +187,16 @@ def _comparison(models: dict, evaluate: dict | None, benchmark: dict | None) -> 
         out["bench"] = {"measured_with": orig["measured_with"]["bench"], "figures": figures}
     out["headline"] = _headline_figures(out)
     return out
+
+
+def _chat_entry(orig: dict, comp: dict, evaluate: dict | None) -> dict | None:
+    """The compressed model's chat replies against the original's (None unless both answered and they differ)."""
+    chat = ((evaluate or {}).get("data", {}).get("compressed") or {}).get("chat")
+    if not orig.get("chat") or not isinstance(chat, dict) or "flips" not in chat:
+        return None
+    accuracy = M.compare("accuracy", orig["chat"].get("accuracy"), (comp.get("chat") or {}).get("accuracy"))
+    return {"measured_with": comp["measured_with"]["eval"], "accuracy": accuracy,
+            **{k: chat.get(k) for k in _CHAT_COMPARE_KEYS}}
 
 
 def _size_entry(original: Any, compressed: Any) -> dict:

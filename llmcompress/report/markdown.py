@@ -20,6 +20,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         _size(report),
         _quality(report),
         _kl(report),
+        _chat(report),
         recovery_markdown(report),
         merges_markdown(report),
         _bench(report, "speed", "Speed"),
@@ -106,6 +107,8 @@ def _quality(report: dict) -> str:
             entry = cmp["metrics"].get(task, {}).get(metric, {})
             rows.append([task, metric, _BETTER[M.direction(metric)], _with_se(o, metric), _with_se(c, metric),
                          entry.get("change", "—")])
+    if not rows and report["models"]["original"].get("chat"):  # a chat-only evaluate stage: its own section below
+        return "## Quality"
     text = "## Quality\n\n" + _table(["task", "metric", "direction", "original", "compressed", "change"], rows)
     cond = M.describe_conditions(cmp["measured_with"]) + (f"; {', '.join(dict.fromkeys(details))}" if details else "")
     return text + f"\n\n*Measured with: {cond}. Perplexity change is relative (%); accuracy change in points.*"
@@ -137,6 +140,78 @@ def _kl(report: dict) -> str:
             + f"\n\n*KL(original ‖ compressed) of {what[0]}{over}; top-1 agreement = share of {what[1]} "
               f"where both models pick the same {what[2]}. "
               f"Measured with: {M.describe_conditions(kl['measured_with'])}.*")
+
+
+#: Flipped chat answers listed in report.md (all of them, up to the stage's own cap, are in report.json).
+MAX_FLIPS_LISTED = 10
+
+
+def _chat(report: dict) -> str:
+    """Chat answers: correct counts per model (and per kind), flips, gains, identical replies, the flipped items."""
+    orig, comp = report["models"]["original"].get("chat"), report["models"]["compressed"].get("chat")
+    if not orig:
+        return ""
+    comp = comp or orig
+    cmp = report["comparison"].get("chat")
+    change = (cmp or {}).get("accuracy") or {}
+    rows = [["correct", _of(orig), _of(comp), change.get("change", "—")]]
+    for kind, o in (orig.get("by_kind") or {}).items():
+        c = (comp.get("by_kind") or {}).get(kind) or {}
+        a, b = o.get("accuracy"), c.get("accuracy")
+        rows.append([f"… {kind}", _of(o), _of(c), f"{(b - a) * 100:+.1f} pts" if M.is_number(a) and M.is_number(b)
+                     and cmp is not None else "—"])
+    text = "### Chat answers\n\n" + _table(["", "original", "compressed", "change"], rows)
+    measured = report["models"]["original"]["measured_with"].get("eval") or {}
+    settings = measured.get("chat") or {}
+    how = (f"Both models answer {orig['n']} prompts (`{settings.get('prompts', '?')}`) with their chat template, "
+           f"greedy, at most {settings.get('max_new_tokens', '?')} new tokens; a reply is correct when it contains "
+           "the expected answer (case-insensitive, as a whole word or number).")
+    runtime = M.conditions_text({k: v for k, v in measured.items() if k != "backend"})  # chat never uses vllm
+    how += f" Measured on {runtime}." if runtime else ""
+    if measured.get("dtype") in ("bfloat16", "float16") and (settings.get("batch_size") or 1) > 1:
+        how += (f" In {M.short_dtype(measured['dtype'])}, a reply can depend on which prompts share its batch (left "
+                "padding changes the rounding), so a few flips may be that alone; both models ran in the same "
+                "batches (`batch_size: 1` or float32 removes the effect).")
+    if cmp is None:
+        return text + f"\n\n*{how}*"
+    lines = [f"**{_n(cmp['flips'], 'flip')}** (right before, wrong after), {_n(cmp['gains'], 'gain')} (wrong before, "
+             "right after)."]
+    if M.is_number(cmp.get("exact_agreement")):
+        lines.append(f"{cmp['exact_agreement']:.0%} of the replies are identical to the original's "
+                     f"({cmp['identical']} of {orig['n']}).")
+    if M.is_number(cmp.get("mean_first_divergence")):
+        lines.append(f"The {cmp['diverged']} replies that differ first diverge at generated token "
+                     f"{cmp['mean_first_divergence']:.1f} on average (0 = the first; identical replies not counted).")
+    text += "\n\n" + " ".join(lines) + f"\n\n*{how}*"
+    return text + _flips(cmp)
+
+
+def _flips(cmp: dict) -> str:
+    items = cmp.get("flipped") or []
+    if not items:
+        return ""
+    rows = [[str(f["index"] + 1), _cut(f["prompt"]), _cut(f.get("answer") or ""), _cut(f["original"]),
+             _cut(f["compressed"])] for f in items[:MAX_FLIPS_LISTED]]
+    more = cmp["flips"] - len(rows)
+    tail = f"\n\n*… and {more} more in report.json (`comparison.chat.flipped`).*" if more > 0 else ""
+    return ("\n\n#### Flipped answers (right before, wrong after)\n\n"
+            + _table(["row", "prompt", "expected", "original's reply", "compressed model's reply"], rows) + tail)
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _of(figures: dict) -> str:
+    """"171 of 300 (57.0%)"."""
+    if not figures.get("n_with_answer"):
+        return "—"
+    return f"{figures['correct']} of {figures['n_with_answer']} ({figures['accuracy']:.1%})"
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _bench(report: dict, group: str, title: str) -> str:

@@ -25,7 +25,7 @@ def summary_table(report: dict) -> Any:
     size = cmp["size"]
     table.add_row("size on disk", M.fmt_bytes(size["original_bytes"]), M.fmt_bytes(size["compressed_bytes"]),
                   _styled(size.get("change", "—"), _size_verdict(size)))
-    sections = [_quality_rows(report), _kl_rows(cmp), _bench_rows(cmp)]
+    sections = [_quality_rows(report), _kl_rows(cmp), _chat_rows(report), _bench_rows(cmp)]
     for rows in sections:
         if rows:
             table.add_section()
@@ -52,6 +52,23 @@ def _kl_rows(cmp: dict) -> list[tuple]:
     for name, e in (kl.get("metrics") or {}).items():
         arrow = {"lower": " ↓", "higher": " ↑"}.get(e["better"], "")
         rows.append((name + arrow, "—", M.fmt_number(e["value"]), "vs original"))
+    return rows
+
+
+def _chat_rows(report: dict) -> list[tuple]:
+    """Chat answers: correct counts of both models, then the flips (right before, wrong after)."""
+    orig, comp = report["models"]["original"].get("chat"), report["models"]["compressed"].get("chat")
+    if not orig or not orig.get("n_with_answer"):
+        return []
+    cmp = report["comparison"].get("chat")
+    e = (cmp or {}).get("accuracy") or {}
+    n = orig["n_with_answer"]
+    rows = [("chat correct ↑", f"{orig['correct']}/{n}", f"{(comp or orig)['correct']}/{n}",
+             _styled(e.get("change", "—"), e.get("verdict")))]
+    if cmp is not None:
+        agree = f", {cmp['exact_agreement']:.0%} identical" if M.is_number(cmp.get("exact_agreement")) else ""
+        rows.append(("chat flips ↓", "—", str(cmp["flips"]),
+                     _styled(f"{cmp['gains']} gains{agree}", "worse" if cmp["flips"] > cmp["gains"] else None)))
     return rows
 
 

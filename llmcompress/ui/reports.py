@@ -1,5 +1,6 @@
 """The report browser: every run folder's report (its report.md and plots), and all runs on one size vs quality vs
-speed scatter with the Pareto front (``llmcompress.report.leaderboard``: the same rows and front sweeps use).
+speed scatter with the Pareto front (``llmcompress.report.leaderboard``: the same rows and front sweeps use), and
+for a run whose evaluate stage had ``chat:``, the chat answers that flipped.
 
 Visitors pick a run by name among those found under the runs directory; no path ever comes from the browser. The
 files shown are only those inside the run's own folder (``paths.run_file``: report.json can name any path), and
@@ -129,6 +130,39 @@ def run_details(runs: list[RunInfo], name: str, runs_dir: Path | None = None) ->
     return redact(text), [(img, redact(caption)) for img, caption in pics]
 
 
+#: Columns of the flipped chat answers table (report.json's ``comparison.chat.flipped`` items).
+FLIP_COLUMNS = (("index", "row"), ("kind", "kind"), ("prompt", "prompt"), ("answer", "expected"),
+                ("original", "original's reply"), ("compressed", "compressed model's reply"))
+
+
+def chat_flips(runs: list[RunInfo], name: str, runs_dir: Path | None = None) -> tuple[str, Any]:
+    """``(one line of chat figures, a table of the flipped answers)`` of the run called ``name``; ``("", None)``
+    when it has no chat answers (no evaluate stage with ``chat:``, or no compressed model)."""
+    import pandas as pd
+
+    redact = Redactor(runs_dir) if runs_dir is not None else str
+    run = next((r for r in runs if r.name == name), None)
+    try:  # a hand-edited report.json of the wrong shape shows no table, not an error
+        cmp = (run.report.get("comparison") or {}).get("chat") if run and run.report else None
+        models = run.report["models"] if cmp else {}
+        orig, comp = models["original"]["chat"], models["compressed"]["chat"]
+        n = orig["n_with_answer"]
+        line = (f"**Chat answers**: correct {orig['correct']} → {comp['correct']} of {n}; **{cmp['flips']} flips** "
+                f"(right before, wrong after), {cmp['gains']} gains; {cmp['exact_agreement']:.0%} of the replies "
+                "identical to the original's.")
+        items = [{title: redact(_cell(f, key)) for key, title in FLIP_COLUMNS} for f in cmp.get("flipped") or []]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return "", None
+    return redact(line), pd.DataFrame(items, columns=[title for _, title in FLIP_COLUMNS])
+
+
+def _cell(item: dict, key: str) -> str:
+    value = item.get(key)
+    if key == "index":
+        return str(value + 1)  # the prompt's row in its file, from 1
+    return "" if value is None else str(value)
+
+
 def _read_markdown(path: Path, notes: list[str]) -> str:
     with open(path, "rb") as f:
         data = f.read(MAX_MARKDOWN_BYTES + 1)
@@ -190,6 +224,9 @@ def build_reports_tab(runs_dir: Path) -> dict[str, Any]:
     table = gr.Dataframe(interactive=False, wrap=True, label="Runs (★ = on the Pareto front)")
     plot = gr.Plot(label="Size vs quality vs speed")
     pick = gr.Dropdown([], label="Report of one run", interactive=True)
+    chat = gr.Markdown("")
+    flips = gr.Dataframe(interactive=False, wrap=True, visible=False,
+                         label="Chat answers that flipped (right before compression, wrong after)")
     report = gr.Markdown("")
     images = gr.Gallery(label="Plots", columns=2, height=420, object_fit="contain")
 
@@ -197,6 +234,11 @@ def build_reports_tab(runs_dir: Path) -> dict[str, Any]:
         text, pics = run_details(scan(runs_dir), name or "", runs_dir)
         return text, pics
 
+    def show_flips(name):
+        line, frame = chat_flips(scan(runs_dir), name or "", runs_dir)
+        return line, gr.update(value=frame, visible=frame is not None and len(frame) > 0)
+
     refresh.click(load, outputs=[found, table, plot, pick], api_name="reports")
     pick.change(show, inputs=[pick], outputs=[report, images], api_name="report")
+    pick.change(show_flips, inputs=[pick], outputs=[chat, flips], api_name="report_chat")
     return {"load": load, "outputs": [found, table, plot, pick], "table": table, "plot": plot, "pick": pick}

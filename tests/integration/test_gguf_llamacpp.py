@@ -163,3 +163,30 @@ def test_our_lm_eval_scores_match_llama_server_logprobs(run):
     for entry in top:
         ours, _ = lm._score(context, [entry["id"]])
         assert abs(ours - entry["logprob"]) < 0.01, (entry, ours)  # measured: 1e-4
+
+
+def test_target_bits_plan_is_measured_and_written_into_the_file(tmp_path):
+    """`target_bits`: every matrix's type comes from the measured plan, the file holds exactly those types within the
+    budget, and it loads in a fresh llama.cpp process."""
+    from gguf import GGUFReader
+
+    from llmcompress import load_recipe, run_recipe
+
+    recipe = {"name": "gguf-plan-it", "model": "smollm2-135m", "threads": 1, "stages": [
+        {"type": "quantize", "method": "gguf", "gguf_type": "Q5_0", "target_bits": 6.0,
+         "plan_types": ["q4_0", "q8_0", "q4_k"], "plan_samples": 2,
+         "calibration": {"source": "builtin:pydoc", "samples": 4, "seq_len": 128}}]}
+    run_recipe(load_recipe(recipe), tmp_path, show_progress=False)
+    q = result(tmp_path, "01-quantize")
+    saved = json.loads((tmp_path / "01-quantize" / "plan.json").read_text())
+    assert q["plan"]["bits_per_weight"] <= 6.0 and q["plan"]["windows"] == 2
+    model = tmp_path / "01-quantize" / "model" / "model.gguf"
+    written = {t.name: t.tensor_type.name.lower() for t in GGUFReader(model).tensors}
+    assert saved["plan"] and all(written[n] == k for n, k in saved["plan"].items())
+    kinds = set(saved["plan"].values())
+    assert {"q4_0", "q8_0"} <= kinds  # a budget between the two mixes them
+    assert all(written[n] in ("q4_0", "q4_k") for n in written if n.endswith("ffn_down.weight")
+               and saved["plan"][n] != "q8_0")
+    # bigger measured error -> the planner's own estimate is consistent with its choice under the budget
+    assert all(c["q8_0"]["cost"] <= c["q4_0"]["cost"] for c in saved["candidates"].values() if "q4_0" in c)
+    assert q["reload"]["top1_agreement"] >= 0.7

@@ -29,7 +29,7 @@ def _jsonl(path, rows) -> None:
 def test_builtin_windows_are_distinct_deterministic_and_from_the_stream(tokenizer):
     from llmcompress.models.tiny import corpus_text
 
-    cfg = CalibrationConfig(samples=8, seq_len=32)
+    cfg = CalibrationConfig(source="builtin:pydoc", samples=8, seq_len=32)  # the default is builtin:mixed
     ids = load_calibration(cfg, tokenizer)
     assert ids.shape == (8, 32) and ids.dtype == torch.long
     assert torch.equal(ids, load_calibration(cfg, tokenizer))  # same seed, same windows

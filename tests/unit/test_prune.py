@@ -187,7 +187,7 @@ def test_wanda_differs_from_magnitude_and_keeps_outputs_closer_on_calibration_te
                 mod.weight.mul_(scale.to(mod.weight.dtype))
     from llmcompress.data import load_calibration
 
-    ids = load_calibration(ctx.recipe.stages[0].calibration, tok)
+    ids = load_calibration(ctx.recipe.stages[0].calibration, tok, model=ctx.original)  # builtin:mixed
     with torch.no_grad():
         ref = orig(input_ids=ids).logits.float()
     errors, masks = {}, {}

@@ -123,7 +123,7 @@ def test_gptq_beats_rtn_on_the_layer_outputs_it_calibrated_for(make_ctx):
     reference, _ = load_model(ctx.original.path, "cpu", "float32")
     rtn = copy.deepcopy(reference)
     quantize_rtn_(rtn, RTNConfig(bits=stage.bits, group_size=stage.group_size, symmetric=stage.sym))
-    ids = load_calibration(stage.calibration, tok)
+    ids = load_calibration(stage.calibration, tok, model=ctx.original)  # the default source, builtin:mixed
     errors = _layer_output_errors(reference, {"gptq": gptq, "rtn": rtn}, ids)
     assert len(errors) == 14
     assert all(e["gptq"] < e["rtn"] for e in errors.values()), errors
@@ -213,4 +213,4 @@ def test_gptq_config_defaults():
 
     c = GPTQConfig()
     assert (c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, c.skip) == (4, 64, False, False, 0.05, ["lm_head"])
-    assert (c.calibration.source, c.calibration.samples, c.calibration.seq_len) == ("builtin:pydoc", 16, 256)
+    assert (c.calibration.source, c.calibration.samples, c.calibration.seq_len) == ("builtin:mixed", 16, 256)

@@ -12,7 +12,7 @@ best transformers path, in one run on this machine.
 Targets: ours within 0.5% of the hand-made file's perplexity; llama.cpp Q4_K_M decode at batch 1 >= 1.6x GPTQ under
 transformers (median of per-round ratios). Writes bench/results/gguf.json and prints a Markdown table.
 
-    python bench/gguf.py [--threads 1] [--eval-tokens 14500] [--repeats 5]
+    python bench/llamacpp_q4km.py [--threads 1] [--eval-tokens 14500] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -26,31 +26,11 @@ import time
 from pathlib import Path
 
 import typer
+from texts import eval_texts  # bench/texts.py (this folder is on sys.path when run as a script)
 
 app = typer.Typer(add_completion=False)
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def eval_texts(folder: Path, tokens: int) -> dict[str, Path]:
-    """The evaluation texts as files: the first ``tokens`` tokens of Python's docs, and tinyshakespeare's."""
-    from transformers import AutoTokenizer
-
-    from llmcompress.data.corpora import builtin_text
-    from llmcompress.models.builtin import smollm2_135m
-
-    tok = AutoTokenizer.from_pretrained(str(smollm2_135m()))
-    out = {}
-    for name, text in (("pydoc", builtin_text("builtin:pydoc")),
-                       ("shakespeare", SHAKESPEARE.read_text() if SHAKESPEARE.is_file() else None)):
-        if text is None:
-            continue
-        ids = tok(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
-        path = folder / f"eval-{name}.txt"
-        path.write_text(tok.decode(ids))
-        out[name] = path
-    return out
 
 
 def recipe(folder: Path, texts: dict[str, Path], threads: int, repeats: int) -> dict:
@@ -73,7 +53,7 @@ def recipe(folder: Path, texts: dict[str, Path], threads: int, repeats: int) -> 
 def tool(name: str) -> str:
     from llmcompress.llamacpp import runtime
 
-    return str(runtime.tool(name, "bench/gguf.py"))
+    return str(runtime.tool(name, "bench/llamacpp_q4km.py"))
 
 
 def call(cmd: list[str], log: Path) -> str:
@@ -124,7 +104,7 @@ def main(threads: int = 1, eval_tokens: int = 14500, repeats: int = 5,
     from llmcompress import load_recipe, run_recipe
     from llmcompress.llamacpp import runtime
 
-    runtime.require("bench/gguf.py")
+    runtime.require("bench/llamacpp_q4km.py")
     out.mkdir(parents=True, exist_ok=True)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     texts = eval_texts(out, eval_tokens)

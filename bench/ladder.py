@@ -1,0 +1,210 @@
+"""The 4-bit quality ladder (issue 15): every 4-bit method and combination on the default model, measured the same
+way in one run, and the llama.cpp k-quants beside them; writes bench/results/ladder.json and the generated section
+of docs/methods.md (between the `ladder` markers).
+
+Each entry is the compression stages of a recipe (its quantize, prune and lora stages; recipes/ or inline) followed
+by the same evaluate stages: perplexity, KL and top-1 agreement against the original on held-out Python docs (the
+first `--eval-tokens` tokens; every calibration here skips past them) and on a second domain (tinyshakespeare,
+beside the checkout), and the default chat prompt set (answers kept, flips) for the entries marked `chat`.
+Bits per weight = the model's weight files x 8 / the model's parameters (embedding included, nothing left out).
+Runs are kept under bench/runs/ladder/<entry> and resumed: a second call measures only what changed.
+
+    python bench/ladder.py [--eval-tokens 8192] [--only gptq4,best] [--chat-limit 0]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+import yaml
+from texts import eval_texts  # bench/texts.py (this folder is on sys.path when run as a script)
+
+app = typer.Typer(add_completion=False)
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs" / "ladder"
+RESULT = ROOT / "bench" / "results" / "ladder.json"
+DOC = ROOT / "docs" / "methods.md"
+BEGIN, END = "<!-- ladder:begin -->", "<!-- ladder:end -->"
+HELD_OUT = 20000  # calibration skips the first 20,000 tokens of Python's docs: the evaluation reads the first 8-15k
+PYDOC = {"source": "builtin:pydoc", "samples": 64, "seq_len": 512, "skip_tokens": HELD_OUT}
+MIXED = {**PYDOC, "source": "builtin:mixed"}
+
+
+def gguf(gguf_type: str, calibration: dict | None = PYDOC, **kw) -> dict:
+    return {"type": "quantize", "method": "gguf", "gguf_type": gguf_type, "imatrix": calibration is not None,
+            **({"calibration": calibration} if calibration else {}), **kw}
+
+
+#: name -> (stages or a recipe path, chat answers measured, note)
+ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
+    "rtn-g64": ("recipes/smollm2-rtn4.yaml", False, "round to nearest, the floor"),
+    "bnb-nf4": ("recipes/smollm2-bnb-nf4.yaml", True, ""),
+    "bnb-fp4": ("recipes/smollm2-bnb-fp4.yaml", False, ""),
+    "hqq-g64": ("recipes/smollm2-hqq4.yaml", False, ""),
+    "torchao-int4wo": ("recipes/smollm2-torchao-int4wo.yaml", False, ""),
+    "gptq-g64-pydoc": ([{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                         "calibration": {**PYDOC, "samples": 16, "seq_len": 256}}], True,
+                       "calibrated on Python's docs only (the old default)"),
+    "gptq-g64-mixed": ([{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                         "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False,
+                       "mixed-domain calibration (the default now)"),
+    "gptq-g32-mixed": ([{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32,
+                         "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False, ""),
+    "nf4+lora-recover": ("recipes/smollm2-nf4-recover.yaml", False, "NF4, then a distilled LoRA adapter, merged"),
+    "gguf-q4_0": ([gguf("Q4_0")], False, "llama.cpp, imatrix on Python's docs"),
+    "gguf-iq4_nl": ([gguf("IQ4_NL")], False, "llama.cpp, imatrix on Python's docs"),
+    "gguf-q4_k_m": ([gguf("Q4_K_M")], True, "llama.cpp's Q4_K_M + imatrix (Python's docs): the bar"),
+    "gguf-q4_k_m-mixed": ([gguf("Q4_K_M", MIXED)], False, "the same, imatrix on mixed-domain text"),
+    "gguf-q4_1": ([gguf("Q4_1")], False, "the source grid: the default model IS a dequantized Q4_1, so this "
+                  "finds its weights again; not evidence about other models"),
+    "best+grid": ([gguf("Q5_0", MIXED, target_bits=6.15)], False, "the same plan with every candidate, q4_1/q5_1 "
+                  "included: it re-finds the source grid"),
+    "gguf-q5_1": ([gguf("Q5_1")], False, "the source grid again: q5_1's half step holds q4_1's exactly"),
+    "best": ("recipes/smollm2-best-4bit.yaml", True, "recipes/smollm2-best-4bit.yaml: types planned by measured "
+             "sensitivity at Q4_K_M's size, q4_1/q5_1 left out"),
+}
+
+
+def compress_stages(spec: list[dict] | str) -> list[dict]:
+    if isinstance(spec, list):
+        return spec
+    stages = yaml.safe_load((ROOT / spec).read_text())["stages"]
+    return [s for s in stages if s["type"] in ("quantize", "prune", "lora")]
+
+
+def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, chat_limit: int | None) -> dict:
+    evals = [{"type": "evaluate", "name": domain, "tasks": [], "kl": True,
+              "perplexity": {"corpus": str(path), "ctx_len": 512, "stride": 256, "max_tokens": 100_000}}
+             for domain, path in texts.items()]
+    if chat:
+        evals.append({"type": "evaluate", "name": "chat", "tasks": [], "perplexity": None, "kl": False,
+                      "chat": {"limit": chat_limit} if chat_limit else {}})
+    return {"name": f"ladder-{name}", "model": "smollm2-135m", "threads": threads,
+            "stages": [*compress_stages(spec), *evals]}
+
+
+def collect(run: Path, texts: dict[str, Path]) -> dict:
+    """The entry's figures from its stage results."""
+    out: dict = {}
+    evaluated = {}
+    for d in sorted(run.glob("*-evaluate*")):
+        data = json.loads((d / "result.json").read_text())["result"]
+        evaluated[data["label"]] = data["data"]
+    report = json.loads((run / "report.json").read_text())
+    out["size_bytes"] = report["comparison"]["size"]["compressed_bytes"]
+    out["original_bytes"] = report["comparison"]["size"]["original_bytes"]
+    for domain in texts:
+        e = evaluated.get(domain)
+        if e is None:
+            continue
+        o, c = e["original"]["perplexity"]["perplexity"], e["compressed"]["perplexity"]["perplexity"]
+        out[domain] = {"original": o, "compressed": c, "change_pct": 100 * (c / o - 1),
+                       "kl": e["compressed"]["kl"]["kl_mean"], "top1": e["compressed"]["kl"]["top1_agreement"],
+                       "tokens": e["compressed"]["perplexity"]["tokens"]}
+    if "chat" in evaluated:
+        o, c = evaluated["chat"]["original"]["chat"], evaluated["chat"]["compressed"]["chat"]
+        out["chat"] = {k: c.get(k) for k in ("correct", "n", "accuracy", "flips", "gains", "exact_agreement")}
+        out["chat"]["original_correct"] = o.get("correct")
+    return out
+
+
+def n_params() -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcompress.models.builtin import smollm2_135m
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2_135m())))
+    return sum(p.numel() for p in model.parameters())  # tied embedding counted once, as it is stored
+
+
+def markdown(result: dict) -> str:
+    rows = sorted(result["entries"].items(), key=lambda kv: kv[1].get("pydoc", {}).get("change_pct", 1e9))
+    domains = result["domains"]
+    head = ["entry", "bits / weight", "size"] + [f"{d} ppl (vs original)" for d in domains] + \
+        [f"{d} KL / top-1" for d in domains] + ["chat answers kept (flips)", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows:
+        if "error" in e:
+            lines.append(f"| {name} | not run: {e['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [f"**{name}**" if name == "best" else name, f"{e['bits_per_weight']:.2f}",
+                 f"{e['size_bytes'] / 2**20:.1f} MiB"]
+        cells += [f"{e[d]['compressed']:.3f} ({e[d]['change_pct']:+.2f}%)" if d in e else "—" for d in domains]
+        cells += [f"{e[d]['kl']:.4f} / {e[d]['top1']:.1%}" if d in e else "—" for d in domains]
+        ch = e.get("chat")
+        cells.append(f"{ch['correct']} of {ch['n']} ({ch['flips']} flips; original {ch['original_correct']})"
+                     if ch else "—")
+        cells.append(e.get("note", ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    m = result["machine"]
+    orig = {d: next(e[d]["original"] for e in result["entries"].values() if d in e) for d in domains}
+    intro = [
+        "## 4-bit quality ladder",
+        "",
+        f"Generated by `python bench/ladder.py` on {result['date']} ({result['wall_s'] / 60:.0f} min; "
+        f"CPU flags: {', '.join(m['cpu_flags'])}; torch and llama.cpp threads {m['threads']}). Do not edit by hand.",
+        f"Perplexity on the first {result['eval_tokens']:,} tokens of each text (windows of 512, stride 256): "
+        + ", ".join(f"{d} original {orig[d]:.3f}" for d in domains) + ". KL(original ‖ model) and top-1 "
+        "agreement on the same positions. Calibration never reads the evaluated text (Python's docs: it starts "
+        f"after token {HELD_OUT:,}; Shakespeare is never calibrated on). GGUF models are scored on llama.cpp's "
+        "logits, the others under transformers, against the same original. Sorted by the Python-docs change.",
+        "Bits per weight: the weight files x 8 / parameters (embedding included). Chat: the default prompt set "
+        "(evals/chat), greedy, 24 new tokens; flips = right before, wrong after.",
+        "",
+    ]
+    return "\n".join(intro + lines) + "\n"
+
+
+@app.command()
+def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: int = 0,
+         write_doc: bool = True) -> None:
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.errors import LLMCompressError
+    from llmcompress.llamacpp import runtime
+
+    t0 = time.perf_counter()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    texts = eval_texts(RUNS, eval_tokens)
+    params = n_params()
+    previous = json.loads(RESULT.read_text()).get("entries", {}) if RESULT.is_file() else {}
+    names = [n for n in ENTRIES if not only or n in only.split(",")]
+    entries = {n: previous[n] for n in previous if n in ENTRIES}
+    for name in names:
+        spec, chat, note = ENTRIES[name]
+        run = RUNS / name
+        print(f"== {name}", flush=True)
+        try:
+            run_recipe(load_recipe(recipe(name, spec, chat, texts, threads, chat_limit or None)), run,
+                       show_progress=False)
+            e = collect(run, texts)
+            e["bits_per_weight"] = e["size_bytes"] * 8 / params
+        except LLMCompressError as err:
+            e = {"error": str(err).splitlines()[0]}
+        entries[name] = {**e, "note": note}
+        print(json.dumps(entries[name]), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "eval_tokens": eval_tokens, "domains": list(texts),
+              "params": params, "wall_s": round(time.perf_counter() - t0),
+              "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
+                          "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)},
+              "entries": {n: entries[n] for n in ENTRIES if n in entries}}
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    if write_doc:
+        text = DOC.read_text()
+        section = f"{BEGIN}\n{markdown(result)}{END}"
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        DOC.write_text(text)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    app()
