@@ -158,7 +158,9 @@ def markdown(result: dict) -> str:
         "(evals/chat), greedy, 24 new tokens; flips = right before, wrong after.",
         "",
     ]
-    return "\n".join(intro + lines) + "\n"
+    missing = [n for n in ENTRIES if n not in result["entries"]]
+    tail = ["", f"Not measured in this run: {', '.join(missing)}."] if missing else []
+    return "\n".join(intro + lines + tail) + "\n"
 
 
 @app.command()

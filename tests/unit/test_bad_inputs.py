@@ -1170,6 +1170,12 @@ def test_the_corpus_is_large_and_covers_every_kind():
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
 def test_bad_input_exits_2_with_a_message_that_names_the_place(case, tmp_path, monkeypatch):
+    run_case(case, tmp_path, monkeypatch)
+
+
+def run_case(case: Case, tmp_path: Path, monkeypatch) -> None:
+    """Run one case (in this process, or the real entry point for ``proc`` cases) and check the contract: exit 2,
+    the message, nothing else touched, quickly, nothing ran. Shared by the other bad-input corpora."""
     from llmcompress.cli import app
 
     monkeypatch.chdir(tmp_path)  # a run that slipped through would write runs/ here, not in the repository

@@ -6,25 +6,9 @@ or as ``python -m llmcompress.cli`` for ``proc`` cases), before any weights load
 
 from __future__ import annotations
 
-import signal
-import time
-
 import pytest
-from typer.testing import CliRunner
 
-from test_bad_inputs import (
-    TIMEOUT,
-    Case,
-    Hung,
-    check,
-    check_kept,
-    deadline,
-    fifo,
-    materialize,
-    run_real,
-    snapshot,
-    stage,
-)
+from test_bad_inputs import Case, fifo, run_case, stage
 
 
 def C(id, chat, *expect, files=None, setup=None, proc=False, args=("validate", "{file}")) -> Case:
@@ -94,34 +78,4 @@ def test_the_chat_corpus_covers_the_block_and_the_file():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_chat_input_exits_2_with_a_message_that_names_the_place(case, tmp_path, monkeypatch):
-    from llmcompress.cli import app
-
-    monkeypatch.chdir(tmp_path)  # a run that slipped through would write runs/ here, not in the repository
-    args, fill, cleanup = materialize(case, tmp_path)
-    before = snapshot(tmp_path)
-    sigterm, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        t0 = time.perf_counter()
-        if case.proc:
-            output, code = run_real(args, tmp_path, {}, case.id)
-        else:
-            with deadline(TIMEOUT, case.id):
-                result = CliRunner().invoke(app, args)
-            if result.exception is not None and not isinstance(result.exception, SystemExit):
-                import traceback
-
-                tb = "".join(traceback.format_exception(result.exception))
-                pytest.fail(f"{case.id}: uncaught {type(result.exception).__name__}:\n{tb[-3000:]}")
-            output, code = result.output, result.exit_code
-        took = time.perf_counter() - t0
-    except Hung as e:
-        pytest.fail(str(e))
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-        signal.signal(signal.SIGINT, sigint)
-        if cleanup:
-            cleanup()
-    check(output, code, case, fill)
-    check_kept(before, tmp_path, case)
-    assert took < TIMEOUT, f"{case.id}: refused only after {took:.0f} s"
-    assert not (tmp_path / "runs").exists(), f"{case.id}: something ran"
+    run_case(case, tmp_path, monkeypatch)
