@@ -225,6 +225,8 @@ TOP_CASES = [
       "{file}", "model.kind"),
     C("model-hub-offline", "name: r\nmodel: some-org/some-model\nstages: [{type: evaluate}]\n", "{file}",
       "hub is not reachable"),
+    C("model-name-too-long", "name: r\nmodel: " + "a" * 400 + "\nstages: [{type: evaluate}]\n", "{file}",
+      "model.source", "longer than 255 bytes"),
     C("gguf-missing", "name: r\nmodel: missing.gguf\nstages: [{type: evaluate}]\n", "{file}", "does not exist"),
     C("gguf-not-gguf", "name: r\nmodel: fake.gguf\nstages: [{type: evaluate}]\n", "{file}", "is not a GGUF file",
       files={"fake.gguf": "hello, I am text"}),
