@@ -278,14 +278,14 @@ def _plan(cfg: GGUFConfig, ctx: "RunContext", f16: Path, ids: Any, imatrix_args:
                    ftype, threads], ctx.stage_dir / "plan-quantize.log", f"{cfg.label}: llama-quantize (plan)")
 
     table = plan.measure(cfg.plan_types, quantize, fish, weights, ctx.stage_dir, ctx.log)
-    n_params = sum(int(w.size) for w in weights.values())
-    del fish, weights
-    budget = cfg.target_bits * n_params / 8
-    chosen = plan.allocate(table, budget, n_params)
     missing = [n for n, c in table.items() if not c]
     if missing:
         raise LLMCompressError(f"{cfg.label}: no type of `plan_types` fits {missing[0]} (and {len(missing) - 1} "
                                "more). Fix: add a block-32 type (q5_1, q8_0, ...) to `plan_types`.")
+    n_params = sum(int(w.size) for w in weights.values())
+    del fish, weights
+    budget = cfg.target_bits * n_params / 8
+    chosen = plan.allocate(table, budget, n_params)
     info = {**plan.summary(chosen, table, n_params), "target_bits": cfg.target_bits, "candidates": cfg.plan_types,
             "windows": len(windows), "seconds": round(time.perf_counter() - t0, 1), "file": "plan.json"}
     plan.save(ctx.stage_dir / "plan.json", chosen, table, info)
