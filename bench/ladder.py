@@ -10,6 +10,10 @@ Bits per weight = the model's weight files x 8 / the model's parameters (embeddi
 Runs are kept under bench/runs/ladder/<entry> and resumed: a second call measures only what changed.
 
     python bench/ladder.py [--eval-tokens 8192] [--only gptq4,best] [--chat-limit 0]
+
+`--model PATH` runs the same entries on another model folder (a generalisation check: e.g. the default model with
+its Q4_1 grid dithered away); its runs go under bench/runs/ladder/<folder name>/, its figures into
+bench/results/ladder-<folder name>.json, and docs/methods.md is left alone.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
                        "mixed-domain calibration (the default now)"),
     "gptq-g32-mixed": ([{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32,
                          "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False, ""),
-    "nf4+lora-recover": ("recipes/smollm2-nf4-recover.yaml", False, "NF4, then a distilled LoRA adapter, merged"),
+    "nf4+lora-recover": ("recipes/smollm2-nf4-recover.yaml", False, "NF4 re-fitted by GPTQ into its grid, then a "
+                         "quantization-aware LoRA distilled on Python's docs, merged into NF4"),
     "gguf-q4_0": ([gguf("Q4_0")], False, "llama.cpp, imatrix on Python's docs"),
     "gguf-iq4_nl": ([gguf("IQ4_NL")], False, "llama.cpp, imatrix on Python's docs"),
     "gguf-q4_k_m": ([gguf("Q4_K_M")], True, "llama.cpp's Q4_K_M + imatrix (Python's docs): the bar"),
@@ -76,14 +81,15 @@ def compress_stages(spec: list[dict] | str) -> list[dict]:
     return [s for s in stages if s["type"] in ("quantize", "prune", "lora")]
 
 
-def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, chat_limit: int | None) -> dict:
+def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, chat_limit: int | None,
+           model: str = "smollm2-135m") -> dict:
     evals = [{"type": "evaluate", "name": domain, "tasks": [], "kl": True,
               "perplexity": {"corpus": str(path), "ctx_len": 512, "stride": 256, "max_tokens": 100_000}}
              for domain, path in texts.items()]
     if chat:
         evals.append({"type": "evaluate", "name": "chat", "tasks": [], "perplexity": None, "kl": False,
                       "chat": {"limit": chat_limit} if chat_limit else {}})
-    return {"name": f"ladder-{name}", "model": "smollm2-135m", "threads": threads,
+    return {"name": "ladder-" + name.replace("+", "-"), "model": model, "threads": threads,  # no "+" in a recipe name
             "stages": [*compress_stages(spec), *evals]}
 
 
@@ -112,14 +118,14 @@ def collect(run: Path, texts: dict[str, Path]) -> dict:
     return out
 
 
-def n_params() -> int:
+def n_params(folder: Path | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmcompress.models.builtin import smollm2_135m
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2_135m())))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder or smollm2_135m())))
     return sum(p.numel() for p in model.parameters())  # tied embedding counted once, as it is stored
 
 
@@ -165,24 +171,29 @@ def markdown(result: dict) -> str:
 
 @app.command()
 def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: int = 0,
-         write_doc: bool = True) -> None:
+         write_doc: bool = True, model: Path | None = None) -> None:
     from llmcompress import load_recipe, run_recipe
     from llmcompress.errors import LLMCompressError
     from llmcompress.llamacpp import runtime
 
     t0 = time.perf_counter()
-    RUNS.mkdir(parents=True, exist_ok=True)
+    runs, result_file = RUNS, RESULT
+    if model is not None:  # another model: its own runs and results, the doc untouched
+        model = model.resolve()
+        runs, result_file, write_doc = RUNS / model.name, RESULT.with_name(f"ladder-{model.name}.json"), False
+    runs.mkdir(parents=True, exist_ok=True)
     texts = eval_texts(RUNS, eval_tokens)
-    params = n_params()
-    previous = json.loads(RESULT.read_text()).get("entries", {}) if RESULT.is_file() else {}
+    params = n_params(model)
+    previous = json.loads(result_file.read_text()).get("entries", {}) if result_file.is_file() else {}
     names = [n for n in ENTRIES if not only or n in only.split(",")]
     entries = {n: previous[n] for n in previous if n in ENTRIES}
     for name in names:
         spec, chat, note = ENTRIES[name]
-        run = RUNS / name
+        run = runs / name
         print(f"== {name}", flush=True)
         try:
-            run_recipe(load_recipe(recipe(name, spec, chat, texts, threads, chat_limit or None)), run,
+            run_recipe(load_recipe(recipe(name, spec, chat, texts, threads, chat_limit or None,
+                                          str(model) if model else "smollm2-135m")), run,
                        show_progress=False)
             e = collect(run, texts)
             e["bits_per_weight"] = e["size_bytes"] * 8 / params
@@ -190,13 +201,14 @@ def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: 
             e = {"error": str(err).splitlines()[0]}
         entries[name] = {**e, "note": note}
         print(json.dumps(entries[name]), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "eval_tokens": eval_tokens, "domains": list(texts),
+    result = {"date": time.strftime("%Y-%m-%d"), "model": str(model) if model else "smollm2-135m",
+              "eval_tokens": eval_tokens, "domains": list(texts),
               "params": params, "wall_s": round(time.perf_counter() - t0),
               "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
                           "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)},
               "entries": {n: entries[n] for n in ENTRIES if n in entries}}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
     if write_doc:
         text = DOC.read_text()
         section = f"{BEGIN}\n{markdown(result)}{END}"

@@ -80,6 +80,7 @@ class FSDPConfig(BaseModel):
             kwargs["reshard_after_forward"] = self.reshard_after_forward
         else:  # accelerate 1.15 fills FSDP1's `sharding_strategy` from a default that wins over reshard_after_forward
             kwargs["sharding_strategy"] = "FULL_SHARD" if self.reshard_after_forward else "SHARD_GRAD_OP"
+            kwargs["use_orig_params"] = True  # frozen base + trainable adapter in one unit (FSDP1 needs it for that)
         if self.transformer_layer_cls_to_wrap:
             kwargs["transformer_cls_names_to_wrap"] = list(self.transformer_layer_cls_to_wrap)
         if self.min_num_params:

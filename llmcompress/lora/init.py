@@ -91,8 +91,12 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
                       target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
                       task_type=None if vision else "CAUSAL_LM", **lora_kwargs)
+    fsdp = getattr(getattr(cfg, "accelerate", None), "fsdp", None)
+    # FSDP1 flattens each wrapped unit into one tensor of one dtype: the adapter keeps the base's dtype there (peft
+    # upcasts it to fp32 otherwise: "Must flatten tensors with uniform dtype", seen on an H200 with torch 2.11)
+    uniform = fsdp is not None and fsdp.version == 1
     try:
-        return get_peft_model(model, lcfg)
+        return get_peft_model(model, lcfg, autocast_adapter_dtype=not uniform)
     except ValueError as e:
         if "not supported" not in str(e):
             raise

@@ -51,12 +51,17 @@ class MergeInputs:
     requantize_from: str = "original"  # requantize merges into: "original" (W) or "dequantized" (deq(Q)) weights
 
     @classmethod
-    def from_context(cls, ctx: "RunContext", cfg: "LoraStage", adapter: Path, meta: dict) -> "MergeInputs":
+    def from_context(cls, ctx: "RunContext", cfg: "LoraStage", adapter: Path, meta: dict,
+                     refit: Any = None) -> "MergeInputs":
+        """``refit`` (lora.refit.Refit): the adapter trained on a re-fitted base, which the merges start from."""
         from ..models.loading import storage_dtype_of
 
         quant, source = quantize_source(ctx)
-        return cls(base=ctx.current.path, adapter=adapter, source=source, quantize=quant,
-                   meta={**meta, "base_description": ctx.current.describe()},
+        base = ctx.current.path
+        if refit is not None:
+            base, source = refit.base, refit.source
+        return cls(base=base, adapter=adapter, source=source, quantize=quant,
+                   meta={**meta, "base_description": ctx.current.describe() + (" re-fitted (gptq)" if refit else "")},
                    storage_dtype=storage_dtype_of(ctx.original.path), requantize_from=cfg.requantize_from)
 
 
@@ -274,18 +279,22 @@ def _versions() -> dict:
 # Measuring several merge modes side by side
 
 
-def measure_merges(ctx: "RunContext", merges: dict[str, dict]) -> dict:
-    """Perplexity and KL vs the original of each merged folder, on the evaluate stage's default windows (added to
-    ``merges`` in place); returns how they were measured."""
+def measure_merges(ctx: "RunContext", merges: dict[str, dict], extra: dict[str, dict] | None = None) -> dict:
+    """Perplexity and KL vs the original of each merged folder (added to ``merges`` and ``extra``, more folders
+    ``{"path": ...}`` under the stage folder, in place), on the windows of the last evaluate stage before this one
+    (so that the report can set them against the model before the adapter), else the evaluate stage's default
+    windows; returns how they were measured."""
     from ..eval.kl import compare
     from ..eval.perplexity import PerplexityConfig, load_corpus, make_windows
     from ..models.loading import load_model
 
-    pcfg = PerplexityConfig()
+    before = [s for s in ctx.recipe.stages[: ctx.stage_index] if s.type == "evaluate" and s.perplexity is not None]
+    pcfg = before[-1].perplexity if before else PerplexityConfig()
     original, tokenizer = ctx.original.load()
-    windows = make_windows(tokenizer, load_corpus(pcfg.corpus), pcfg)
-    with ctx.task("lora: measure merge modes", total=len(merges) * len(windows.spans)) as advance:
-        for info in merges.values():
+    windows = make_windows(tokenizer, load_corpus(pcfg.corpus, ctx.recipe.base_dir), pcfg)
+    entries = [*merges.values(), *(extra or {}).values()]
+    with ctx.task("lora: measure merge modes", total=len(entries) * len(windows.spans)) as advance:
+        for info in entries:
             model = load_model(ctx.stage_dir / info["path"], ctx.runtime.device, ctx.runtime.dtype)[0]
             result = compare(original, model, windows, advance)
             info.update({"perplexity": result.perplexity["perplexity"], "kl_mean": result.kl["kl_mean"],

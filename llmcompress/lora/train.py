@@ -27,6 +27,7 @@ class Trained:
 
     data: dict[str, Any]
     meta: dict[str, Any]
+    refit: Any = None  # lora.refit.Refit: the re-fitted base the adapter trained on (`qat: {refit: gptq}`)
 
 
 def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
@@ -37,8 +38,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     """
     import torch
 
-    from . import INITS, OBJECTIVES
-    from .data import build_data
+    from . import OBJECTIVES
     from .distributed import in_worker, launch_training
 
     if not in_worker():
@@ -50,19 +50,16 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         if ctx.runtime.device.startswith("cuda"):
             torch.cuda.empty_cache()
         return launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
-    model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
-    t = time.perf_counter()
-    with ctx.task(f"lora: {cfg.objective} data"):
-        data = build_data(cfg, ctx, tokenizer, teacher)
-    data_seconds = time.perf_counter() - t
-    torch.manual_seed(seed)
-    model, init_info = INITS.get(cfg.init)(model, cfg, ctx)
+    prep = prepare(cfg, ctx)
+    model, data, teacher, seed, init_info, qat, refit = (prep.model, prep.data, prep.teacher, prep.seed,
+                                                         prep.init_info, prep.qat, prep.refit)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     loss_fn = OBJECTIVES.get(cfg.objective)
     t = time.perf_counter()
     losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
     train_seconds = time.perf_counter() - t
+    qat_info = _qat_info(qat, len(losses), refit) if qat is not None else None
 
     adapter_dir = ctx.stage_dir / "adapter"
     from ..models.loading import storage_dtype_of
@@ -88,19 +85,76 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         "loss_curve": [round(x, 5) for x in losses],
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(steps, 1), 3),
-        "data_seconds": round(data_seconds, 3),
+        "data_seconds": round(prep.data_seconds, 3),
         "trainable_params": trainable,
         "total_params": total,
         "adapter_bytes": adapter_bytes,
         "accelerate": cfg.accelerate.model_dump(exclude_none=True),
         **{k2: v for k2, v in init_info.items() if not k2.startswith("_")},
+        **({"qat": qat_info} if qat_info else {}),
         **({"data_notes": data.notes} if data.notes else {}),
     }
     meta = {"lora": {"objective": cfg.objective, "init": cfg.init, "r": cfg.r, "alpha": cfg.lora_alpha,
                      "target_modules": cfg.target_modules, "steps": steps, "data": cfg.data.model_dump(),
-                     "base": ctx.current.describe()}}
+                     "base": ctx.current.describe(),
+                     **({"qat": cfg.qat.model_dump()} if cfg.qat is not None else {})}}
     del model
-    return Trained(data=data_out, meta=meta)
+    return Trained(data=data_out, meta=meta, refit=refit)
+
+
+@dataclass
+class Prepared:
+    """The model ready to train: a fresh student (re-fitted, wrapped, initialized, in QAT mode as asked), its data."""
+
+    model: Any
+    tokenizer: Any
+    teacher: Any
+    seed: int
+    data: "TrainData"
+    data_seconds: float
+    init_info: dict
+    qat: Any = None  # lora.qat.QAT
+    refit: Any = None  # lora.refit.Refit
+
+
+def prepare(cfg: "LoraStage", ctx: "RunContext") -> Prepared:
+    """Student, data, re-fit (``qat.refit``), init, QAT mode (``qat``): everything before the train loop."""
+    import torch
+
+    from . import INITS
+    from .data import build_data
+
+    model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
+    t = time.perf_counter()
+    with ctx.task(f"lora: {cfg.objective} data"):
+        data = build_data(cfg, ctx, tokenizer, teacher)
+    data_seconds = time.perf_counter() - t
+    refit = None
+    if cfg.qat is not None and cfg.qat.refit:  # a better rounding of the base first (lora/refit.py)
+        from ..models.loading import load_model
+        from .refit import refit_base
+
+        refit = refit_base(model, data.input_ids, cfg, ctx)
+        del model
+        model = load_model(refit.base, ctx.runtime.device, ctx.runtime.dtype)[0]
+    torch.manual_seed(seed)
+    model, init_info = INITS.get(cfg.init)(model, cfg, ctx)
+    qat = None
+    if cfg.qat is not None:  # the forward computes with the weights `merge: requantize` will write (lora/qat.py)
+        from .qat import enable_qat
+
+        with ctx.task("lora: qat setup"):
+            qat = enable_qat(model, cfg, ctx, source=refit.source if refit else None)
+    return Prepared(model=model, tokenizer=tokenizer, teacher=teacher, seed=seed, data=data,
+                    data_seconds=data_seconds, init_info=init_info, qat=qat, refit=refit)
+
+
+def _qat_info(qat: Any, steps: int, refit: Any) -> dict:
+    """What QAT cost and changed: seconds making fake-quantized weights, the share of 4-bit codes the merged model
+    has that its base has not, and the re-fit of the base."""
+    return {**qat.info, "quantize_seconds": round(qat.seconds, 3), "quantize_seconds_per_step":
+            round(qat.seconds / max(steps, 1), 3), "codes_changed": qat.codes_changed(),
+            **({"refit": {**refit.info, "base": str(refit.base), "source": str(refit.source)}} if refit else {})}
 
 
 def fresh_student(cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, Any, Any, int]:

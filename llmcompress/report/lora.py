@@ -6,7 +6,10 @@ original (o), the model before the lora stage (b) and after it (a)::
 
     gap_closed = (b - a) / (b - o)      # 1 = back to the original, 0 = no change, < 0 = worse than before
 
-KL's original value is 0 by definition, top-1 agreement's is 1. Size and speed show what the adapter costs.
+KL's original value is 0 by definition, top-1 agreement's is 1. "After" is the model the lora stage passes on (its
+first merge mode: the adapter beside the base for ``keep``, a merged model otherwise); the merge table gives the
+share for each mode built beside it too, when it was measured on the before stage's windows. Size and speed show what
+the adapter costs.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def recovery(stages: list[dict]) -> dict | None:
                    "adapter_bytes": data.get("adapter_bytes")}
     out["train"] = {k: data.get(k) for k in ("objective", "init", "steps", "train_seconds", "trainable_params",
                                               "loss_first", "loss_last", "merge")}
+    out["train"]["qat"] = bool(data.get("qat"))
+    out["train"]["refit"] = bool((data.get("qat") or {}).get("refit"))
     out["bench"] = _bench(stages, lora["index"])
     return out
 
@@ -82,13 +87,40 @@ def _bench(stages: list[dict], lora_index: int) -> dict | None:
 
 
 def merge_modes(stages: list[dict]) -> dict | None:
-    """The merge modes a lora stage built and measured side by side (``merge: [keep, requantize, dequantized]``)."""
+    """The merge modes a lora stage built and measured side by side (``merge: [keep, requantize, dequantized]``),
+    each with the share of the quantization gap it closes when the evaluate stage before measured the same windows."""
     for s in reversed(stages):
         merges = s["data"].get("merges") if s["type"] == "lora" else None
         if merges and any("kl_mean" in m for m in merges.values()):
-            return {"stage": _where(s), "passed_on": s["data"].get("merge"), "modes": merges,
-                    "measured_with": s["data"].get("merges_measured_with")}
+            measured = s["data"].get("merges_measured_with")
+            modes = {mode: {**m, **_gaps(stages, s, measured, m)} for mode, m in merges.items()}
+            qat = s["data"].get("qat") or {}
+            refit = (qat.get("refit") or {}).get("measured")
+            return {"stage": _where(s), "passed_on": s["data"].get("merge"), "modes": modes,
+                    "measured_with": measured, "qat": bool(qat),
+                    **({"refit": {**refit, **_gaps(stages, s, measured, refit)}} if refit else {})}
     return None
+
+
+def _gaps(stages: list[dict], lora: dict, measured: dict | None, mode: dict) -> dict:
+    """``{"kl_gap_closed", "perplexity_gap_closed"}`` of one merge mode against the evaluate stage before the lora
+    stage, or {} when that stage is missing, scored other windows, or the adapter is not a recovery one."""
+    if lora["data"].get("objective") != "distill":
+        return {}
+    before = [x for x in stages if x["type"] == "evaluate" and x["index"] < lora["index"]]
+    if not before or not measured:
+        return {}
+    b = before[-1]["data"]
+    settings = b.get("settings") or {}
+    if settings.get("perplexity") != measured.get("perplexity") or settings.get("dtype") != measured.get("dtype"):
+        return {}
+    out = {}
+    for name, part, key, fixed in (("kl", "kl", "kl_mean", 0.0), ("perplexity", "perplexity", "perplexity", None)):
+        o = fixed if fixed is not None else _get(b, "original", part, key)
+        vb, vm = _get(b, "compressed", part, key), mode.get(key)
+        if all(M.is_number(x) for x in (o, vb, vm)) and vb != o:
+            out[f"{name}_gap_closed"] = (vb - vm) / (vb - o)
+    return out
 
 
 def _get(data: dict, role: str, part: str, key: str) -> Any:
@@ -127,11 +159,16 @@ def recovery_markdown(report: dict) -> str:
         entry = M.compare_bench(fig, v["before"], v["after"])  # "before" in the original's place: the change
         rows.append([M.bench_label(fig), "", M.fmt_value(fig, v["before"]), M.fmt_value(fig, v["after"]),
                      f"cost: {entry['change']}" if entry else "—"])
-    header = ["figure", "original", "before lora", "after lora (+ adapter)", "gap closed" if recovering else "change"]
     t = rec["train"]
-    train = (f"{t.get('objective')} LoRA, init {t.get('init')}, {t.get('steps')} steps in "
-             f"{M.fmt_number(t.get('train_seconds'))} s, {M.fmt_number(t.get('trainable_params'))} trainable params, "
-             f"loss {M.fmt_number(t.get('loss_first'))} -> {M.fmt_number(t.get('loss_last'))}, merge {t.get('merge')}")
+    merge = t.get("merge") or "keep"
+    after = "after lora (+ adapter)" if merge == "keep" else f"after lora (merged: {merge})"
+    header = ["figure", "original", "before lora", after, "gap closed" if recovering else "change"]
+    qat = (" (quantization-aware, on a base with re-fitted rounding)" if t.get("refit")
+           else " (quantization-aware)" if t.get("qat") else "")
+    train = (f"{t.get('objective')} LoRA{qat}, init {t.get('init')}, "
+             f"{t.get('steps')} steps in {M.fmt_number(t.get('train_seconds'))} s, "
+             f"{M.fmt_number(t.get('trainable_params'))} trainable params, loss {M.fmt_number(t.get('loss_first'))} "
+             f"-> {M.fmt_number(t.get('loss_last'))}; passed on: merge `{merge}`")
     what = ("Gap closed = (before − after) / (before − original): the share of the gap to the original the adapter "
             "closes (KL's original value is 0, top-1 agreement's 1)."
             + (" On images, sft trains on the task's labels: a recovery objective." if rec.get("vision") else "")
@@ -149,18 +186,38 @@ def merges_markdown(report: dict) -> str:
         return ""
     rows = []
     score = next((k for k in ("perplexity", "map", "acc") if any(k in m for m in mm["modes"].values())), "perplexity")
+    gaps = any("kl_gap_closed" in m for m in mm["modes"].values())
     for mode, m in mm["modes"].items():
         name = mode + (" (passed on)" if mode == mm["passed_on"] else "")
-        rows.append([name, M.fmt_number(m.get(score)), M.fmt_number(m.get("kl_mean")),
-                     M.fmt_number(m.get("top1_agreement")), M.fmt_bytes(m.get("size_bytes")),
-                     f"{m['seconds']:.1f} s" if M.is_number(m.get("seconds")) else "—"])
+        row = [name, M.fmt_number(m.get(score)), M.fmt_number(m.get("kl_mean"))]
+        if gaps:
+            row.append(f"{m['kl_gap_closed'] * 100:.0f}%" if M.is_number(m.get("kl_gap_closed")) else "—")
+        rows.append(row + [M.fmt_number(m.get("top1_agreement")), M.fmt_bytes(m.get("size_bytes")),
+                           f"{m['seconds']:.1f} s" if M.is_number(m.get("seconds")) else "—"])
+    refit = mm.get("refit")
+    if refit:  # the re-fitted base alone: the part of the recovery that is the rounding's, not the adapter's
+        row = ["re-fitted base alone (no adapter)", M.fmt_number(refit.get(score)), M.fmt_number(refit.get("kl_mean"))]
+        if gaps:
+            row.append(f"{refit['kl_gap_closed'] * 100:.0f}%" if M.is_number(refit.get("kl_gap_closed")) else "—")
+        rows.append(row + [M.fmt_number(refit.get("top1_agreement")), "", ""])
     cond = M.describe_conditions(mm.get("measured_with"))
+    requantize = next((m.get("requantize_from") for m in mm["modes"].values() if m.get("requantize_from")), None)
+    header = ["merge", {"acc": "top-1 accuracy", "map": "mAP"}.get(score, score), "KL mean vs original"]
     return ("## LoRA merge modes\n\n"
-            + _table(["merge", {"acc": "top-1 accuracy", "map": "mAP"}.get(score, score), "KL mean vs original",
-                      "top-1 agreement", "size on disk", "merge time"], rows)
-            + f"\n\n*keep: adapter beside the quantized base (loads with peft); requantize: merged into the weights "
-              f"before quantization, quantized again with the same method; dequantized: merged into a dense copy of "
-              f"the dequantized base. Same adapter, measured with: {cond}.*")
+            + _table(header + (["KL gap closed"] if gaps else []) + ["top-1 agreement", "size on disk", "merge time"],
+                     rows)
+            + f"\n\n*keep: adapter beside the quantized base (loads with peft); requantize: merged into "
+              f"{_REQUANTIZE_FROM.get(requantize, 'the weights before quantization')}, quantized again with the same "
+              f"method; dequantized: merged into a dense copy of the dequantized base."
+              + (" The adapter was trained quantization-aware: on the requantized model's forward." if mm.get("qat")
+                 else "")
+              + (" Its base's rounding was re-fitted first (GPTQ into the same grid): the re-fitted base alone is the "
+                 "last row." if mm.get("refit") else "")
+              + (" KL gap closed: against the evaluate stage before the lora stage." if gaps else "")
+              + f" Same adapter, measured with: {cond}.*")
+
+
+_REQUANTIZE_FROM = {"original": "the weights before quantization", "dequantized": "the dequantized base"}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -296,6 +296,7 @@ def test_nf4_recover_recipe_runs_on_the_tiny_model(tmp_path):
     from llmcompress.recipe import load_recipe
 
     small = ["model=tiny-random-llama", "dtype=float32", "stages.3.steps=4", "stages.3.data.samples=8",
+             "stages.3.qat.refit_samples=8",
              "stages.3.data.seq_len=32", "stages.3.r=4"]
     for i in (1, 4):
         small += [f"stages.{i}.tasks=[]", f"stages.{i}.perplexity.max_tokens=256"]
@@ -305,8 +306,11 @@ def test_nf4_recover_recipe_runs_on_the_tiny_model(tmp_path):
                         show_progress=False)
     rec = report["comparison"]["recovery"]
     assert set(rec["figures"]) == {"kl_mean", "top1_agreement", "perplexity"}
-    assert rec["bench"] and rec["size"]["after_bytes"] > rec["size"]["before_bytes"]
-    assert set(report["comparison"]["merges"]["modes"]) == {"keep", "requantize", "dequantized"}
+    # the merged model passed on (requantize) is an NF4 model again: the size of the base, not base + adapter
+    assert rec["bench"] and rec["size"]["after_bytes"] == pytest.approx(rec["size"]["before_bytes"], rel=0.01)
+    assert rec["train"]["merge"] == "requantize" and rec["train"]["qat"]
+    # qat allows the requantize merge alone; it is measured beside the re-fitted base
+    assert set(report["comparison"]["merges"]["modes"]) == {"requantize"} and report["comparison"]["merges"]["refit"]
 
 @pytest.mark.parametrize("quantize, extra", [
     ({"method": "bnb-int8"}, "bitsandbytes"),
