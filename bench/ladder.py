@@ -58,6 +58,10 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
                        "mixed-domain calibration (the default now)"),
     "gptq-g32-mixed": ([{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32,
                          "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False, ""),
+    "llmc-gptq-g64": ([{"type": "quantize", "method": "llmc-gptq-w4a16", "bits": 4, "group_size": 64,
+                        "calibration": MIXED}], False, "llmcompressor's GPTQ, compressed-tensors (vLLM's format)"),
+    "llmc-awq-g64": ([{"type": "quantize", "method": "llmc-awq-w4a16", "bits": 4, "group_size": 64,
+                       "calibration": MIXED}], False, "llmcompressor's AWQ, compressed-tensors (vLLM's format)"),
     "nf4+lora-recover": ("recipes/smollm2-nf4-recover.yaml", False, "NF4 re-fitted by GPTQ into its grid, then a "
                          "quantization-aware LoRA distilled on Python's docs, merged into NF4"),
     "gguf-q4_0": ([gguf("Q4_0")], False, "llama.cpp, imatrix on Python's docs"),

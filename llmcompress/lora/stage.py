@@ -228,6 +228,11 @@ class LoraStage(StageConfig):
     def check_after(self, earlier: list[StageConfig]) -> str | None:
         """Rules across stages (recipe validation): what each merge mode and init needs before it."""
         quant = next((s for s in reversed(earlier) if s.type == "quantize"), None)
+        last = next((s for s in reversed(earlier) if s.changes_model), None)
+        if last is not None and last is quant and getattr(quant, "method", None) == "gguf":
+            return ("the model before it is a GGUF file (quantize:gguf), which llama.cpp runs and torch cannot train "
+                    "an adapter on. Fix: put the lora stage before the gguf quantize stage (train and merge on the "
+                    "dense model, then quantize), or quantize with a method peft trains on (bnb-nf4, gptq, hqq)")
         if self.qat:
             problem = _qat_after(quant, earlier)
             if problem:

@@ -371,6 +371,8 @@ STAGE_CASES = [
     C("gguf-target-bits-and-tensor-types",
       stage("{type: quantize, method: gguf, target_bits: 5, tensor_types: {attn_v: q8_0}}"), "{file}",
       "use one of them"),
+    C("gguf-then-lora", head("  - {type: quantize, method: gguf}\n  - {type: lora, objective: distill}\n"), "{file}",
+      "stages[1] (lora)", "a GGUF file", "Fix: put the lora stage before the gguf quantize stage"),
     C("gguf-plan-samples-over-calibration",
       stage("{type: quantize, method: gguf, target_bits: 5, plan_samples: 9, calibration: {samples: 8}}"),
       "{file}", "plan_samples (9)", "calibration.samples"),

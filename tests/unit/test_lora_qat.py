@@ -312,7 +312,7 @@ QAT = "  - {type: lora, objective: distill, qat: true, merge: [requantize]"
 BAD = [  # (id, recipe text, fragments the message must hold)
     ("qat-dense-model", HEAD + QAT + "}\n", ["stages[0] (lora)", "`qat: true`", "a dense or GGUF model", "Fix:"]),
     ("qat-gguf", HEAD + "  - {type: quantize, method: gguf, gguf_type: q4_k_m}\n" + QAT + "}\n",
-     ["stages[1] (lora)", "uses `gguf`", "Fix: quantize with bnb-nf4 or bnb-fp4"]),
+     ["stages[1] (lora)", "a GGUF file", "torch cannot train an adapter on", "Fix: put the lora stage before"]),
     ("qat-gptq", HEAD + "  - {type: quantize, method: gptq}\n" + QAT + "}\n", ["stages[1] (lora)", "uses `gptq`"]),
     ("qat-keep-too", HEAD + NF4 + QAT.replace("[requantize]", "[requantize, keep]") + "}\n",
      ["stages[1] (lora)", "asks for `keep` too", "a function it was not trained for", "Fix: `merge: requantize`"]),
