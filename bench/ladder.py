@@ -61,7 +61,8 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
     "llmc-gptq-g64": ([{"type": "quantize", "method": "llmc-gptq-w4a16", "bits": 4, "group_size": 64,
                         "calibration": MIXED}], False, "llmcompressor's GPTQ, compressed-tensors (vLLM's format)"),
     "llmc-awq-g64": ([{"type": "quantize", "method": "llmc-awq-w4a16", "bits": 4, "group_size": 64,
-                       "calibration": MIXED}], False, "llmcompressor's AWQ, compressed-tensors (vLLM's format)"),
+                       "calibration": {**MIXED, "samples": 16}}], False,  # its grid search: > 20 min at 64 here
+                     "llmcompressor's AWQ, compressed-tensors (vLLM's format); 16 x 512 calibration"),
     "nf4+lora-recover": ("recipes/smollm2-nf4-recover.yaml", False, "NF4 re-fitted by GPTQ into its grid, then a "
                          "quantization-aware LoRA distilled on Python's docs, merged into NF4"),
     "gguf-q4_0": ([gguf("Q4_0")], False, "llama.cpp, imatrix on Python's docs"),
@@ -173,12 +174,35 @@ def markdown(result: dict) -> str:
     return "\n".join(intro + lines + tail) + "\n"
 
 
+def save(entries: dict, result_file: Path, write_doc: bool, model: Path | None, eval_tokens: int,
+         texts: dict[str, Path], params: int, threads: int, t0: float) -> dict:
+    """Write the results (and the doc's section) as they stand: an entry measured is never lost to a later one."""
+    from llmcompress.llamacpp import runtime
+
+    result = {"date": time.strftime("%Y-%m-%d"), "model": str(model) if model else "smollm2-135m",
+              "eval_tokens": eval_tokens, "domains": list(texts),
+              "params": params, "wall_s": round(time.perf_counter() - t0),
+              "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
+                          "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)},
+              "entries": {n: entries[n] for n in ENTRIES if n in entries}}
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    if write_doc:
+        text = DOC.read_text()
+        section = f"{BEGIN}\n{markdown(result)}{END}"
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        DOC.write_text(text)
+    return result
+
+
 @app.command()
 def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: int = 0,
          write_doc: bool = True, model: Path | None = None) -> None:
     from llmcompress import load_recipe, run_recipe
     from llmcompress.errors import LLMCompressError
-    from llmcompress.llamacpp import runtime
 
     t0 = time.perf_counter()
     runs, result_file = RUNS, RESULT
@@ -205,23 +229,8 @@ def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: 
             e = {"error": str(err).splitlines()[0]}
         entries[name] = {**e, "note": note}
         print(json.dumps(entries[name]), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "model": str(model) if model else "smollm2-135m",
-              "eval_tokens": eval_tokens, "domains": list(texts),
-              "params": params, "wall_s": round(time.perf_counter() - t0),
-              "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
-                          "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)},
-              "entries": {n: entries[n] for n in ENTRIES if n in entries}}
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(result, indent=2) + "\n")
-    if write_doc:
-        text = DOC.read_text()
-        section = f"{BEGIN}\n{markdown(result)}{END}"
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        DOC.write_text(text)
-    print(markdown(result))
+        save(entries, result_file, write_doc, model, eval_tokens, texts, params, threads, t0)  # after each entry
+    print(markdown(save(entries, result_file, write_doc, model, eval_tokens, texts, params, threads, t0)))
 
 
 if __name__ == "__main__":
