@@ -35,6 +35,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ["LLMCOMPRESS_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch at one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`), then back."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from llmcompress.models.tiny import tiny_random_llama

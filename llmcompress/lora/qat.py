@@ -116,16 +116,25 @@ def _codes_cpu(w: "torch.Tensor", blocksize: int, quant_type: str, quant_storage
     a = w.reshape(-1).float().reshape(blocks, blocksize)
     absmax = a.abs().max(dim=-1)[0]  # (blocks,)
     scaled = torch.clamp(a * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    first, *rest = bounds.tolist()  # float32 values, exactly (python floats compare as float32 tensors' do)
-    q = (scaled > first).to(torch.uint8)  # bucketize(x, bounds) = how many bounds are < x
-    for b in rest:
-        q += scaled > b
+    q = bucket_index(scaled, bounds)
     if quant_type != "nf4":
         q = order.to(torch.uint8)[q.long()]
     packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
     if quant_storage != torch.uint8:
         packed = packed.squeeze().view(quant_storage).unsqueeze(1)
     return packed, absmax
+
+
+def bucket_index(scaled: "torch.Tensor", bounds: "torch.Tensor") -> "torch.Tensor":
+    """``torch.bucketize(scaled, bounds)`` as uint8, exactly: how many of the (15) bounds lie below each value,
+    counted without bucketize's slow search (4x on CPU)."""
+    import torch
+
+    first, *rest = bounds.tolist()  # float32 values, exactly (python floats compare as float32 tensors' do)
+    q = (scaled > first).to(torch.uint8)
+    for b in rest:
+        q += scaled > b
+    return q
 
 
 def requantized(w: "torch.Tensor", like: Any) -> Any:

@@ -189,18 +189,9 @@ def _round(col: "torch.Tensor", absmax: "torch.Tensor", grid: Grid) -> "torch.Te
     """Nearest code value times the scale: bitsandbytes' rounding (``x * (1/absmax)``, clamped, bucketized)."""
     import torch
 
-    return grid.values[_index(torch.clamp(col * (1.0 / absmax), -1, 1), grid)] * absmax
+    from .qat import bucket_index
 
-
-def _index(scaled: "torch.Tensor", grid: Grid) -> "torch.Tensor":
-    """``torch.bucketize(scaled, grid.bounds)`` (how many bounds are below each value), without its slow search."""
-    import torch
-
-    first, *rest = grid.bounds.tolist()
-    idx = (scaled > first).to(torch.uint8)
-    for b in rest:
-        idx += scaled > b
-    return idx.long()
+    return grid.values[bucket_index(torch.clamp(col * (1.0 / absmax), -1, 1), grid.bounds).long()] * absmax
 
 
 def _round_blocks(w: "torch.Tensor", grid: Grid) -> "torch.Tensor":

@@ -21,14 +21,8 @@ from llmcompress.eval.stage import EvaluateStage  # noqa: E402
 SMALL_PPL = {"ctx_len": 128, "stride": 64, "max_tokens": 384}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread for every test here (tests/conftest.py): figures that do not depend on the thread count
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,8 @@ from llmcompress.eval.chat import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread for every test here (tests/conftest.py): figures that do not depend on the thread count
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _noisy_copy(src: Path, dst: Path, scale: float, seed: int) -> Path:
