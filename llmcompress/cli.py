@@ -114,7 +114,8 @@ def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Check a recipe (schema, model reference, installed extras) without loading any weights."""
+    """Check a recipe (schema, model reference, installed extras) without loading any weights, and print what the run
+    will cost (peak memory and time per stage, from docs/scaling.md)."""
     from rich.table import Table
 
     from .pipeline import preflight
@@ -122,18 +123,31 @@ def validate(
 
     try:
         r = load_recipe(recipe, set_)
-        preflight(r)
+        cost = preflight(r)
     except LLMCompressError as e:
         _fail(e)
     except OSError as e:
         _fail(_os_error(e))
     table = Table(title=f"{recipe}: valid — {r.name} on {r.model.source} ({r.dtype})")
+    if cost is not None:
+        from .estimate import describe
+
+        table.caption = f"estimate: {describe(cost)} (docs/scaling.md)"
     table.add_column("#")
     table.add_column("stage")
     table.add_column("settings")
+    if cost is not None:
+        from .report.metrics import fmt_bytes
+
+        table.add_column("estimated peak, time")
     for i, s in enumerate(r.stages):
         settings = s.model_dump(exclude={"type", "method", "name"}, exclude_defaults=True)
-        table.add_row(str(i), s.kind, ", ".join(f"{k}={v}" for k, v in settings.items()) or "(defaults)")
+        row = [str(i), s.kind, ", ".join(f"{k}={v}" for k, v in settings.items()) or "(defaults)"]
+        if cost is not None:
+            c = cost.stages[i]
+            row.append("not measured" if c.peak_bytes is None else
+                       f"{fmt_bytes(c.peak_bytes)}, " + (f"{c.seconds:.0f} s" if c.seconds is not None else "?"))
+        table.add_row(*row)
     out.print(table)
 
 

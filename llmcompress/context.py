@@ -107,10 +107,15 @@ class ModelHandle:
         return self._loaded
 
     def release(self) -> None:
+        if self._loaded is None:
+            return
         self._loaded = None
         import gc
 
+        from .utils.memory import trim
+
         gc.collect()
+        trim()
 
     @property
     def size_bytes(self) -> int:
@@ -205,12 +210,33 @@ class RunContext:
             _, engine = self.engines.popitem()
             engine.close()
 
-    def baseline(self, kind: str, config: Any, compute: Callable[[], dict]) -> dict:
-        """Results of the *original* model, cached across runs by (model fingerprint, kind, config, versions)."""
+    def load(self, handle: ModelHandle) -> tuple[Any, Any]:
+        """``handle.load()`` with the run's other model released first: one model in memory at a time."""
+        for other in (self.original, self.current):
+            if other is not handle:
+                other.release()
+        return handle.load()
+
+    def working_copy(self) -> tuple[Any, Any]:
+        """A private copy of the current model to change in place: loaded afresh from its folder, with the run's
+        models released first, so a stage never holds the source and its copy at once. (Weights that load
+        memory-mapped are copy-on-write: changing them never touches the folder.)"""
+        from .models.loading import load_model
+
+        self.original.release()
+        self.current.release()
+        return load_model(self.current.path, self.runtime.device, self.runtime.dtype, **self.current.load_kwargs)
+
+    def baseline_path(self, kind: str, config: Any, suffix: str = ".json") -> Path:
+        """Where results of the *original* model for (model fingerprint, kind, config, versions) are cached."""
         from .models.loading import versions
 
         key = stable_hash([self.original.fingerprint(), kind, config, versions(methods=False), self.runtime.describe()])
-        path = cache_dir("baseline", f"{kind}-{key}.json")
+        return cache_dir("baseline", f"{kind}-{key}{suffix}")
+
+    def baseline(self, kind: str, config: Any, compute: Callable[[], dict]) -> dict:
+        """Results of the *original* model, cached across runs by (model fingerprint, kind, config, versions)."""
+        path = self.baseline_path(kind, config)
         # Locked: recipes of a sweep running at once wait for the first to compute it instead of each computing it.
         with file_lock(path.with_name(path.name + ".lock")):
             if path.is_file():

@@ -16,6 +16,7 @@ that a later run trusts.
 
 from __future__ import annotations
 
+import gc
 import platform
 import shutil
 import time
@@ -29,12 +30,15 @@ from .recipe import Recipe, load_recipe
 from .stage import StageConfig, StageResult
 from .utils.io import atomic_write_json, atomic_write_text, read_json, stable_hash
 from .utils.liblogs import libraries_log_to
+from .utils.memory import cuda_peak_bytes, peak_rss_bytes, reset_peak, trim
 
 RESULT = "result.json"
 
 
-def preflight(recipe: Recipe) -> None:
-    """Everything that can be checked before weights load: the model reference, extras, hardware."""
+def preflight(recipe: Recipe) -> Any:
+    """Everything that can be checked before weights load: the model reference, extras, hardware, and whether the
+    run's estimated peak memory fits this machine. Returns that estimate (``estimate.Estimate``, None when the
+    model's size cannot be read before a download)."""
     from .models import resolve_source
     from .models.source import check_source
 
@@ -55,6 +59,32 @@ def preflight(recipe: Recipe) -> None:
                 stage.check_model(folder)
         except LLMCompressError as e:
             raise _located(e, f"{_where(recipe)}: stages[{i}] ({stage.kind})") from None
+    return check_memory(recipe, source)
+
+
+def check_memory(recipe: Recipe, source: Any) -> Any:
+    """The run's cost estimate (``estimate.py``); refuses one whose estimated peak exceeds this machine's memory."""
+    from .context import auto_dtype
+    from .estimate import estimate
+    from .errors import RecipeError
+    from .models.source import materialize
+
+    if source.kind == "hub" or (source.kind == "folder" and source.spec.gguf_file):
+        return None  # its size is known only once downloaded or converted
+    folder = materialize(source) if source.kind in ("builtin", "gguf") else Path(source.ref)
+    dtype = recipe.dtype if recipe.dtype != "auto" else auto_dtype("cpu" if recipe.device != "cuda" else "cuda")
+    est = estimate(recipe, folder, dtype)
+    if est is None or est.fits() or not recipe.memory_check:
+        return est
+    from .report.metrics import fmt_bytes
+
+    worst = max((s for s in est.stages if s.peak_bytes is not None), key=lambda s: s.peak_bytes)
+    raise RecipeError(
+        f"{_where(recipe)}: this run would peak at about {fmt_bytes(est.peak_bytes)} of memory (its {worst.stage} "
+        f"stage, for {est.params / 1e9:.2f} B parameters in {dtype}; lines measured by bench/scaling.py, see "
+        f"docs/scaling.md), and this machine has {fmt_bytes(est.machine_bytes)}. Fix: run it on a machine with "
+        "more memory or compress a smaller model; or, if you know better than the estimate, set "
+        "`memory_check: false` in the recipe.")
 
 
 def _located(e: LLMCompressError, where: str) -> LLMCompressError:
@@ -257,18 +287,25 @@ def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> dict:
     ctx.stage_dir.mkdir(parents=True)
     ctx.runtime.apply()
     ctx.console.log(f"{header} ...")
+    gc.collect()
+    trim()  # garbage of earlier stages is not this stage's peak
+    reset_peak()
     t0 = time.perf_counter()
     try:
         result = stage.run(ctx)
     except LLMCompressError as e:
         raise _located(e, f"{_where(ctx.recipe)}: stages[{ctx.stage_index}] ({stage.kind})") from None
     result.seconds = round(time.perf_counter() - t0, 3)
+    result.peak_rss_bytes, result.peak_gpu_bytes = peak_rss_bytes(), cuda_peak_bytes()
     saved = {"fingerprint": fingerprint, "config": stage.model_dump(mode="json"),
              "result": result.model_dump(mode="json"),
              "outputs": rundir.record_outputs(ctx.stage_dir, result.artifacts, skip=RESULT), "finished": _now()}
     atomic_write_json(ctx.stage_dir / RESULT, saved)
     brief = ", ".join(f"{k} {v}" for k, v in result.summary.items())
-    ctx.console.log(f"{header}: done in {result.seconds:.1f}s" + (f" — {brief}" if brief else ""))
+    from .report.metrics import fmt_bytes
+
+    ctx.console.log(f"{header}: done in {result.seconds:.1f}s, peak memory {fmt_bytes(result.peak_rss_bytes)}"
+                    + (f" — {brief}" if brief else ""))
     return saved
 
 

@@ -89,6 +89,9 @@ class Recipe(BaseModel):
         le=MAX_THREADS,
         description="torch CPU threads; default: half the cores (1 on a 2-core box, where 2 ran 4-10x slower).",
     )
+    memory_check: bool = Field(
+        True, description="Refuse, before weights load, a run whose estimated peak memory (docs/scaling.md) exceeds "
+        "this machine's memory; false runs it anyway.")
     stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
 
     _path: Path | None = PrivateAttr(None)

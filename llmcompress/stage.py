@@ -64,6 +64,10 @@ class StageResult(BaseModel):
     type: str
     label: str
     seconds: float = 0.0
+    #: Peak resident memory of the run's process during this stage (bytes; child processes such as a vLLM server
+    #: are not counted), and of CUDA memory allocated by torch when the stage used a GPU.
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
     #: Folder (relative to the stage folder) holding the model this stage produced, if any.
     model_dir: str | None = None
     #: Files or folders the stage wrote elsewhere (absolute paths); resume redoes the stage when one is gone.

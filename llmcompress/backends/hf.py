@@ -37,8 +37,10 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu"):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu", handle: "ModelHandle | None" = None):
+        self.model, self.tokenizer, self.device, self.handle = model, tokenizer, device, handle
+        self._param_bytes: int | None = None
+        self._describe: dict | None = None
 
     @classmethod
     def open(cls, handle: "ModelHandle", ctx: Any = None, **overrides: Any) -> "HFBackend":
@@ -50,7 +52,26 @@ class HFBackend:
             raise Unservable(f"`{handle.path}` is a GGUF file, which runs under llama.cpp. Fix: add `llamacpp` to "
                              "`backends`.")
         model, tokenizer = handle.load()
-        return cls(model, tokenizer, handle.runtime.device)
+        return cls(model, tokenizer, handle.runtime.device, handle)
+
+    @property
+    def suspended(self) -> bool:
+        return self.model is None
+
+    def suspend(self) -> None:
+        """Let the model go (its handle releases it) so another can take the memory; ``resume`` loads it again."""
+        if self.model is None or self.handle is None:
+            return
+        self.param_bytes(), self.describe()  # kept: both read the loaded model
+        self.model = None
+        self.handle.release()
+
+    def resume(self) -> bool:
+        """Load the model again after ``suspend``; True when it had to be loaded."""
+        if self.model is not None:
+            return False
+        self.model, self.tokenizer = self.handle.load()
+        return True
 
     def __enter__(self) -> "HFBackend":
         return self
@@ -75,7 +96,9 @@ class HFBackend:
     def param_bytes(self) -> int:
         from ..models.loading import param_bytes
 
-        return param_bytes(self.model)
+        if self._param_bytes is None:
+            self._param_bytes = param_bytes(self.model)
+        return self._param_bytes
 
     def memory(self) -> None:
         return None  # measured by the fresh-process probe (bench/memory.py)
@@ -84,8 +107,11 @@ class HFBackend:
         import torch
         import transformers
 
-        return {"engine": f"transformers {transformers.__version__}", "batching": "static (one generate per batch)",
+        if self._describe is None:
+            self._describe = {
+                "engine": f"transformers {transformers.__version__}", "batching": "static (one generate per batch)",
                 "threads": torch.get_num_threads(), "dtype": str(next(self.model.parameters()).dtype).split(".")[-1]}
+        return self._describe
 
     def _sync(self) -> None:
         if self.device == "cuda":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LLMCompressError
+from ..utils.memory import peak_rss_bytes, rss_bytes
 from ..utils.proc import die_with_parent
 
 MODULE = "llmcompress.bench.memory"
@@ -60,28 +61,6 @@ def measure_memory(
         raise LLMCompressError(
             f"benchmark: the memory probe of `{path}` printed no JSON (stdout: {proc.stdout[-300:]!r})."
         ) from None
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set (since its exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure_loaded(path: str | Path, device: str, dtype: str, threads: int,

@@ -49,6 +49,7 @@ class BenchmarkStage(StageConfig):
           repeats: 3
           warmup: 1
           memory: true
+          paired: rounds           # one model in memory at a time (calls: all at once, alternating call by call)
           compare: []              # more models: run folders, model folders, or recipe files (run first)
           vllm: {}                 # engine settings, e.g. {kv_cache_gib: 1, tensor_parallel_size: 2}
 
@@ -85,6 +86,12 @@ class BenchmarkStage(StageConfig):
         description="Untimed calls per model before timing, at the smallest batch size (the first call is slower).",
     )
     memory: bool = Field(True, description="Measure load time and peak RSS, one fresh process per model.")
+    paired: Literal["rounds", "calls"] = Field(
+        "rounds", description="How models take turns under hf: `rounds` = one model in memory at a time, models "
+        "alternating round by round (each load followed by an untimed call), so the run never holds two models; "
+        "`calls` = every model in memory at once, alternating call by call (the tightest pairing, when memory is "
+        "plentiful). Server backends (vllm, llamacpp) run in their own processes either way."
+    )
     compare: list[str] = Field(
         default_factory=list, description="More models to measure beside the compressed one: run folders (their "
         "final model), model folders, or recipe files (run, or resumed, into runs/<name> first). Paths are "
@@ -246,17 +253,25 @@ class BenchmarkStage(StageConfig):
         from ..serving.support import Unservable
 
         backends, unsupported = {}, {}
+        if self.paired == "rounds":  # one model in memory at a time: none is held when the stage starts
+            for handle in (ctx.original, ctx.current, *handles.values()):
+                handle.release()
         for name in self.backends:
             cls = BACKENDS.get(name)
             extra = cls.bench_settings(self, ctx.runtime, len(handles)) if hasattr(cls, "bench_settings") else {}
             for role, handle in handles.items():
                 try:
-                    backends[f"{name}/{role}"] = cls.open(handle, ctx, **extra)
+                    backends[f"{name}/{role}"] = b = cls.open(handle, ctx, **extra)
                 except Unservable as e:
                     unsupported[(name, role)] = str(e)
                     ctx.log(f"benchmark: {role} is not timed under {name}: {e}")
+                    continue
+                if self.paired == "rounds" and hasattr(b, "suspend"):
+                    b.check(self.prompt_tokens, self.new_tokens, where=where)
+                    b.suspend()
         for b in backends.values():  # servers started above in parallel; this waits for each
-            b.check(self.prompt_tokens, self.new_tokens, where=where)
+            if not getattr(b, "suspended", False):
+                b.check(self.prompt_tokens, self.new_tokens, where=where)
         if "vllm/original" not in backends and "vllm" in self.backends:
             ctx.log("benchmark: vLLM cannot serve the original here, so no vLLM ratios")
         return backends, unsupported
@@ -282,7 +297,8 @@ class BenchmarkStage(StageConfig):
         return {**result, "cached": not fresh}
 
     def time_interleaved(self, backends: dict[str, Any], advance=lambda *a, **k: None) -> list[dict]:
-        """Time every (round, batch size), alternating models call by call. Returns one dict per call, in order."""
+        """Time every (round, batch size), alternating models call by call (``paired: calls``) or round by round,
+        with one hf model in memory at a time (``rounds``). Returns one dict per call, in order."""
         prompts = {key: {bs: b.prompts(bs, self.prompt_tokens) for bs in self.batch_sizes}
                    for key, b in backends.items()}
         # Warm-up at the smallest batch only: measured on CPU, the very first call is ~10% slow and the first call
@@ -290,18 +306,39 @@ class BenchmarkStage(StageConfig):
         plan = [("warmup", r, [self.batch_sizes[0]]) for r in range(self.warmup)]
         plan += [("timed", r, self.batch_sizes) for r in range(self.repeats)]
         calls = []
+
+        def call(phase: str, r: int, bs: int, key: str) -> None:
+            gc.disable()  # no collector pause inside a timed call
+            try:
+                timing = backends[key].generate(prompts[key][bs], self.new_tokens)
+            finally:
+                gc.enable()
+            calls.append({"phase": phase, "repeat": r, "role": key, **timing.as_dict()})
+            advance(1, description=f"benchmark: {phase} {r + 1}, batch {bs}, {key}")
+
         for phase, r, batch_sizes in plan:
             gc.collect()  # once a round: a full collection costs ~0.2 s with torch and transformers loaded
-            for bs in batch_sizes:
-                for key, backend in backends.items():
-                    gc.disable()  # no collector pause inside a timed call
-                    try:
-                        timing = backend.generate(prompts[key][bs], self.new_tokens)
-                    finally:
-                        gc.enable()
-                    calls.append({"phase": phase, "repeat": r, "role": key, **timing.as_dict()})
-                    advance(1, description=f"benchmark: {phase} {r + 1}, batch {bs}, {key}")
+            if self.paired == "calls":
+                for bs in batch_sizes:
+                    for key in backends:
+                        call(phase, r, bs, key)
+                continue
+            for key, backend in backends.items():
+                if self._take_turn(backends, key) and phase == "timed":
+                    backend.generate(prompts[key][batch_sizes[0]], self.new_tokens)  # untimed: a reload's first
+                for bs in batch_sizes:
+                    call(phase, r, bs, key)
         return calls
+
+    @staticmethod
+    def _take_turn(backends: dict[str, Any], key: str) -> bool:
+        """Make ``key``'s model the only hf model in memory; True when it had to be loaded again."""
+        if not hasattr(backends[key], "resume"):
+            return False
+        for other, b in backends.items():
+            if other != key and hasattr(b, "suspend"):
+                b.suspend()
+        return backends[key].resume()
 
     def _figures(self, handle: "ModelHandle", backend: Any, memory: dict | None, per_repeat: dict) -> dict:
         out: dict[str, Any] = {"size_bytes": handle.size_bytes}
@@ -332,7 +369,7 @@ class BenchmarkStage(StageConfig):
         return {
             "backends": list(self.backends), "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
             "batch_sizes": list(self.batch_sizes), "repeats": self.repeats, "warmup": self.warmup,
-            **ctx.runtime.describe(),
+            "paired": self.paired, **ctx.runtime.describe(),
             "ttft_batch_size": self.batch_sizes[0], "latency_batch_size": self.batch_sizes[-1],
             "prompt_source": SOURCE, "same_prompt_ids": all(i == ids[0] for i in ids), "decoding": "greedy",
             "memory": "hf: fresh process per model, peak = VmHWM; vllm: server process tree, sampled"

@@ -1,12 +1,14 @@
 """KL(P_original || P_compressed) of the next-token distributions, per token, on the perplexity windows.
 
-Both models run window by window, so at most one window's logits per model are held at a time. Per-token KL in
-nats; ``top1_agreement`` is the share of positions where both models' most likely next token is the same.
+Both models run window by window, so at most one window's logits per model are held at a time; the original may
+instead be a store of its logits on disk (``reference.py``), so that only the compressed model is in memory. Per-token
+KL in nats; ``top1_agreement`` is the share of positions where both models' most likely next token is the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LLMCompressError
@@ -25,11 +27,19 @@ Progress = Callable[..., None]
 
 
 def compare(original: Any, compressed: Any, windows: Windows, progress: Progress | None = None) -> Comparison:
-    """Run both models over ``windows``: KL(P_original || P_compressed) stats and the compressed model's perplexity."""
+    """Run both models over ``windows``: KL(P_original || P_compressed) stats and the compressed model's perplexity.
+
+    ``original``: a model, or the folder of a logits store of it written by ``reference.write``."""
     import torch
 
+    if isinstance(original, (str, Path)):
+        from .reference import logprobs
+
+        reference = logprobs(Path(original), windows)
+    else:
+        reference = window_logprobs(original, windows)
     kls, agree, total_nll = [], 0, 0.0
-    for (lp, targets), (lq, _) in zip(window_logprobs(original, windows), window_logprobs(compressed, windows)):
+    for (lp, targets), (lq, _) in zip(reference, window_logprobs(compressed, windows)):
         if lp.shape[-1] != lq.shape[-1]:
             raise LLMCompressError(
                 f"KL: the models' vocabularies differ ({lp.shape[-1]} vs {lq.shape[-1]} logits), so their next-token "

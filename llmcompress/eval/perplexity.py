@@ -131,8 +131,9 @@ def check_context(model: Any, cfg: PerplexityConfig) -> None:
         )
 
 
-def window_logprobs(model: Any, windows: Windows) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """For each window: ``(logprobs (n, V) float32, targets (n,))`` for its scored tokens, one window at a time."""
+def window_logits(model: Any, windows: Windows) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """For each window: ``(logits (n, V) in the model's dtype, targets (n,))`` for its scored tokens, one window at a
+    time."""
     import inspect
 
     import torch
@@ -147,8 +148,17 @@ def window_logprobs(model: Any, windows: Windows) -> Iterator[tuple["torch.Tenso
         with torch.inference_mode():
             kwargs = {"logits_to_keep": n + 1} if keep else {}  # only the last n+1 positions' logits are computed
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -(n + 1):-1]
+        yield logits, windows.ids[first:end].to(device)
+
+
+def window_logprobs(model: Any, windows: Windows) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """For each window: ``(logprobs (n, V) float32, targets (n,))`` for its scored tokens, one window at a time."""
+    import torch
+
+    for logits, targets in window_logits(model, windows):
+        with torch.inference_mode():
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-        yield logprobs, windows.ids[first:end].to(device)
+        yield logprobs, targets
 
 
 def nll_sum(logprobs: "torch.Tensor", targets: "torch.Tensor") -> float:

@@ -150,10 +150,12 @@ class EvaluateStage(StageConfig):
         rows = self._chat_rows(ctx)
         settings = self._settings(ctx, text, rows)
         windows: dict[str, Any] = {}  # built once (needs a tokenizer), shared by both models
+        # The original's logits on the windows, for KL without both models in memory (cached with its results)
+        store = ctx.baseline_path("evaluate-logits", {**settings, "notes": None, "version": EVAL_VERSION}, "")
         original, compressed, timing, same = measure_both(
             ctx, "evaluate", settings, EVAL_VERSION,
             lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference,
-                                                             rows=rows))
+                                                             rows=rows, store=store))
         if rows is not None and not same:
             from .chat import compare
 
@@ -222,15 +224,18 @@ class EvaluateStage(StageConfig):
         timing: dict,
         reference: "ModelHandle | None" = None,
         rows: list | None = None,
+        store: Path | None = None,
     ) -> dict[str, Any]:
         """Tasks, chat replies to ``rows``, then perplexity (and KL against ``reference`` when given) for one model;
-        seconds go to ``timing``."""
+        seconds go to ``timing``. One model is in memory at a time: KL reads the original's logits from ``store``,
+        which the original's own pass writes (or, when its results came from the cache without it, a pass of the
+        original alone before this model loads)."""
         from .harness import run_tasks
         from .perplexity import check_context, make_windows, perplexity
 
         n_windows = 0
         if text is not None or rows is not None or self.backend == "hf":
-            model, tokenizer = handle.load()
+            model, tokenizer = ctx.load(handle)
             if callable(getattr(model, "describe", None)):  # not a transformers model: its engine tells what it is
                 timing["engine"] = model.describe()
         if text is not None:
@@ -264,12 +269,25 @@ class EvaluateStage(StageConfig):
             if text is None:
                 return out
             t = time.perf_counter()
-            if reference is not None and self.kl:
+            kl = self.kl and store is not None and ctx.current is not ctx.original
+            if reference is not None and kl:
+                from . import reference as logits
                 from .kl import compare
 
-                result = compare(reference.load()[0], model, windows["w"], advance)
+                if logits.read_index(store, windows["w"]) is None:
+                    ctx.log(f"evaluate: the original's logits for KL (the original alone in memory; {store})")
+                    del model
+                    logits.write(store, ctx.load(reference)[0], windows["w"])
+                    model = ctx.load(handle)[0]
+                    t = time.perf_counter()
+                result = compare(store, model, windows["w"], advance)
                 out["perplexity"], out["kl"] = result.perplexity, result.kl
                 timing["perplexity_kl_s"] = round(time.perf_counter() - t, 3)
+            elif kl:
+                from . import reference as logits
+
+                out["perplexity"] = logits.write(store, model, windows["w"], advance)  # and its logits for KL
+                timing["perplexity_s"] = round(time.perf_counter() - t, 3)
             else:
                 out["perplexity"] = perplexity(model, windows["w"], advance)
                 timing["perplexity_s"] = round(time.perf_counter() - t, 3)

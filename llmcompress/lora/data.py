@@ -43,7 +43,8 @@ class TrainData:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, "torch.Tensor"]]:
-        """Endless micro-batches: a fresh seeded shuffle every epoch; the last short batch of an epoch is kept."""
+        """Endless micro-batches: a fresh seeded shuffle every epoch; the last short batch of an epoch is kept.
+        ``index``: the rows of the batch (a teacher's cached logits are looked up by it)."""
         import torch
 
         gen = torch.Generator().manual_seed(seed)
@@ -52,7 +53,7 @@ class TrainData:
             for i in range(0, len(self), batch_size):
                 idx = order[i: i + batch_size]
                 yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                       "labels": self.labels[idx]}
+                       "labels": self.labels[idx], "index": idx}
 
 
 def build_data(cfg: "LoraStage", ctx: "RunContext", tokenizer: Any, teacher: Any = None) -> TrainData:

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..context import weight_bytes
 from ..errors import RecipeError
@@ -149,20 +149,35 @@ def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> di
 
 def merged_dense(inputs: MergeInputs, dequantized: bool) -> tuple[Any, Any, int]:
     """``(dense model, tokenizer, layers dequantized)``: the weights quantize started from (``dequantized``: with
-    every quantized layer replaced by its dequantized weight) plus ``s·BA`` on every adapted layer, in float32."""
-    from ..models.loading import load_model
+    every quantized layer replaced by its dequantized weight) plus ``s·BA`` on every adapted layer, summed in float32
+    and held in the original's storage dtype, layer by layer (the folder is saved in that dtype anyway: the same
+    bits as a whole float32 copy, at a quarter of the memory for a bf16 model)."""
+    from ..models.loading import load_model, torch_dtype
 
+    storage = inputs.storage_dtype or "float32"
     base, tokenizer = load_model(inputs.base, "cpu", "float32")  # fresh: no forward pass has touched it
-    dense = load_model(inputs.source, "cpu", "float32")[0]
-    replaced = 0
-    if dequantized:
-        for name, module in base.named_modules():
-            if _quantized(module):
-                _set_weight(dense, name, dequantize_layer(module))
-                replaced += 1
-    for name, delta in adapter_deltas(base, inputs.adapter).items():
-        _set_weight(dense, name, dense.get_submodule(name).weight.detach().float() + delta)
+    dense = load_model(inputs.source, "cpu", storage)[0]
+    quantized = {name: m for name, m in base.named_modules() if _quantized(m)} if dequantized else {}
+    replaced = len(quantized)
+    for name, delta in adapter_deltas(base, inputs.adapter):
+        layer = quantized.pop(name, None)
+        w = dequantize_layer(layer) if layer is not None else dense.get_submodule(name).weight.detach().float()
+        _set_weight(dense, name, (w.float() + delta).to(torch_dtype(storage)))
+    for name, module in quantized.items():  # quantized layers without an adapter
+        _set_weight(dense, name, dequantize_layer(module).float().to(torch_dtype(storage)))
     return dense, tokenizer, replaced
+
+
+def adapter_deltas(base: Any, adapter: Path) -> Iterator[tuple[str, Any]]:
+    """``(module name, s·B@A (out, in) float32)`` for each layer the adapter in ``adapter`` adapts on ``base``
+    (unmerged), one layer at a time."""
+    from peft import PeftModel
+
+    from .init import lora_layers
+
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    for name, layer in lora_layers(model):
+        yield name, lora_delta(layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,16 +193,6 @@ def load_peft(path: str | Path, device: str, dtype: str, **kwargs: Any):
     path = Path(path)
     base = load_model(path / BASE_DIR, device, dtype, **kwargs)[0]
     return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
-
-
-def adapter_deltas(base: Any, adapter: Path) -> dict[str, Any]:
-    """``{module name: s·B@A (out, in) float32}`` of the adapter in ``adapter`` applied to ``base`` (unmerged)."""
-    from peft import PeftModel
-
-    from .init import lora_layers
-
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
-    return {name: lora_delta(layer) for name, layer in lora_layers(model)}
 
 
 def lora_delta(layer: Any, adapter: str = "default"):
@@ -284,20 +289,32 @@ def measure_merges(ctx: "RunContext", merges: dict[str, dict], extra: dict[str, 
     ``{"path": ...}`` under the stage folder, in place), on the windows of the last evaluate stage before this one
     (so that the report can set them against the model before the adapter), else the evaluate stage's default
     windows; returns how they were measured."""
+    import shutil
+
+    from ..eval import reference
     from ..eval.kl import compare
     from ..eval.perplexity import PerplexityConfig, load_corpus, make_windows
     from ..models.loading import load_model
 
     before = [s for s in ctx.recipe.stages[: ctx.stage_index] if s.type == "evaluate" and s.perplexity is not None]
     pcfg = before[-1].perplexity if before else PerplexityConfig()
-    original, tokenizer = ctx.original.load()
-    windows = make_windows(tokenizer, load_corpus(pcfg.corpus, ctx.recipe.base_dir), pcfg)
     entries = [*merges.values(), *(extra or {}).values()]
-    with ctx.task("lora: measure merge modes", total=len(entries) * len(windows.spans)) as advance:
-        for info in entries:
-            model = load_model(ctx.stage_dir / info["path"], ctx.runtime.device, ctx.runtime.dtype)[0]
-            result = compare(original, model, windows, advance)
-            info.update({"perplexity": result.perplexity["perplexity"], "kl_mean": result.kl["kl_mean"],
-                         "top1_agreement": result.kl["top1_agreement"]})
-            del model
+    store = ctx.stage_dir / "original-logits"  # one model in memory at a time: the original's logits go to disk
+    with ctx.task("lora: measure merge modes", total=len(entries) + 1) as advance:
+        original, tokenizer = ctx.load(ctx.original)
+        windows = make_windows(tokenizer, load_corpus(pcfg.corpus, ctx.recipe.base_dir), pcfg)
+        reference.write(store, original, windows)
+        del original
+        ctx.original.release()
+        advance(1)
+        try:
+            for info in entries:
+                model = load_model(ctx.stage_dir / info["path"], ctx.runtime.device, ctx.runtime.dtype)[0]
+                result = compare(store, model, windows)
+                info.update({"perplexity": result.perplexity["perplexity"], "kl_mean": result.kl["kl_mean"],
+                             "top1_agreement": result.kl["top1_agreement"]})
+                del model
+                advance(1)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
     return {"perplexity": pcfg.model_dump(), "backend": "hf", **ctx.runtime.describe()}

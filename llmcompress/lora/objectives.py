@@ -2,9 +2,10 @@
 
 - ``sft``: mean next-token cross-entropy over the target tokens (labels != -100).
 - ``distill``: mean over real tokens of KL(P_teacher || P_student) at temperature T, times T² (Hinton et al.: keeps
-  the gradient scale independent of T). The teacher is the original model, the student the quantized model with the
-  adapter; the direction matches the evaluate stage's KL(original || compressed), so the training loss at T=1 is the
-  figure the report measures (on other text).
+  the gradient scale independent of T). The teacher is the original model (or its logits on the training sequences,
+  cached on disk by ``teacher.py``, so that it is not in memory while the student trains), the student the quantized
+  model with the adapter; the direction matches the evaluate stage's KL(original || compressed), so the training loss
+  at T=1 is the figure the report measures (on other text).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def distill_loss(model: Any, batch: dict, teacher: Any = None, temperature: floa
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)
+        if hasattr(teacher, "rows"):  # the teacher's logits cached on disk (lora/teacher.py)
+            t_logits = teacher.rows(batch["index"]).to(ids.device).float()
+        else:
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)
         log_p = F.log_softmax(t_logits / temperature, dim=-1)
         del t_logits
     s_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
@@ -57,7 +59,11 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     total = sum(p.numel() for p in model.parameters())
     loss_fn = OBJECTIVES.get(cfg.objective)
     t = time.perf_counter()
-    losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
+    try:
+        losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
+    finally:
+        if hasattr(teacher, "remove"):
+            teacher.remove()  # the cached logits: as large as the data x vocabulary, never needed again
     train_seconds = time.perf_counter() - t
     qat_info = _qat_info(qat, len(losses), refit) if qat is not None else None
 
@@ -98,7 +104,13 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
                      "target_modules": cfg.target_modules, "steps": steps, "data": cfg.data.model_dump(),
                      "base": ctx.current.describe(),
                      **({"qat": cfg.qat.model_dump()} if cfg.qat is not None else {})}}
-    del model
+    del model, prep, teacher, qat, state_dict
+    import gc
+
+    from ..utils.memory import trim
+
+    gc.collect()  # the student, its optimizer and accelerate's references form cycles: free them before the merge
+    trim()
     return Trained(data=data_out, meta=meta, refit=refit)
 
 
@@ -121,17 +133,28 @@ def prepare(cfg: "LoraStage", ctx: "RunContext") -> Prepared:
     """Student, data, re-fit (``qat.refit``), init, QAT mode (``qat``): everything before the train loop."""
     import torch
 
+    from ..models.loading import load_model
     from . import INITS
     from .data import build_data
+    from .teacher import TeacherLogits
 
-    model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
     t = time.perf_counter()
-    with ctx.task(f"lora: {cfg.objective} data"):
-        data = build_data(cfg, ctx, tokenizer, teacher)
+    if cfg.objective == "distill":  # the teacher's logits go to disk before the student loads: one model at a time
+        seed = _seed_student(cfg, ctx)
+        teacher, tokenizer = ctx.load(ctx.original)
+        with ctx.task(f"lora: {cfg.objective} data"):
+            data = build_data(cfg, ctx, tokenizer, teacher)
+        with ctx.task("lora: teacher logits", total=len(data)) as advance:
+            teacher = TeacherLogits.write(teacher_path(ctx), teacher, data, cfg.batch_size, advance)
+        ctx.original.release()
+        model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
+    else:
+        model, tokenizer, teacher, seed = fresh_student(cfg, ctx)
+        with ctx.task(f"lora: {cfg.objective} data"):
+            data = build_data(cfg, ctx, tokenizer, teacher)
     data_seconds = time.perf_counter() - t
     refit = None
     if cfg.qat is not None and cfg.qat.refit:  # a better rounding of the base first (lora/refit.py)
-        from ..models.loading import load_model
         from .refit import refit_base
 
         refit = refit_base(model, data.input_ids, cfg, ctx)
@@ -160,19 +183,30 @@ def _qat_info(qat: Any, steps: int, refit: Any) -> dict:
 def fresh_student(cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, Any, Any, int]:
     """``(model, tokenizer or image processor, teacher or None, seed)``: a fresh copy of the current model to train
     (the in-memory one may be the original, the distill teacher, or shared with other stages), seeded."""
-    import torch
-
     from ..models.loading import load_model
+
+    seed = _seed_student(cfg, ctx)
+    ctx.current.release()
+    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
+    teacher = ctx.original.load()[0] if cfg.objective == "distill" else None
+    return model, tokenizer, teacher, seed
+
+
+def _seed_student(cfg: "LoraStage", ctx: "RunContext") -> int:
+    """Refuse a base that already carries an adapter; seed torch with the stage's seed and return it."""
+    import torch
 
     if ctx.current.meta.get("format") == "peft":
         raise RecipeError("the model here is already base + LoRA adapter (`merge: keep` in an earlier lora stage). "
                           "Fix: merge the earlier adapter (`requantize` or `dequantized`) before training another")
     seed = ctx.runtime.seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
-    ctx.current.release()
-    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
-    teacher = ctx.original.load()[0] if cfg.objective == "distill" else None
-    return model, tokenizer, teacher, seed
+    return seed
+
+
+def teacher_path(ctx: "RunContext") -> Path:
+    """Where this process caches the teacher's logits (one file per training process)."""
+    return ctx.stage_dir / f"teacher-logits-{os.environ.get('RANK', '0')}.bin"
 
 
 def total_steps(cfg: "LoraStage", n_sequences: int) -> int:

@@ -203,16 +203,14 @@ def prune_mask(score: "torch.Tensor", cfg: PruneConfig, per_row: bool) -> "torch
 
 
 def load_dense_copy(ctx: "RunContext") -> tuple[Any, Any]:
-    """A private copy of the current model (the original stays untouched for comparison), checked to be dense."""
-    import copy
-
-    model, tokenizer = ctx.current.load()
+    """A private copy of the current model (loaded afresh, with no other model held), checked to be dense."""
+    model, tokenizer = ctx.working_copy()
     if getattr(model, "hf_quantizer", None) is not None:
         raise RecipeError(
             f"`{ctx.current.describe()}` loads as a quantized model ({type(model.hf_quantizer).__name__}), and pruning "
             "needs dense weights. Fix: start from the unquantized model and prune before quantizing."
         )
-    return copy.deepcopy(model), tokenizer
+    return model, tokenizer
 
 
 def apply_mask_(linear, mask: "torch.Tensor") -> None:

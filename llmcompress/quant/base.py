@@ -86,12 +86,16 @@ class QuantizeConfig(StageConfig):
         meta.update(info.pop("meta", {}))
         with ctx.task("save quantized model"), ctx.new_model_dir() as tmp:
             model, tokenizer = self.save_pretrained(ctx, model, tokenizer, tmp, meta)
-        ctx.set_current(ctx.stage_dir / "model", loaded=(model, tokenizer))  # next stages reuse it in memory
+        weights = param_bytes(model)
+        del model
+        # Later stages load the folder, not this model: it may still map the source's weight file (a layer left
+        # unquantized), which would keep the whole source resident; and the folder is what users get.
+        ctx.set_current(ctx.stage_dir / "model")
         data = {
             "method": self.method,
             "bits": self.bits_per_weight(),
             "quantize_seconds": round(seconds, 3),
-            "param_bytes": param_bytes(model),
+            "param_bytes": weights,
             "size_bytes": ctx.current.size_bytes,
             **info,
         }

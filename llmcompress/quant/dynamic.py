@@ -38,21 +38,19 @@ class DynamicInt8Config(QuantizeConfig):
     nominal_bits: ClassVar[float] = 8
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
-        import copy
 
         import torch
 
         if torch.device(ctx.runtime.device).type != "cpu":
             raise RecipeError("dynamic-int8 runs PyTorch's CPU int8 kernels only. Fix: set `device: cpu`, or use "
                               "torchao-int8dq on CUDA.")
-        model, tokenizer = ctx.current.load()
         self.ensure_dense(ctx.current)
+        model, tokenizer = ctx.working_copy()
         linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
         targets = [n for n in linears if not self.skips(n)]
         if not targets:
             raise RecipeError(f"dynamic-int8 found no `nn.Linear` layer to quantize ({len(linears)} linear layers, "
                               f"skip={self.skip}). Fix: loosen `skip`.")
-        model = copy.deepcopy(model)  # the original stays untouched for comparison
         quantize_dynamic_(model, targets, self.per_channel, ctx.runtime.dtype)
         if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False

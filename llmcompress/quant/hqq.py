@@ -54,7 +54,6 @@ class HQQConfig(QuantizeConfig):
         require("hqq", "hqq", f"Method `{self.method}`")
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
-        import copy
         import time
 
         from ..models.loading import torch_dtype
@@ -63,8 +62,7 @@ class HQQConfig(QuantizeConfig):
         import hqq.core.quantize  # noqa: F401  (~10 s on a busy 2-core box: reported apart from the quantize time)
 
         import_seconds = time.perf_counter() - t0
-        model, tokenizer = ctx.current.load()
-        model = copy.deepcopy(model)  # the original stays untouched for comparison
+        model, tokenizer = ctx.working_copy()
         names, skipped = quantize_hqq_(model, self, ctx.runtime.device, torch_dtype(ctx.runtime.dtype))
         from importlib.metadata import version
 

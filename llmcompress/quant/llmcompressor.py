@@ -68,17 +68,18 @@ class _LlmcConfig(QuantizeConfig):
         raise NotImplementedError
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
-        import copy
 
         source = ctx.current
         self.ensure_dense(source)
         self.preflight(ctx.recipe.base_dir)
         config, meta = meta_model(source.path)
         plan = plan_layers(self.skips, config, meta, self.group_size_or_none(), self.calibration_seq_len())
-        model, tokenizer = source.load()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
         ids = (load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # type: ignore[attr-defined]
                if self.calibrated else None)
-        model = copy.deepcopy(model)  # oneshot works in place; the original stays untouched for comparison
+        model, tokenizer = ctx.working_copy()  # oneshot works in place on a private copy
         log = ctx.stage_dir / LOG_FILE
         t0 = time.perf_counter()
         with llmcompressor_output(log, ctx.console):  # imports llmcompressor (~10 s the first time: reported apart)

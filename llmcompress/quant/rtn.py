@@ -42,10 +42,8 @@ class RTNConfig(QuantizeConfig):
         return check_group_size(v)
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
-        import copy
 
-        model, tokenizer = ctx.current.load()
-        model = copy.deepcopy(model)  # the original stays untouched for comparison
+        model, tokenizer = ctx.working_copy()
         names = quantize_rtn_(model, self)
         meta = {"format": "rtn", "rtn": {"bits": self.bits, "group_size": self.group_size,
                                           "symmetric": self.symmetric, "modules": names}}

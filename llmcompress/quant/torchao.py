@@ -66,7 +66,6 @@ class _TorchaoConfig(QuantizeConfig):
         """Raise RecipeError when ``lin`` cannot be quantized as configured (torchao would skip it silently)."""
 
     def quantize(self, ctx: "RunContext") -> tuple[Any, Any, dict]:
-        import copy
         import time
         from importlib.metadata import version
 
@@ -79,7 +78,7 @@ class _TorchaoConfig(QuantizeConfig):
 
         import_seconds = time.perf_counter() - t0
         device = torch.device(ctx.runtime.device).type
-        model, tokenizer = ctx.current.load()
+        model, tokenizer = ctx.working_copy()
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         targets = {n for n, _ in linears if not self.skips(n)}
         skipped = [n for n, _ in linears if n not in targets]
@@ -92,7 +91,6 @@ class _TorchaoConfig(QuantizeConfig):
         for name, lin in linears:
             if name in targets:
                 self.check_layer(name, lin, device)
-        model = copy.deepcopy(model)  # the original stays untouched for comparison
         ao_config = self.ao_config(device)
         kernel_dtype = self.kernel_dtype or ctx.runtime.dtype
         for name in targets:  # quantize from (and so compute in) the kernel's dtype

@@ -14,7 +14,8 @@ Shape (``None`` where a part was not measured)::
                              "exact_agreement", "diverged", "mean_first_divergence", "flipped": [...],
                              "gained": [...]} | None,
                     "bench": {"measured_with", "figures": {figure: entry}} | None, "headline": {...}},
-     "stages": [{"index", "dir", "type", "label", "seconds", "resumed", "model_dir", "config", "summary", "data"}]}
+     "stages": [{"index", "dir", "type", "label", "seconds", "peak_rss_bytes", "peak_gpu_bytes", "resumed",
+                 "model_dir", "config", "summary", "data"}]}
 
 Entries come from ``metrics.compare``: original, compressed, better ("lower"/"higher"), delta, relative, verdict,
 change (words), plus recovery/stderr for accuracies and ratio/speedup for benchmark figures.
@@ -115,6 +116,8 @@ def _stage_entry(position: int, stage: dict) -> dict:
         "type": result.get("type") or config.get("type") or "unknown",
         "label": result.get("label") or config.get("name") or config.get("type") or "stage",
         "seconds": result.get("seconds"),
+        "peak_rss_bytes": result.get("peak_rss_bytes"),
+        "peak_gpu_bytes": result.get("peak_gpu_bytes"),
         "resumed": bool(stage.get("resumed", False)),
         "model_dir": result.get("model_dir"),
         "config": config,

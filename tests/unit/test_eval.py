@@ -126,6 +126,73 @@ def test_kl_is_zero_against_itself_and_positive_against_a_perturbed_copy(tiny, p
     assert math.isclose(diff.perplexity["perplexity"], perplexity(noisy, w)["perplexity"], rel_tol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kl_from_a_logits_store_is_the_side_by_side_kl_bit_for_bit(tiny_model_dir, perturbed_dir, tmp_path, dtype):
+    """The evaluate stage keeps one model in memory: the original's logits go to disk and KL reads them back."""
+    from llmcompress.eval import reference
+    from llmcompress.eval.kl import compare
+    from llmcompress.models.loading import load_model
+
+    model, tok = load_model(tiny_model_dir, "cpu", dtype)
+    noisy, _ = load_model(perturbed_dir, "cpu", dtype)
+    w = make_windows(tok, load_corpus("builtin:pydoc"), PerplexityConfig(**SMALL_PPL))
+    store = tmp_path / "store"
+    assert reference.write(store, model, w) == perplexity(model, w)  # the same pass gives the original's perplexity
+    index = reference.read_index(store, w)
+    assert index["dtype"] == dtype and index["vocab"] == model.config.vocab_size
+    assert (store / "logits.bin").stat().st_size == w.scored * index["vocab"] * (2 if dtype == "bfloat16" else 4)
+    assert compare(store, noisy, w) == compare(model, noisy, w)
+
+    other = make_windows(tok, load_corpus("builtin:pydoc"), PerplexityConfig(**{**SMALL_PPL, "stride": 32}))
+    assert reference.read_index(store, other) is None  # other windows: never read
+    with pytest.raises(ValueError, match="no complete logits store"):
+        next(reference.logprobs(store, other))
+    with open(store / "logits.bin", "ab") as f:
+        f.write(b"\0")
+    assert reference.read_index(store, w) is None  # a file that is not what the index says: never read
+
+
+def test_evaluate_keeps_one_model_in_memory_and_reuses_the_original_logits(tiny_model_dir, perturbed_dir, tmp_path,
+                                                                           monkeypatch):
+    """KL against the original without both models loaded; a second run reads the original's cached logits."""
+    from llmcompress import run_recipe
+    from llmcompress.context import ModelHandle
+
+    monkeypatch.setenv("LLMCOMPRESS_CACHE", str(tmp_path / "cache"))
+    loaded_at_once = []
+    load = ModelHandle.load
+
+    import gc
+
+    def count_handles(self):
+        out = load(self)
+        loaded_at_once.append(sum(1 for o in gc.get_objects() if isinstance(o, ModelHandle) and o._loaded is not None))
+        return out
+
+    monkeypatch.setattr(ModelHandle, "load", count_handles)
+    recipe = {"name": "kl-store", "model": str(tiny_model_dir), "dtype": "float32", "threads": 1, "stages": [
+        {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32},
+        {"type": "evaluate", "tasks": [], "perplexity": SMALL_PPL}]}
+    first = run_recipe(recipe, tmp_path / "a", show_progress=False)
+    assert loaded_at_once and max(loaded_at_once) == 1, loaded_at_once
+    stores = list((tmp_path / "cache" / "baseline").glob("evaluate-logits-*"))
+    assert len(stores) == 1 and (stores[0] / "index.json").is_file()
+    kl = first["stages"][1]["data"]["compressed"]["kl"]
+    assert kl["kl_mean"] > 0 and kl["tokens"] == SMALL_PPL["max_tokens"] - 1
+
+    loaded_at_once.clear()
+    second = run_recipe(recipe, tmp_path / "b", show_progress=False)  # original from the cache: it never loads
+    assert second["stages"][1]["data"]["compressed"]["kl"] == kl
+    assert second["stages"][1]["data"]["timing"]["original"]["cached"]
+
+    import shutil
+
+    shutil.rmtree(stores[0])  # the store is gone but the results are cached: the original runs alone to rewrite it
+    third = run_recipe(recipe, tmp_path / "c", show_progress=False)
+    assert third["stages"][1]["data"]["compressed"]["kl"] == kl and max(loaded_at_once) == 1
+    assert (stores[0] / "index.json").is_file()
+
+
 def test_corpus_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')

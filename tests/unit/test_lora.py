@@ -91,6 +91,58 @@ def test_distill_on_text_the_original_writes(tiny_model_dir, tmp_path):
     assert "sampled from the original model" in data["data_notes"][0]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cached_teacher_logits_give_the_live_teachers_loss(tiny_model_dir, tmp_path, dtype):
+    from llmcompress.lora.data import TrainData
+    from llmcompress.lora.objectives import distill_loss
+    from llmcompress.lora.teacher import TeacherLogits
+
+    teacher, tok = load_model(tiny_model_dir, "cpu", dtype)
+    student, _ = load_model(tiny_model_dir, "cpu", dtype)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids = tok([TEXT * 4] * 5, return_tensors="pt")["input_ids"][:, :40]
+    data = TrainData(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+    cached = TeacherLogits.write(tmp_path / "t.bin", teacher, data, batch_size=2)
+    assert (tmp_path / "t.bin").stat().st_size == ids.numel() * teacher.config.vocab_size * (
+        2 if dtype == "bfloat16" else 4)
+    batch = next(data.batches(3, seed=0))
+    with torch.no_grad():
+        live = teacher(input_ids=batch["input_ids"], use_cache=False).logits
+        assert torch.allclose(cached.rows(batch["index"]).float(), live.float(), atol=1e-2 if dtype == "bfloat16"
+                              else 1e-5)
+        a = distill_loss(student, batch, teacher=cached, temperature=2.0)
+        b = distill_loss(student, batch, teacher=teacher, temperature=2.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-2 if dtype == "bfloat16" else 1e-5)
+    cached.remove()
+    assert not (tmp_path / "t.bin").exists()
+
+
+def test_distill_trains_with_the_teacher_on_disk_not_in_memory(tiny_model_dir, tmp_path, monkeypatch):
+    from llmcompress.lora import train
+    from llmcompress.lora.teacher import TeacherLogits
+    from llmcompress.pipeline import run_recipe
+
+    seen, loop = {}, train.train_loop_
+
+    def watch(model, data, loss_fn, cfg, ctx, teacher, seed):
+        seen.update(teacher=teacher, original_loaded=ctx.original._loaded is not None,
+                    files=sorted(p.name for p in ctx.stage_dir.glob("teacher-logits*")))
+        return loop(model, data, loss_fn, cfg, ctx, teacher, seed)
+
+    monkeypatch.setattr(train, "train_loop_", watch)
+    lora = {"type": "lora", "objective": "distill", "data": {"samples": 8, "seq_len": 32}, "r": 4, "steps": 4,
+            "lr": 0.01}
+    report = run_recipe(_recipe(tiny_model_dir, [{"type": "quantize", "method": "hqq", "bits": 4,
+                                                  "group_size": 32}, lora]), tmp_path / "run", show_progress=False)
+    assert isinstance(seen["teacher"], TeacherLogits) and not seen["original_loaded"]
+    assert seen["files"] == ["teacher-logits-0.bin"]
+    assert not list((tmp_path / "run").rglob("teacher-logits*"))  # removed when training ended
+    data = report["stages"][1]["data"]
+    assert data["steps"] == 4 and all(x > 0 for x in data["loss_curve"])  # KL to the teacher: never 0 after hqq
+
+
 def test_chat_tokens_mark_the_reply_and_its_end_marker(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -174,7 +174,8 @@ def test_wanda_provably_beats_magnitude_on_a_layer_with_skewed_inputs():
         assert errors["wanda"] < 0.5 * errors["magnitude"], (cfg.describe(), errors)
 
 
-def test_wanda_differs_from_magnitude_and_keeps_outputs_closer_on_calibration_text(make_ctx):
+def test_wanda_differs_from_magnitude_and_keeps_outputs_closer_on_calibration_text(make_ctx, tiny_model_dir,
+                                                                                   tmp_path):
     # A random tiny model has no outlier channels; scale a few input channels of every layer's RMSNorm (as trained
     # LLMs have) so activation norms are skewed, then measure the logits' error on the calibration windows.
     ctx = make_ctx(stages=[_stage("wanda", sparsity=0.5)])
@@ -185,14 +186,24 @@ def test_wanda_differs_from_magnitude_and_keeps_outputs_closer_on_calibration_te
             if name.endswith("layernorm"):
                 scale = torch.where(torch.rand(mod.weight.shape, generator=g) < 0.1, 20.0, 1.0)
                 mod.weight.mul_(scale.to(mod.weight.dtype))
+    import shutil
+
+    from llmcompress.context import ModelHandle
     from llmcompress.data import load_calibration
+
+    skewed = tmp_path / "skewed"  # stages load their model from its folder: the skewed one is saved as the original
+    orig.save_pretrained(skewed)
+    tok.save_pretrained(skewed)
+    shutil.copy2(tiny_model_dir / "llmcompress.json", skewed / "llmcompress.json")
+    ctx.original = ctx.current = ModelHandle("original", skewed, ctx.runtime)
+    orig, tok = ctx.original.load()
 
     ids = load_calibration(ctx.recipe.stages[0].calibration, tok, model=ctx.original)  # builtin:mixed
     with torch.no_grad():
         ref = orig(input_ids=ids).logits.float()
     errors, masks = {}, {}
     for method in ("magnitude", "wanda"):
-        _run_next(ctx, _stage(method, sparsity=0.5), f"prune-{method}", on_original=True)  # the skewed model in memory
+        _run_next(ctx, _stage(method, sparsity=0.5), f"prune-{method}", on_original=True)  # the skewed model
         pruned, _ = ctx.current.load()
         with torch.no_grad():
             errors[method] = ((pruned(input_ids=ids).logits.float() - ref) ** 2).mean().item()
