@@ -167,7 +167,8 @@ def write_docs(data: dict) -> None:
               "Least squares over the jobs above: peak = a + b x parameters, seconds = c + d x parameters. "
               "The seconds are this machine's (2 cores); scale them by your machine's speed. Beyond the measured "
               "range the lines are extrapolations.", "",
-              "| stage | peak memory: a + b/param | seconds: c + d per B params | 8B: peak, time | 70B: peak, time |",
+              "| stage | peak memory: a + b bytes per parameter | seconds: c + d per billion parameters "
+              "| 8B: peak, time | 70B: peak, time |",
               "|---|---|---|---|---|"]
     for stage, f in data["fits"].items():
         a, b = f["peak_rss_bytes"]
