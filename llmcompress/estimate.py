@@ -71,6 +71,22 @@ def safetensors_params(folder: Path) -> int | None:
     return total
 
 
+def gguf_params(path: Path) -> int | None:
+    """Parameters in a GGUF file, from its tensor index (memory-mapped; no weights read)."""
+    try:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader, with its fix
+        return None
+
+
+def model_params(path: Path) -> int | None:
+    """Parameters of the model in a folder (safetensors headers) or a .gguf file (its tensor index)."""
+    path = Path(path)
+    return gguf_params(path) if path.suffix == ".gguf" else safetensors_params(path)
+
+
 def stage_key(stage: Any) -> str:
     return f"quantize:{stage.method}" if stage.type == "quantize" else stage.type
 
@@ -83,10 +99,11 @@ def load_fit() -> dict:
 
 
 def estimate(recipe: "Recipe", folder: Path, dtype: str) -> Estimate | None:
-    """The estimate for ``recipe`` on the model in ``folder`` (None when its size cannot be read)."""
+    """The estimate for ``recipe`` on the model in ``folder`` (a save_pretrained folder or a .gguf file; None when
+    its size cannot be read)."""
     from .utils.memory import machine_memory
 
-    params = safetensors_params(folder)
+    params = model_params(folder)
     if params is None:
         return None
     lines = load_fit().get("stages", {})

@@ -69,9 +69,14 @@ def check_memory(recipe: Recipe, source: Any) -> Any:
     from .errors import RecipeError
     from .models.source import materialize
 
-    if source.kind == "hub" or (source.kind == "folder" and source.spec.gguf_file):
-        return None  # its size is known only once downloaded or converted
-    folder = materialize(source) if source.kind in ("builtin", "gguf") else Path(source.ref)
+    if source.kind == "hub":
+        return None  # its size is known only once downloaded
+    if source.kind == "builtin":
+        folder = materialize(source)  # built once and cached (the default model: a few seconds the first time)
+    elif source.kind == "folder" and source.spec.gguf_file:
+        folder = Path(source.ref) / source.spec.gguf_file
+    else:
+        folder = Path(source.ref)  # a folder, or a .gguf file read without converting it
     dtype = recipe.dtype if recipe.dtype != "auto" else auto_dtype("cpu" if recipe.device != "cuda" else "cuda")
     est = estimate(recipe, folder, dtype)
     if est is None or est.fits() or not recipe.memory_check:

@@ -61,3 +61,9 @@ def test_validate_prints_the_estimate():
     r = cli("validate", ROOT / "recipes" / "tiny-smoke.yaml")
     assert r.returncode == 0, r.stderr
     assert "estimate:" in r.stdout and "parameters" in r.stdout and "estimated peak, time" in r.stdout
+
+
+def test_a_gguf_file_is_counted_from_its_index_without_converting_it():
+    from llmcompress.models.builtin import smollm2_135m, smollm2_gguf
+
+    assert estimate.model_params(smollm2_gguf()) == estimate.model_params(smollm2_135m()) == 134_515_008
