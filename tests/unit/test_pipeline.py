@@ -126,3 +126,24 @@ def test_runtime_errors_from_a_stage_name_the_recipe_and_stage(out, tmp_path):
     with pytest.raises(RecipeError) as e:
         run_recipe(f, out, show_progress=False)
     assert str(e.value).startswith(f"{f}: stages[0] (quantize:rtn): ") and "does not divide" in str(e.value)
+
+
+def test_a_working_copy_changed_in_place_never_touches_its_folder(make_ctx, tiny_model_dir):
+    """Stages quantize and prune a copy loaded from the folder (no deep copy); its memory-mapped weights are
+    copy-on-write, so the folder's weights stay as they were."""
+    import hashlib
+
+    import torch
+
+    ctx = make_ctx()
+    files = sorted(tiny_model_dir.glob("*.safetensors"))
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    model, _ = ctx.working_copy()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert ctx.original._loaded is None and ctx.current._loaded is None
+    del model
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
+    fresh, _ = ctx.original.load()
+    assert all(p.abs().sum() > 0 for p in fresh.parameters() if p.dim() == 2)
