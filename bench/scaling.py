@@ -95,13 +95,13 @@ def run_job(pipeline: str, shape: str, layers: int | None, threads: int) -> dict
 
 
 def machine() -> dict:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
-    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "?")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    from llmcompress.llamacpp.runtime import _ISA_FLAGS
+    from llmcompress.serving.support import cpu_flags
     from llmcompress.utils.memory import machine_memory
 
-    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in line.split()],
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return {"cpu": model, "cores": os.cpu_count(), "flags": sorted(cpu_flags() & set(_ISA_FLAGS)),
             "memory_bytes": (machine_memory() or {}).get("total"), "python": platform.python_version()}
 
 

@@ -11,6 +11,7 @@ cost more than the line says; stages never measured get no figure.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,23 +52,20 @@ class Estimate:
 
 def safetensors_params(folder: Path) -> int | None:
     """Parameters stored in the folder's safetensors files, from their headers (no weights read)."""
+    from .models.source import safetensors_header
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
+            header = safetensors_header(f)[1]
         except (OSError, ValueError, struct.error):
             return None
         for name, info in header.items():
             if name != "__metadata__" and isinstance(info, dict):
-                count = 1
-                for d in info.get("shape", []):
-                    count *= d
-                total += count
+                total += math.prod(info.get("shape", []))
     return total
 
 

@@ -153,12 +153,16 @@ def window_logits(model: Any, windows: Windows) -> Iterator[tuple["torch.Tensor"
 
 def window_logprobs(model: Any, windows: Windows) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """For each window: ``(logprobs (n, V) float32, targets (n,))`` for its scored tokens, one window at a time."""
+    for logits, targets in window_logits(model, windows):
+        yield logprobs_of(logits), targets
+
+
+def logprobs_of(logits: "torch.Tensor") -> "torch.Tensor":
+    """Next-token log-probabilities (float32) of ``logits`` in any dtype."""
     import torch
 
-    for logits, targets in window_logits(model, windows):
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-        yield logprobs, targets
+    with torch.inference_mode():
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 def nll_sum(logprobs: "torch.Tensor", targets: "torch.Tensor") -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..utils.io import atomic_dir
+from ..utils.tensorfile import read_tensor, write_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -53,15 +54,14 @@ def read_index(path: Path, windows: "Windows") -> dict | None:
 def write(path: Path, model: Any, windows: "Windows", progress: Callable[..., None] | None = None) -> dict:
     """Run ``model`` over ``windows`` and store its logits at ``path`` (replacing what was there); returns the
     original's perplexity over the windows, which the same pass gives."""
-    from .perplexity import nll_sum, summarize, window_logits
+    from .perplexity import logprobs_of, nll_sum, summarize, window_logits
 
     total_nll, written, dtype, vocab = 0.0, 0, None, None
     with atomic_dir(Path(path)) as tmp, open(tmp / DATA, "wb") as f:
         for logits, targets in window_logits(model, windows):
             dtype, vocab = str(logits.dtype).removeprefix("torch."), logits.shape[-1]
-            f.write(_as_bytes(logits.cpu().contiguous()))
-            written += logits.numel() * logits.element_size()
-            total_nll += nll_sum(_logprobs(logits), targets)
+            written += write_tensor(f, logits)
+            total_nll += nll_sum(logprobs_of(logits), targets)
             if progress is not None:
                 progress(1)
         f.flush()
@@ -75,26 +75,13 @@ def logprobs(path: Path, windows: "Windows", device: str = "cpu") -> Iterator[tu
     yields them. Raises ValueError when the store does not hold ``windows``."""
     import torch
 
+    from .perplexity import logprobs_of
+
     index = read_index(path, windows)
     if index is None:
         raise ValueError(f"{path}: no complete logits store for these windows")
     dtype, vocab = getattr(torch, index["dtype"]), index["vocab"]
-    width = torch.empty((), dtype=dtype).element_size() * vocab
     with open(Path(path) / DATA, "rb") as f:
         for _, end, first in windows.spans:
-            n = end - first
-            raw = bytearray(f.read(n * width))
-            logits = torch.frombuffer(raw, dtype=dtype).view(n, vocab)
-            yield _logprobs(logits).to(device), windows.ids[first:end].to(device)
-
-
-def _logprobs(logits: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _as_bytes(t: "torch.Tensor") -> memoryview:
-    import torch
-
-    return memoryview(t.view(torch.uint8).numpy())  # any dtype (numpy has no bfloat16)
+            logits = read_tensor(f, (end - first, vocab), dtype)
+            yield logprobs_of(logits).to(device), windows.ids[first:end].to(device)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..utils.tensorfile import element_size, read_tensor, write_tensor
+
 if TYPE_CHECKING:
     import torch
 
@@ -24,9 +26,7 @@ class TeacherLogits:
 
     @property
     def row_bytes(self) -> int:
-        import torch
-
-        return self.shape[1] * self.shape[2] * torch.empty((), dtype=self.dtype).element_size()
+        return self.shape[1] * self.shape[2] * element_size(self.dtype)
 
     @classmethod
     def write(cls, path: Path, teacher: Any, data: Any, batch_size: int,
@@ -46,7 +46,7 @@ class TeacherLogits:
                 with torch.inference_mode():
                     logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 dtype, vocab = logits.dtype, logits.shape[-1]
-                f.write(memoryview(logits.cpu().contiguous().view(torch.uint8).numpy()))
+                write_tensor(f, logits)
                 if progress is not None:
                     progress(len(ids))
         tmp.replace(path)
@@ -60,8 +60,7 @@ class TeacherLogits:
         with open(self.path, "rb") as f:
             for i in index.tolist():
                 f.seek(i * self.row_bytes)
-                raw = bytearray(f.read(self.row_bytes))
-                out.append(torch.frombuffer(raw, dtype=self.dtype).view(self.shape[1], self.shape[2]))
+                out.append(read_tensor(f, self.shape[1:], self.dtype))
         return torch.stack(out)
 
     def remove(self) -> None:

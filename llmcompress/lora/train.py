@@ -104,13 +104,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
                      "target_modules": cfg.target_modules, "steps": steps, "data": cfg.data.model_dump(),
                      "base": ctx.current.describe(),
                      **({"qat": cfg.qat.model_dump()} if cfg.qat is not None else {})}}
-    del model, prep, teacher, qat, state_dict
-    import gc
-
-    from ..utils.memory import trim
-
-    gc.collect()  # the student, its optimizer and accelerate's references form cycles: free them before the merge
-    trim()
+    del model
     return Trained(data=data_out, meta=meta, refit=refit)
 
 

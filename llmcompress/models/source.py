@@ -85,20 +85,32 @@ def check_folder(folder: Path) -> None:
     check_weights(folder)
 
 
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """``(header length, header)`` of a safetensors file, read without its tensors. Raises OSError, ValueError or
+    struct.error for a file that is not one."""
+    import json
+    import struct
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+        if n > min(size - 8, 512 * 2**20):
+            raise ValueError("its header length is larger than the file")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return n, header
+
+
 def check_weights(folder: Path) -> None:
     """Every ``*.safetensors`` file of ``folder`` has a readable header and is as long as the header says (a
     truncated download or copy fails here, with the file named, instead of deep inside ``from_pretrained``)."""
-    import json
     import struct
 
     for f in sorted(Path(folder).glob("*.safetensors")):
         try:
             size = f.stat().st_size
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
-                if n > min(size - 8, 512 * 2**20):
-                    raise ValueError("its header length is larger than the file")
-                header = json.loads(fh.read(n))
+            n, header = safetensors_header(f)
             ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
         except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error) as e:
             raise LLMCompressError(f"model: `{f}` is not a readable safetensors file "
