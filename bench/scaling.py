@@ -4,6 +4,7 @@ line per stage, so a user can read what a 7B or 70B run will cost before startin
     python bench/scaling.py                 # every job below (about 30 minutes on 2 cores), then the docs
     python bench/scaling.py --only nf4      # jobs whose name starts with nf4
     python bench/scaling.py --docs          # regenerate docs/scaling.md and the package's fit from the results
+    python bench/scaling.py --only nf4-1.7b --memory-limit 1.5   # inside a memory cgroup of 1.5x the bf16 size
 
 Models are random-weight llamas of real shapes (bench/scaling_models.py): quality is meaningless, cost is real.
 Shapes too large for this machine keep their layer shape with fewer layers; the line is fitted on parameter count,
@@ -11,6 +12,13 @@ so they extend the range without a 70B on disk. Every job runs `llmcompress run`
 between jobs) and reads each stage's seconds and peak resident memory (VmHWM, reset per stage) from its
 result.json. Results are written after each job (bench/results/scaling.json; an interrupted run keeps them); the
 fitted lines go to docs/scaling.md and to llmcompress/data/scaling.json, which `llmcompress validate` reads.
+
+Resident memory counts the pages of memory-mapped weight files, which the kernel can take back when memory runs
+short. ``--memory-limit F`` answers what a run really needs: the job runs inside a memory cgroup (v1 or v2; needs
+write access to /sys/fs/cgroup, as root in a container) limited to F times the model's bf16 size, page cache
+included (the page cache is dropped first, so the files the job reads are charged to it), and records whether it
+completed, and the most memory the cgroup held (at the limit: the kernel reclaimed to stay under it). Those runs
+are listed apart and not fitted.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ PIPELINES = {
 }
 #: (pipeline, shape, layers or None for the real depth)
 JOBS = [(p, s, None) for p in ("nf4", "rtn", "hqq", "gptq", "lora") for s in ("135m", "360m")]
-JOBS += [(p, "1.7b", None) for p in ("nf4", "rtn", "hqq", "lora")] + [("gptq", "1.7b", 8), ("nf4", "8b", 2)]
+JOBS += [(p, "1.7b", None) for p in ("nf4", "rtn", "hqq", "gptq", "lora")] + [("gptq", "1.7b", 8), ("nf4", "8b", 2)]
 
 app = typer.Typer(add_completion=False)
 
@@ -67,8 +75,49 @@ def model_dir(shape: str, layers: int | None) -> Path:
     return path
 
 
-def run_job(pipeline: str, shape: str, layers: int | None, threads: int) -> dict:
+def memory_cgroup(limit: int) -> Path:
+    """A new memory cgroup limited to ``limit`` bytes (swap included where the kernel counts it); returns its
+    folder, whose ``cgroup.procs`` a process writes its pid to to join."""
+    root = Path("/sys/fs/cgroup")
+    v1 = root / "memory"
+    group = (v1 if (v1 / "memory.limit_in_bytes").exists() else root) / f"llmcompress-scaling-{os.getpid()}"
+    try:
+        group.mkdir(exist_ok=True)
+        if group.parent == v1:
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+            if (group / "memory.memsw.limit_in_bytes").exists():
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        else:
+            (group / "memory.max").write_text(str(limit))
+            if (group / "memory.swap.max").exists():
+                (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        raise SystemExit(f"--memory-limit needs a writable memory cgroup under {root} ({e}). Run as root, or "
+                         "without --memory-limit.") from None
+    return group
+
+
+def charged_peak(group: Path) -> int | None:
+    """The most memory the cgroup held at once, page cache included (v1 ``memory.max_usage_in_bytes``, v2
+    ``memory.peak``); at the limit, the kernel reclaimed to stay under it. (v1's ``memory.failcnt`` stayed 0 here
+    even for a process the limit killed.)"""
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        if (group / name).exists():
+            return int((group / name).read_text())
+    return None
+
+
+def run_job(pipeline: str, shape: str, layers: int | None, threads: int, limit_factor: float | None = None) -> dict:
     name = job_name(pipeline, shape, layers)
+    params = param_count(SHAPES[shape], layers)
+    group = memory_cgroup(int(limit_factor * 2 * params)) if limit_factor else None
+    if group:  # page cache charged to other groups would not count against this one: start from an empty cache
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1")
+        except OSError as e:
+            group.rmdir()
+            raise SystemExit(f"--memory-limit needs to drop the page cache first ({e}). Run as root.") from None
     recipe = {"name": f"scaling-{name}", "model": str(model_dir(shape, layers)), "threads": threads,
               "stages": PIPELINES[pipeline]}
     out = WORK / "runs" / name
@@ -77,18 +126,29 @@ def run_job(pipeline: str, shape: str, layers: int | None, threads: int) -> dict
     (out.parent / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "llmcompress.cli", "run", str(out.parent / f"{name}.yaml"), "-o",
-                           str(out), "--fresh"], capture_output=True, text=True, env=env)
+    join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    try:
+        proc = subprocess.run([sys.executable, "-m", "llmcompress.cli", "run", str(out.parent / f"{name}.yaml"),
+                               "-o", str(out), "--fresh"], capture_output=True, text=True, env=env, preexec_fn=join)
+    finally:
+        charged = charged_peak(group) if group else None
+        if group:
+            group.rmdir()
     wall = time.perf_counter() - t0
+    limited = {"limit_factor": limit_factor, "limit_bytes": int(limit_factor * 2 * params),
+               "charged_peak_bytes": charged} if group else {}
     if proc.returncode != 0:
-        return {"job": name, "error": proc.stderr.strip().splitlines()[-5:]}
+        why = "killed (out of memory)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+        unfinished = [d.name for d in sorted(out.glob("[0-9][0-9]-*")) if not (d / "result.json").is_file()]
+        why += f" in stage {unfinished[0]}" if unfinished else ""
+        return {"job": name, **limited, "error": [why, *proc.stderr.strip().splitlines()[-5:]]}
     stages = []
     for f in sorted(out.glob("*/result.json")):
         r = json.loads(f.read_text())["result"]
         label = r["type"] if r["type"] != "quantize" else f"quantize:{r['data']['method']}"
         stages.append({"stage": label, "seconds": r["seconds"], "peak_rss_bytes": r.get("peak_rss_bytes")})
-    params = param_count(SHAPES[shape], layers)
-    return {"job": name, "pipeline": pipeline, "shape": shape, "layers": layers or SHAPES[shape]["num_hidden_layers"],
+    return {"job": name, **limited, "pipeline": pipeline, "shape": shape,
+            "layers": layers or SHAPES[shape]["num_hidden_layers"],
             "params": params, "bf16_bytes": 2 * params, "wall_s": round(wall, 1),
             "load_avg": [load0, os.getloadavg()[0]],
             "stages": stages, "run_peak_rss_bytes": max(s["peak_rss_bytes"] or 0 for s in stages)}
@@ -120,6 +180,8 @@ def fits(results: list[dict]) -> dict:
     """Per stage label: fitted ``peak_rss_bytes`` and ``seconds`` against parameters, and the points they came from."""
     by_stage: dict[str, list[tuple[int, dict]]] = {}
     for r in results:
+        if r.get("limit_factor"):  # within a memory limit: reclaim changes the figures; listed apart
+            continue
         for s in r.get("stages", []):
             by_stage.setdefault(s["stage"], []).append((r["params"], s))
     out = {}
@@ -138,6 +200,20 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def job_rows(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['job']} | | | failed: {' '.join(r['error'])[:200]} | | | | |")
+            continue
+        for s in r["stages"]:
+            lines.append(f"| {r['job']} | {r['params'] / 1e9:.3f} B | {gib(r['bf16_bytes'])} | {s['stage']} | "
+                         f"{s['seconds']:.1f} | {gib(s['peak_rss_bytes'])} | "
+                         f"{s['peak_rss_bytes'] / r['bf16_bytes']:.2f}x | "
+                         f"{r['load_avg'][0]:.1f} -> {r['load_avg'][1]:.1f} |")
+    return lines
+
+
 def write_docs(data: dict) -> None:
     lines = ["# What a run costs as models grow", "",
              "Generated by `python bench/scaling.py` from `bench/results/scaling.json`; do not edit by hand.", "",
@@ -154,15 +230,25 @@ def write_docs(data: dict) -> None:
              "## Each job", "",
              "| job | parameters | bf16 size | stage | seconds | peak memory | peak / bf16 size | load average |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in data["results"]:
-        if "error" in r:
-            lines.append(f"| {r['job']} | | | failed: {' '.join(r['error'])[:200]} | | | | |")
-            continue
-        for s in r["stages"]:
-            lines.append(f"| {r['job']} | {r['params'] / 1e9:.3f} B | {gib(r['bf16_bytes'])} | {s['stage']} | "
-                         f"{s['seconds']:.1f} | {gib(s['peak_rss_bytes'])} | "
-                         f"{s['peak_rss_bytes'] / r['bf16_bytes']:.2f}x | "
-                         f"{r['load_avg'][0]:.1f} -> {r['load_avg'][1]:.1f} |")
+    lines += job_rows([r for r in data["results"] if not r.get("limit_factor")])
+    limited = [r for r in data["results"] if r.get("limit_factor")]
+    if limited:
+        lines += ["", "## Within a memory limit", "",
+                  "`--memory-limit F`: the job ran inside a memory cgroup of F times the bf16 size, page cache "
+                  "included, started with an empty page cache (the kernel reclaims mapped file pages to stay "
+                  "under the limit). A job that completed needs no more memory than that. \"Charged peak\" is the "
+                  "most the cgroup held at once (at the limit: the kernel had to reclaim); \"peak memory\" is "
+                  "the stage's resident peak under the limit.", "",
+                  "| job | limit | completed | charged peak | stage | seconds | peak memory | load average |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in limited:
+            head = f"| {r['job']} | {r['limit_factor']}x = {gib(r['limit_bytes'])} |"
+            if "error" in r:
+                lines.append(f"{head} no: {' '.join(r['error'])[:200]} | | | | | |")
+                continue
+            for s in r["stages"]:
+                lines.append(f"{head} yes | {gib(r['charged_peak_bytes'] or 0)} | {s['stage']} | {s['seconds']:.1f} | "
+                             f"{gib(s['peak_rss_bytes'])} | {r['load_avg'][0]:.1f} -> {r['load_avg'][1]:.1f} |")
     lines += ["", "## Fitted lines and what they predict", "",
               "Least squares over the jobs above: peak = a + b x parameters, seconds = c + d x parameters. "
               "The seconds are this machine's (2 cores); scale them by your machine's speed. Beyond the measured "
@@ -195,19 +281,26 @@ def save(data: dict) -> None:
 
 
 @app.command()
-def main(only: str = typer.Option("", help="comma-separated prefixes of job names"),
-         threads: int = typer.Option(2), docs: bool = typer.Option(False, help="only regenerate the docs")) -> None:
+def main(only: str = typer.Option("", help="comma-separated job names, or prefixes of job names"),
+         threads: int = typer.Option(2), docs: bool = typer.Option(False, help="only regenerate the docs"),
+         memory_limit: float = typer.Option(0.0, help="run inside a memory cgroup of this many times the bf16 "
+                                            "size (0: no limit)")) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"results": []}
     data.update(machine=machine(), threads=threads, date=time.strftime("%Y-%m-%d"))
     if not docs:
-        prefixes = [p for p in only.split(",") if p]
+        wanted = [p for p in only.split(",") if p]
+        names = {job_name(*job) for job in JOBS}
         for pipeline, shape, layers in JOBS:
             name = job_name(pipeline, shape, layers)
-            if prefixes and not any(name.startswith(p) for p in prefixes):
+            # a whole job name selects that job alone ("gptq-1.7b", not "gptq-1.7b-8l"); anything else is a prefix
+            if wanted and not any(name == p or (p not in names and name.startswith(p)) for p in wanted):
                 continue
             print(f"{name} ...", flush=True)
-            result = run_job(pipeline, shape, layers, threads)
-            data["results"] = [r for r in data["results"] if r["job"] != name] + [result]
+            result = run_job(pipeline, shape, layers, threads, memory_limit or None)
+            if RESULTS.is_file():  # what other invocations saved meanwhile
+                data["results"] = json.loads(RESULTS.read_text())["results"]
+            same = (name, result.get("limit_factor"))
+            data["results"] = [r for r in data["results"] if (r["job"], r.get("limit_factor")) != same] + [result]
             print(json.dumps(result)[:400], flush=True)
             save(data)
     save(data)

@@ -52,7 +52,7 @@ class Estimate:
 
 def safetensors_params(folder: Path) -> int | None:
     """Parameters stored in the folder's safetensors files, from their headers (no weights read)."""
-    from .models.source import safetensors_header
+    from .utils.tensorfile import safetensors_header
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:

@@ -107,29 +107,28 @@ def merge_keep(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
 
 
 def merge_dequantized(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
-    from ..models.loading import read_meta, save_model
+    from ..models.loading import read_meta
 
-    dense, tokenizer, replaced = merged_dense(inputs, dequantized=True)
-    meta = {**inputs.meta, "merge": "dequantized", "method": _method(read_meta(inputs.base), "dequantized"),
-            "dequantized_modules": replaced}
+    meta = {**inputs.meta, "merge": "dequantized", "method": _method(read_meta(inputs.base), "dequantized")}
     with atomic_dir(target / "model") as tmp:
-        save_model(dense, tokenizer, tmp, meta, storage_dtype=inputs.storage_dtype)
+        write_merged(inputs, True, tmp, meta)
     return {"size_bytes": weight_bytes(target / "model")}
 
 
 def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> dict:
     from ..context import ModelHandle
-    from ..models.loading import read_meta, save_model
+    from ..models.loading import read_meta
+    from ..utils.memory import collect
 
     if inputs.quantize is None:  # the recipe validator stops this earlier; kept for Python callers
         raise RecipeError("`merge: requantize` needs a quantize stage before the lora stage. Fix: add one, or use "
                           "`keep` / `dequantized`")
-    dense, tokenizer, _ = merged_dense(inputs, dequantized=inputs.requantize_from == "dequantized")
     dense_dir = target / ".requantize-dense"
     shutil.rmtree(dense_dir, ignore_errors=True)
+    dense_dir.mkdir(parents=True)
     # in the original's storage dtype, as the quantize stage first read it (gptq keeps dense parts in its input's)
-    save_model(dense, tokenizer, dense_dir, {"source": "merged for requantize"}, storage_dtype=inputs.storage_dtype)
-    del dense
+    write_merged(inputs, inputs.requantize_from == "dequantized", dense_dir, {"source": "merged for requantize"})
+    collect()  # the quantized base the merge read, before the quantizer loads the dense folder
     sub = dataclasses.replace(ctx, current=ModelHandle("compressed", dense_dir, ctx.runtime), stage_dir=target)
     t = time.perf_counter()
     try:
@@ -145,6 +144,77 @@ def merge_requantize(inputs: MergeInputs, target: Path, ctx: "RunContext") -> di
     return {"size_bytes": weight_bytes(folder), "quantize_seconds": round(time.perf_counter() - t, 3),
             "requantize_from": inputs.requantize_from,
             "quantize": {k: v for k, v in result.data.items() if k in ("method", "bits", "quantized_modules")}}
+
+
+def write_merged(inputs: MergeInputs, dequantized: bool, folder: Path, meta: dict) -> None:
+    """Write into ``folder`` the weights quantize started from (``dequantized``: every quantized layer replaced by
+    its dequantized weight) plus ``s·BA`` on every adapted layer, summed in float32 and stored in the original's
+    storage dtype, with ``meta`` (plus ``dequantized_modules``: how many layers were dequantized) as its
+    ``llmcompress.json``.
+
+    A tensor at a time: the source's safetensors files are rewritten file by file, each merged weight computed as
+    its turn comes, so memory holds the quantized base and one dense tensor instead of a dense model (1.7B-shaped
+    NF4 + distill run: the lora stage peaked at 2.5x the bf16 size with the dense model built in memory). Where the
+    source's files do not hold every merged weight under its module's name (no safetensors, checkpoint names that
+    transformers renames on load, a tied head with an adapter, llmcompress formats other than plain hf), the dense
+    model is built in memory and saved instead (``merged_dense``)."""
+    from peft import PeftModel
+
+    from ..models.loading import load_model, read_meta, save_model, to_model_keys, torch_dtype, write_meta
+    from ..utils.tensorfile import rewrite_safetensors, safetensors_header
+    from .init import lora_layers
+
+    storage = torch_dtype(inputs.storage_dtype or "float32")
+    files = sorted(Path(inputs.source).glob("*.safetensors"))
+    stored = {k for f in files for k in safetensors_header(f)[1] if k != "__metadata__"}
+    base, tokenizer = load_model(inputs.base, "cpu", "float32")  # fresh: no forward pass has touched it
+    quantized = {name: m for name, m in base.named_modules() if _quantized(m)} if dequantized else {}
+    adapted = dict(lora_layers(PeftModel.from_pretrained(base, str(inputs.adapter), is_trainable=False)))
+    merged = {f"{name}.weight": name for name in (*quantized, *adapted)}
+    streamable = (files and set(merged) <= stored and read_meta(inputs.source).get("format") == "hf"
+                  and set(to_model_keys(base, dict.fromkeys(stored))) == stored)
+    if not streamable:
+        del base, quantized, adapted
+        dense, tokenizer, replaced = merged_dense(inputs, dequantized)
+        save_model(dense, tokenizer, folder, {**meta, "dequantized_modules": replaced}, inputs.storage_dtype)
+        return
+
+    def value_for(key: str, t: Any) -> Any:
+        name = merged.get(key)
+        if name is None:
+            return t
+        layer = quantized.get(name)
+        # as merged_dense: the source weight as the storage dtype holds it, or the dequantized layer, in float32
+        w = (dequantize_layer(layer) if layer is not None else t.to(storage)).float()
+        return w + lora_delta(adapted[name]) if name in adapted else w
+
+    for f in files:
+        rewrite_safetensors(f, folder / f.name, lambda _, dtype: storage if dtype.is_floating_point else dtype,
+                            value_for)
+    _copy_config(inputs.source, folder, str(storage).removeprefix("torch."))
+    tokenizer.save_pretrained(folder)
+    write_meta(folder, {**meta, "dequantized_modules": len(quantized)})
+
+
+def _copy_config(src: Path, dst: Path, dtype: str) -> None:
+    """The source's config (with the dtype the weights are now stored in), generation config and shard index (with
+    the shards' new total size)."""
+    from ..utils.io import read_json
+    from ..utils.tensorfile import safetensors_header
+
+    config = read_json(src / "config.json")
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    atomic_write_json(dst / "config.json", config)
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index)
+        data.setdefault("metadata", {})["total_size"] = sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for f in dst.glob("*.safetensors")
+            for k, v in safetensors_header(f)[1].items() if k != "__metadata__")
+        atomic_write_json(dst / index.name, data)
 
 
 def merged_dense(inputs: MergeInputs, dequantized: bool) -> tuple[Any, Any, int]:

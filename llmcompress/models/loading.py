@@ -103,7 +103,12 @@ def save_model(model, tokenizer, path: Path, meta: dict, storage_dtype: str | No
     with _stored_as(model, storage_dtype):
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    atomic_write_json(path / META, {"format": "hf", **meta, "versions": versions()})
+    write_meta(path, meta)
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """The folder's ``llmcompress.json``: format ``hf`` unless ``meta`` says otherwise, and the package versions."""
+    atomic_write_json(Path(path) / META, {"format": "hf", **meta, "versions": versions()})
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LLMCompressError
+from ..utils.tensorfile import safetensors_header
 from . import MODELS, ModelSource
 from .gguf import dense_from_gguf
 
@@ -83,23 +84,6 @@ def check_folder(folder: Path) -> None:
             raise LLMCompressError(f"model: `{index}` lists {len(missing)} weights file(s) that are not in "
                                    f"`{folder}`: {', '.join(missing[:3])}. {_FIX}")
     check_weights(folder)
-
-
-def safetensors_header(path: Path) -> tuple[int, dict]:
-    """``(header length, header)`` of a safetensors file, read without its tensors. Raises OSError, ValueError or
-    struct.error for a file that is not one."""
-    import json
-    import struct
-
-    size = Path(path).stat().st_size
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
-        if n > min(size - 8, 512 * 2**20):
-            raise ValueError("its header length is larger than the file")
-        header = json.loads(fh.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    return n, header
 
 
 def check_weights(folder: Path) -> None:

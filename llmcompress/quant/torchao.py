@@ -360,17 +360,6 @@ def _release_freed_memory() -> None:
     heap, between the packed weights that stay, so without this the load's peak RSS on SmolLM2 was ~3x the model's
     bytes (measured: 359 MB retained for 111 MB of tensors; 116 MB peak with it).
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    from ..utils.memory import trim
 
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return None
+    trim()

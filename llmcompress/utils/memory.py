@@ -8,8 +8,11 @@ probe, a vLLM or llama.cpp server) are not counted: they report their own.
 
 from __future__ import annotations
 
+import functools
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def _status_kib(field: str) -> int | None:
@@ -102,18 +105,53 @@ def _cgroup_limit() -> int | None:
 def trim() -> None:
     """Hand memory that the C allocator keeps after frees back to the system (glibc ``malloc_trim``; a no-op
     elsewhere). Without it, a model released between stages left ~1 GiB of freed heap resident on a 1.7B run."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def collect() -> None:
+    """Free what only reference cycles still hold (``gc.collect``), then :func:`trim`."""
+    import gc
+
+    gc.collect()
+    trim()
+
+
+#: glibc's ``mallopt`` parameter, and the upper bound of the threshold glibc otherwise moves by itself (64-bit).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+@contextmanager
+def heap_returned(threshold: int = 2**20) -> Iterator[None]:
+    """Inside, every allocation of ``threshold`` bytes or more is a memory map of its own, handed back to the system
+    the moment it is freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; elsewhere a no-op); on the way out, :func:`collect`.
+
+    For libraries that allocate and free many mid-sized tensors from several threads: glibc raises its threshold
+    as large blocks are freed, after which tensors come from per-thread heaps that fragment. gptqmodel's quantize
+    loop on a 360M model grew 0.62 -> 1.19 GiB resident that way (0.02 GiB of it live tensors); inside this, it
+    stayed at 0.66-0.77 GiB. On exit the threshold is set to the bound glibc's own adjustment stops at.
+    """
+    libc = _libc()
+    settable = libc is not None and hasattr(libc, "mallopt")
+    if settable:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        if settable:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        collect()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, when it is glibc-like (``None`` elsewhere: macOS, Windows, musl without the calls)."""
     import ctypes
     import ctypes.util
 
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-        except OSError:
-            _libc = False
-    if _libc and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
-
-
-_libc = None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

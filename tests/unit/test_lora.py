@@ -184,6 +184,36 @@ def test_merge_modes_match_the_unmerged_model(nf4_run, tiny_model_dir):
     assert merges["keep"]["size_bytes"] == merges["keep"]["base_bytes"] + merges["keep"]["adapter_bytes"]
 
 
+@pytest.mark.parametrize("dequantized", [True, False])
+def test_merge_written_a_tensor_at_a_time_is_the_merge_built_in_memory(nf4_run, tiny_model_dir, tmp_path,
+                                                                      dequantized):
+    """write_merged streams the source's files; merged_dense (its fallback, and the vision path) builds the dense
+    model: the same bits either way, and a folder transformers loads as that model."""
+    from safetensors.torch import load_file
+
+    from llmcompress.lora.merge import MergeInputs, merged_dense, write_merged
+    from llmcompress.models.loading import read_meta, storage_dtype_of
+
+    out, _ = nf4_run
+    inputs = MergeInputs(base=out / "01-quantize" / "model", adapter=out / "03-lora" / "adapter",
+                         source=tiny_model_dir, quantize=None, meta={}, storage_dtype=storage_dtype_of(tiny_model_dir))
+    folder = tmp_path / "streamed"
+    folder.mkdir()
+    write_merged(inputs, dequantized, folder, {"merge": "test"})
+    dense, _, replaced = merged_dense(inputs, dequantized)
+    streamed = load_file(str(folder / "model.safetensors"))
+    expected = dense.state_dict()
+    assert set(streamed) <= set(expected) and len(streamed) >= len(expected) - 1  # a tied head is stored once
+    changed = 0
+    for key, t in streamed.items():
+        assert t.dtype == expected[key].dtype and torch.equal(t, expected[key]), key
+        changed += not torch.equal(t, load_file(str(tiny_model_dir / "model.safetensors"))[key].to(t.dtype))
+    assert changed >= 8  # the adapted (and, dequantized, the 4-bit) layers differ from the source
+    assert read_meta(folder)["dequantized_modules"] == replaced and (replaced > 0) == dequantized
+    reloaded, tok = load_model(folder, "cpu", "float32")
+    assert torch.equal(_logits(reloaded, tok), _logits(dense.float(), tok))
+
+
 def test_keep_folder_reloads_with_plain_peft_in_a_fresh_process(nf4_run, tmp_path):
     out, _ = nf4_run
     folder = out / "03-lora" / "model"
