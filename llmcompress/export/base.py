@@ -63,20 +63,6 @@ def method_of(quantize: "StageConfig | None") -> str | None:
 # Dense weights of a quantized model
 
 
-def quantized_linears(model) -> dict[str, Any]:
-    """Modules that act as a linear layer but do not hold a plain dense weight (rtn, gptq, hqq, bnb, torchao)."""
-    import torch
-
-    out = {}
-    for name, m in model.named_modules():
-        weight = getattr(m, "weight", None)
-        if type(m) is torch.nn.Linear and weight is not None and type(weight.data) is torch.Tensor:
-            continue
-        if isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
-            out[name] = m
-    return out
-
-
 def dense_weight(module, dtype) -> Any:
     """The weight a quantized linear layer computes with, dequantized, as a float32 ``(out, in)`` tensor.
 
@@ -85,10 +71,10 @@ def dense_weight(module, dtype) -> Any:
     """
     import torch
 
-    if type(module).__name__ == "RTNLinear":
-        return module.dequantize().float()
-    if hasattr(module, "dequantize_weight"):  # gptqmodel quant linears: (in, out)
-        return module.dequantize_weight().float().T.contiguous()
+    from ..quant.compressed import int_layer_weight
+
+    if type(module).__name__ == "RTNLinear" or hasattr(module, "dequantize_weight"):  # rtn, gptqmodel
+        return int_layer_weight(module)
     n_in = module.in_features
     cols = []
     with torch.no_grad():
@@ -104,6 +90,8 @@ def dense_weight(module, dtype) -> Any:
 
 def dense_state_dict(model, dtype) -> dict[str, Any]:
     """The model's state dict in plain transformers names with every quantized layer dequantized (float32)."""
+    from ..quant.compressed import quantized_linears
+
     quantized = quantized_linears(model)
     prefixes = tuple(f"{name}." for name in quantized)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
@@ -208,7 +196,20 @@ def fresh_copy(ctx: "RunContext"):
     rewrites its buffers on the first forward (qzeros become floats), after which ``dequantize_weight`` fails."""
     from ..models.loading import load_model
 
-    return load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype, **ctx.current.load_kwargs)
+    kwargs = dict(ctx.current.load_kwargs)
+    qc = read_config(ctx.current.path).get("quantization_config") or {}
+    packed = qc.get("quant_method") == "compressed-tensors"
+    if packed:  # (rtn's folders) compressed-tensors keeps layers packed, without a `weight`: dequantized at load
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype, **kwargs)
+    if packed:  # the scales and zero points it leaves beside each dense weight
+        for module in model.modules():
+            if module._parameters.get("weight") is not None:
+                for extra in ("weight_scale", "weight_zero_point", "weight_shape", "weight_packed", "weight_g_idx"):
+                    module._parameters.pop(extra, None)
+    return model, tokenizer
 
 
 def dense_copy(ctx: "RunContext"):
@@ -217,12 +218,12 @@ def dense_copy(ctx: "RunContext"):
     from transformers import AutoModelForCausalLM
 
     from ..models.loading import torch_dtype
-    from ..quant.rtn import _no_init
+    from ..utils.tensorfile import no_init
 
     model, tokenizer = fresh_copy(ctx)
     state = dense_state_dict(model, torch_dtype(ctx.runtime.dtype))
     config = plain_config(model)
-    with _no_init():
+    with no_init():
         dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     missing, _ = dense.load_state_dict(state, strict=False)

@@ -85,7 +85,7 @@ def _front_matter(report: dict, export: dict, quant: dict | None) -> dict[str, A
 def _format_words(export: dict) -> str:
     if export["format"] == "compressed-tensors":
         scheme = export.get("scheme") or {}
-        return f"compressed-tensors ({scheme.get('format', 'as saved by llm-compressor')})"
+        return f"compressed-tensors ({scheme.get('format') or export.get('saved_format') or 'as saved'})"
     if export["format"] == "gguf":
         return f"gguf ({export.get('gguf_type')})"
     return "dense (dequantized)" if export.get("dequantized") else "hf (as saved by the quantizer)"

@@ -1,6 +1,7 @@
 """``format: compressed-tensors``: the ``pack-quantized`` checkpoint vLLM serves and transformers loads.
 
-- ``llmc-*`` methods (llm-compressor) already save compressed-tensors: the folder is copied.
+- ``llmc-*`` methods (llm-compressor) and ``rtn`` (quant/compressed.py) already save compressed-tensors: the folder
+  is copied.
 - ``rtn`` and ``gptq`` hold evenly spaced integers with a per-group scale (and an integer zero point): exactly what
   compressed-tensors' ``int`` weights are. The export rebuilds the dense model with each quantized layer's
   dequantized weight, attaches compressed-tensors' quantization scheme with *our* scales and zero points (nothing is
@@ -15,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LLMCompressError, RecipeError
-from .base import LAYOUT_KEYS, Exporter, copy_folder, method_of, quantized_linears, read_config, write_meta
+from ..errors import RecipeError
+from .base import LAYOUT_KEYS, Exporter, copy_folder, method_of, read_config, write_meta
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -61,7 +62,7 @@ class CompressedTensorsExporter(Exporter):
         if meta.get("format") == "compressed-tensors" or qc.get("quant_method") == "compressed-tensors":
             files = copy_folder(ctx.current.path, out)
             write_meta(out, meta, {"format": "compressed-tensors", "from": str(ctx.current.path), "converted": False})
-            return {"files": files, "converted": False, "caveats": _caveats()}
+            return {"files": files, "converted": False, "saved_format": qc.get("format"), "caveats": _caveats()}
         method = meta.get("method")
         if method not in ("rtn", "gptq"):
             raise RecipeError(f"compressed-tensors cannot hold `{method}` weights: "
@@ -82,100 +83,12 @@ def _caveats() -> list[str]:
 
 
 def _convert(ctx: "RunContext", out: Path) -> dict[str, Any]:
-    """rtn/gptq model in memory -> compressed-tensors ``pack-quantized`` folder ``out``."""
-    import torch
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
-    )
-    from transformers import AutoModelForCausalLM
-
-    from ..models.loading import storage_dtype_of, torch_dtype
-    from ..quant.rtn import _no_init
-    from .base import fresh_copy, plain_config
+    """rtn/gptq model of the current folder -> compressed-tensors ``pack-quantized`` folder ``out``."""
+    from ..models.loading import storage_dtype_of
+    from ..quant.compressed import write_compressed_tensors
+    from .base import fresh_copy
 
     model, tokenizer = fresh_copy(ctx)
     gptq_sym = bool((ctx.current.meta.get("gptq") or {}).get("sym", False))
-    layers = {name: _int_layer(name, m, gptq_sym) for name, m in quantized_linears(model).items()}
-    if not layers:
-        raise LLMCompressError(f"no quantized layer found in {ctx.current.path}")
-    kinds = {(q["bits"], q["group_size"], q["symmetric"]) for q in layers.values()}
-    if len(kinds) > 1:
-        raise LLMCompressError(f"layers quantized with different settings {sorted(kinds)}: one scheme expected")
-    bits, group_size, symmetric = kinds.pop()
-    channel = all(q["groups"] == 1 for q in layers.values())
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                            strategy="channel" if channel else "group", group_size=None if channel else group_size)
-    dense_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers]
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                ignore=dense_names, quantization_status=QuantizationStatus.FROZEN)
-
-    with _no_init():
-        dense = AutoModelForCausalLM.from_config(plain_config(model), dtype=torch.float32)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{n}." for n in layers))}
-    for name, q in layers.items():  # exactly k * scale, so compressing recovers k without re-rounding
-        state[f"{name}.weight"] = (q["k"].float() * q["scale"].float()[..., None]).reshape(q["shape"])
-        if q["bias"] is not None:
-            state[f"{name}.bias"] = q["bias"]
-    dense.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
-    if getattr(dense.config, "tie_word_embeddings", False):
-        dense.tie_weights()
-    apply_quantization_config(dense, config, show_progress=False)
-    for name, q in layers.items():
-        module = dense.get_submodule(name)
-        module.weight_scale.data = q["scale"].clone()
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data = q["zero_point"].to(module.weight_zero_point.dtype)
-    compressor = ModelCompressor.from_pretrained_model(dense, quantization_format="pack-quantized")
-    compressor.compress_model(dense)
-    storage = storage_dtype_of(ctx.original.path) or "bfloat16"
-    for pname, p in dense.named_parameters():  # dense parts as the original stores them; scales keep their dtype
-        if p.dtype == torch.float32 and not pname.endswith("weight_scale"):
-            p.data = p.data.to(torch_dtype(storage))
-    dense.config.dtype = torch_dtype(storage)
-    dense.save_pretrained(out)
-    compressor.update_config(str(out))
-    tokenizer.save_pretrained(out)
-    strategy = str(getattr(args.strategy, "value", args.strategy))
-    return {"scheme": {"format": "pack-quantized", "num_bits": bits, "strategy": strategy,
-                       "group_size": None if channel else group_size, "symmetric": symmetric,
-                       "quantized_layers": len(layers), "ignore": dense_names}}
-
-
-def _int_layer(name: str, module, gptq_sym: bool) -> dict[str, Any]:
-    """Integer codes ``k`` (signed, compressed-tensors' convention), scales and zero points of an rtn/gptq layer."""
-    import torch
-
-    from .base import dense_weight
-
-    kind = type(module).__name__
-    if kind == "RTNLinear":
-        bits, scale, sym = module.bits, module.scales.detach(), module.symmetric
-    elif hasattr(module, "dequantize_weight") and hasattr(module, "scales"):  # gptqmodel
-        bits, scale = module.bits, module.scales.detach().T.contiguous()
-        sym = gptq_sym  # gptqmodel layers do not keep it; llmcompress.json does
-        gs = module.in_features // scale.shape[1]
-        if not torch.equal(module.g_idx.cpu().long(), torch.arange(module.in_features) // gs):
-            raise LLMCompressError(f"`{name}`: act-order (g_idx) is not supported by this converter")
-    else:
-        raise LLMCompressError(f"`{name}` ({kind}) is not an rtn or gptq layer; cannot convert to compressed-tensors")
-    weight = dense_weight(module, scale.dtype)
-    out_f, in_f = weight.shape
-    groups = scale.shape[1]
-    values = weight.reshape(out_f, groups, in_f // groups) / scale.float()[..., None]
-    k = values.round()
-    off_grid = float((values - k).abs().max())
-    if off_grid > 0.05:
-        raise LLMCompressError(f"`{name}`: weights are not integer multiples of their scales (off by {off_grid:.3f})")
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if sym:
-        zero = torch.zeros_like(scale, dtype=torch.int8)
-    else:  # any zero point that keeps every code in range gives the same weights; map each group's minimum to lo
-        zero = (lo - k.amin(-1)).clamp(lo, hi)
-    codes = k + zero[..., None]
-    if codes.min() < lo or codes.max() > hi:
-        raise LLMCompressError(f"`{name}`: codes do not fit {bits}-bit compressed-tensors ints")
-    return {"bits": bits, "group_size": in_f // groups, "groups": groups, "symmetric": sym, "shape": (out_f, in_f),
-            "k": k, "scale": scale, "zero_point": zero.to(torch.int8),
-            "bias": None if getattr(module, "bias", None) is None else module.bias.detach()}
-
+    return write_compressed_tensors(model, tokenizer, out, storage_dtype_of(ctx.original.path) or "bfloat16",
+                                    gptq_sym)

@@ -95,6 +95,11 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
     # FSDP1 flattens each wrapped unit into one tensor of one dtype: the adapter keeps the base's dtype there (peft
     # upcasts it to fp32 otherwise: "Must flatten tensors with uniform dtype", seen on an H200 with torch 2.11)
     uniform = fsdp is not None and fsdp.version == 1
+    packed = [n for n in names if hasattr(model.get_submodule(n), "weight_packed")]
+    if packed:  # compressed-tensors layers run packed (no `weight`): peft fails on them with an AttributeError
+        raise RecipeError(f"peft cannot put LoRA on these layers (compressed-tensors packed Linear, e.g. "
+                          f"`{packed[0]}`): they hold packed integers, not a weight peft can wrap. Fix: quantize "
+                          f"with a {_PEFT_METHODS} or none")
     try:
         return get_peft_model(model, lcfg, autocast_adapter_dtype=not uniform)
     except ValueError as e:
@@ -102,7 +107,10 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
             raise
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
         raise RecipeError(f"peft cannot put LoRA on these layers ({', '.join(kinds)}): {e} Fix: quantize with a "
-                          "method peft supports (bnb-nf4, bnb-int8, hqq, torchao-int8wo, gptq) or none") from None
+                          f"{_PEFT_METHODS} or none") from None
+
+
+_PEFT_METHODS = "method peft supports (bnb-nf4, bnb-int8, hqq, torchao-int8wo, gptq)"
 
 
 def target_names(model: Any, targets: str | list[str]) -> list[str]:

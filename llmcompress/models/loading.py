@@ -73,6 +73,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
 
         model, processor = load_vision(path, device, dtype, **kwargs)
         keep_bnb_cpu_packing_to_packable_(model)
+        _forget_own_layout(model)
         return model, processor
     meta = read_meta(Path(path)) if Path(path).is_dir() else {"format": "hf"}
     loader = FORMATS.get(meta.get("format", "hf"))
@@ -87,6 +88,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
         raise LLMCompressError(f"could not load model `{path}`: a weights file is damaged or truncated ({e}). "
                                "Fix: save or copy the model again, or re-run the stage that wrote it.") from None
     keep_bnb_cpu_packing_to_packable_(model)
+    _forget_own_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -104,6 +106,43 @@ def save_model(model, tokenizer, path: Path, meta: dict, storage_dtype: str | No
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     write_meta(path, meta)
+    if meta.get("format", "hf") not in PLAIN_FORMATS:
+        mark_own_layout(path, meta["format"])
+
+
+#: ``quantization_config`` key of a folder in one of our own layouts (rtn with Conv2d layers, hqq, torchao int4 on
+#: CPU, dynamic-int8). transformers refuses a ``quantization_config`` without ``quant_method`` ("has no
+#: `quant_method` attribute"), so plain ``from_pretrained`` fails on such a folder instead of loading it with every
+#: quantized layer missing and re-initialized at random (which it did: only newlines came out).
+OWN_LAYOUT_KEY = "llmcompress_format"
+#: formats whose folders other tools load as they are (or, structured, fail on their own: the shapes differ)
+PLAIN_FORMATS = ("hf", "compressed-tensors", "peft", "gguf", "structured")
+
+
+def mark_own_layout(path: Path, fmt: str) -> None:
+    """Make plain ``from_pretrained`` refuse ``path`` (see OWN_LAYOUT_KEY), unless its config.json already holds a
+    transformers serialization (``quant_method``), which loads."""
+    from ..utils.io import read_json
+
+    cfg_file = Path(path) / "config.json"
+    config = read_json(cfg_file)
+    if (config.get("quantization_config") or {}).get("quant_method"):
+        return
+    config["quantization_config"] = {
+        OWN_LAYOUT_KEY: fmt,
+        "load_with": "llmcompress: `from llmcompress.models.loading import load_model; load_model(folder)`",
+        "why": f"`{fmt}` is llmcompress's own layout; transformers alone would leave its quantized layers random",
+    }
+    atomic_write_json(cfg_file, config)
+
+
+def _forget_own_layout(model: Any) -> None:
+    """A model loaded from an own-layout folder: drop the marker from its in-memory config, so that saving it in
+    another form (dense, merged) does not carry the refusal along."""
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict) and OWN_LAYOUT_KEY in qc:
+        del config.quantization_config
 
 
 def write_meta(path: Path, meta: dict) -> None:

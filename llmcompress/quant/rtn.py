@@ -2,9 +2,15 @@
 
     - {type: quantize, method: rtn, bits: 4, group_size: 64}
 
-Per group of ``group_size`` input weights: min/max (asymmetric) or absmax (symmetric) scale, round, clamp. Weights are
-stored packed (``32 // bits`` values per int32), so the size on disk is real. The kernel is a reference one
-(dequantize, then matmul): rtn is here for quality, not speed.
+Per group of ``group_size`` input weights: min/max (asymmetric) or absmax (symmetric) scale, round, clamp.
+
+Saved as a compressed-tensors ``pack-quantized`` checkpoint (``quant_method: compressed-tensors`` in config.json;
+the integers packed in int32, scales in the original's dtype, zero points packed), so the size on disk is real and
+plain ``AutoModelForCausalLM.from_pretrained`` (with ``compressed-tensors`` installed) and vLLM load the folder as
+the model the run measured. transformers (5.17, compressed-tensors 0.19) keeps the layers packed and dequantizes
+each weight in its forward, as rtn's own layers did: a saving in memory, not in time. Vision models and VLMs keep
+llmcompress's own layout (``format: rtn``), which ``load_model`` reads and plain ``from_pretrained`` refuses:
+compressed-tensors has no scheme for Conv2d layers, and the converter builds causal LMs only.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..errors import RecipeError
+from ..errors import LLMCompressError, RecipeError
 from .base import QuantizeConfig, check_group_size
 
 if TYPE_CHECKING:
@@ -48,6 +54,40 @@ class RTNConfig(QuantizeConfig):
         meta = {"format": "rtn", "rtn": {"bits": self.bits, "group_size": self.group_size,
                                           "symmetric": self.symmetric, "modules": names}}
         return model, tokenizer, {"quantized_modules": len(names), "meta": meta}
+
+    def save_pretrained(self, ctx: "RunContext", model: Any, tokenizer: Any, path: Path, meta: dict) -> tuple:
+        """A compressed-tensors ``pack-quantized`` folder (quant/compressed.py: rtn's integers, scales and zero points
+        exactly), which transformers and vLLM load as they are; returns it reloaded as later stages see it, after
+        checking it computes what ``model`` computed."""
+        import torch
+
+        from ..models.loading import load_model, storage_dtype_of, write_meta
+        from ..vision.kind import kind_of_config
+        from .compressed import write_compressed_tensors
+
+        if kind_of_config(model.config.to_dict())[0] != "llm":  # a VLM: the converter builds causal LMs only
+            return super().save_pretrained(ctx, model, tokenizer, path, meta)  # own layout, refused by plain loading
+        storage = storage_dtype_of(ctx.original.path) or "bfloat16"
+        ids = tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            before = model(input_ids=ids).logits.float()
+        info = write_compressed_tensors(model, tokenizer, path, storage)
+        meta = {**meta, "format": "compressed-tensors", "storage_dtype": storage, "compressed_tensors": info["scheme"]}
+        write_meta(path, meta)
+        reloaded, tokenizer = load_model(path, ctx.runtime.device, ctx.runtime.dtype)
+        with torch.no_grad():
+            after = reloaded(input_ids=ids.to(reloaded.device)).logits.float().cpu()
+        diff = float((before - after).abs().max())
+        # the same dequantized weights in the same dtype; only the kernels' summation order may differ
+        if diff > 1e-3 * max(1.0, float(before.abs().max())):
+            raise LLMCompressError(f"the rtn model saved as compressed-tensors computes other logits than the "
+                                   f"model quantized in memory (max difference {diff:.4g}): not saving it")
+        write_meta(path, {**meta, "reload_check": {"max_abs_logit_diff": round(diff, 6),
+                                                   "max_abs_logit": round(float(before.abs().max()), 4)}})
+        return reloaded, tokenizer
+
+
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. def main():\n    return 0\n"
 
 
 def quantize_rtn_(model, cfg: RTNConfig) -> list[str]:
@@ -122,6 +162,11 @@ def _make_rtn_linear():
             w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
             return w.reshape(self.out_features, self.in_features).to(self.scales.dtype)
 
+        def codes(self) -> torch.Tensor:
+            """``q - zero`` per weight, ``(out, groups, group_size)`` int64: the weight is ``codes * scale``."""
+            q = _unpack(self.qweight, self.bits, self.in_features).long()
+            return q.reshape(self.out_features, -1, self.group_size) - self.zeros.long()[..., None]
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -166,26 +211,19 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """Rebuild an rtn folder: the architecture from config.json, RTNLinear where the metadata says, then the weights."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
+    from ..utils.tensorfile import no_init
     from ..vision.kind import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["rtn"]
     config = AutoConfig.from_pretrained(path)
-    with _no_init():  # weights come from the checkpoint; skip the random init
+    with no_init():  # weights come from the checkpoint; skip the random init
         model = auto_model_class(config).from_config(config, dtype=torch_dtype(dtype))
     cls = __getattr__("RTNLinear")
     for name in info["modules"]:

@@ -8,7 +8,8 @@ Known refusals, each measured (docs/notes/issue5-vllm-probe.md) or documented by
 - bitsandbytes on CPU: vLLM runs bitsandbytes on CUDA only.
 - torchao on CPU other than int8 weight-only / int8 dynamic (the two checked here), and llmcompress's plain-int4
   torchao layout anywhere (vLLM reads torchao checkpoints through their ``quantization_config``; that layout has none).
-- llmcompress's own ``rtn`` and ``hqq`` formats, and ``peft`` folders whose base is not servable: vLLM cannot read them.
+- llmcompress's own layouts (``hqq``, ``dynamic-int8``, ``rtn`` of a vision model; an LLM's rtn folder is
+  compressed-tensors), and ``peft`` folders whose base is not servable: vLLM cannot read them.
 - vision models and VLMs (``vision.kind.folder_kind``): llmcompress drives vLLM with text prompts only.
 """
 
@@ -26,7 +27,6 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 TORCHAO_CPU_SERVED = ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig")
 #: The values vLLM accepts for ``max_lora_rank`` (its LoRAConfig validates against this list).
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-EXPORT_FIX = "add an `export` stage with `format: compressed-tensors` before it, or use the hf backend"
 
 
 @lru_cache(maxsize=1)
@@ -79,8 +79,10 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
     path = Path(path)
     meta = _meta(path)
     fmt = meta.get("format", "hf")
-    if fmt in ("rtn", "hqq"):
-        return f"`{path}` is in llmcompress's own `{fmt}` format, which vLLM cannot read. Fix: {EXPORT_FIX}."
+    if fmt in ("rtn", "hqq", "dynamic-int8"):
+        return (f"`{path}` is in llmcompress's own `{fmt}` format, which vLLM cannot read. Fix: add an `export` "
+                "stage with `format: hf` and `dequantize: true` before it (dense weights), quantize with rtn, gptq "
+                "or an llmc-* method (formats vLLM reads), or use the hf backend.")
     if fmt == "torchao" and (meta.get("torchao") or {}).get("layout") not in (None, "hf"):
         return (f"`{path}` holds torchao int4 weights in llmcompress's own plain-int4 layout, which vLLM cannot "
                 "read. Fix: use torchao-int8wo, or an `export` stage with `format: hf` and `dequantize: true`.")

@@ -50,6 +50,15 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+def no_init():
+    """Context: build a model without initializing its weights (they come from a checkpoint next)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def safetensors_dtype(code: str) -> "torch.dtype":
     """The torch dtype of a safetensors dtype name (``BF16`` -> ``torch.bfloat16``)."""
     import torch

@@ -88,7 +88,7 @@ def dense_vision_copy(ctx: "RunContext") -> tuple[Any, Any]:
 
     from ..export.base import dense_state_dict, fresh_copy, plain_config
     from ..models.loading import torch_dtype
-    from ..quant.rtn import _no_init
+    from ..utils.tensorfile import no_init
     from .kind import auto_model_class
 
     model, processor = fresh_copy(ctx)
@@ -100,7 +100,7 @@ def dense_vision_copy(ctx: "RunContext") -> tuple[Any, Any]:
         if m.q.bias is not None:
             state[f"{name}.bias"] = m.q.bias.detach().float()
     config = plain_config(model)
-    with _no_init():
+    with no_init():
         dense = auto_model_class(config).from_config(config, dtype=torch.float32)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     missing, _ = dense.load_state_dict(state, strict=False)

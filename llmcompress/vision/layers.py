@@ -108,13 +108,13 @@ def load_swapped(path: str | Path, device: str, dtype: str, swap: Callable[[Any,
     from transformers import AutoConfig
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
-    from ..quant.rtn import _no_init
+    from ..utils.tensorfile import no_init
     from .kind import auto_model_class
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     dt = torch_dtype(dtype)
-    with _no_init():
+    with no_init():
         model = auto_model_class(config).from_config(config, dtype=dt)
     state = to_model_keys(model, read_state(path))
     resize_structured_(model, read_meta(path), state, dt)

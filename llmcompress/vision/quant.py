@@ -14,9 +14,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
+from ..quant.base import QuantizeConfig
 from ..quant.rtn import RTNConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..context import RunContext
     from ..stage import StageResult
 
@@ -145,6 +148,11 @@ class VisionRTN(RTNConfig):
         info["quantized_modules"] += len(convs)
         info["conv_modules"] = len(convs)
         return model, processor, info
+
+    def save_pretrained(self, ctx: "RunContext", model: Any, tokenizer: Any, path: "Path", meta: dict) -> tuple:
+        """llmcompress's own rtn layout (compressed-tensors has no scheme for Conv2d layers); plain
+        ``from_pretrained`` refuses it (models.loading.mark_own_layout)."""
+        return QuantizeConfig.save_pretrained(self, ctx, model, tokenizer, path, meta)
 
 
 def quantize_conv_rtn_(model: Any, cfg: Any) -> dict[str, int]:

@@ -75,9 +75,10 @@ def test_evaluate_tasks_through_vllm_match_transformers(tiny_model_dir, tmp_path
 
 
 def test_evaluate_through_vllm_refuses_a_format_vllm_cannot_read(make_ctx):
-    ctx = make_ctx(stages=[{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32},
+    pytest.importorskip("hqq")
+    ctx = make_ctx(stages=[{"type": "quantize", "method": "hqq", "bits": 4, "group_size": 32},
                            {"type": "evaluate", "backend": "vllm", "perplexity": None, "limit": 4}])
     ctx.recipe.stages[0].run(ctx)
     ctx.set_current(ctx.stage_dir / "model")
-    with pytest.raises(LLMCompressError, match="own `rtn` format.*export"):
+    with pytest.raises(LLMCompressError, match="own `hqq` format.*export.*dequantize: true"):
         ctx.recipe.stages[1].run(ctx)

@@ -148,12 +148,13 @@ def no_avx512(monkeypatch):
     monkeypatch.setattr(support, "cpu_flags", lambda: frozenset({"sse4_2", "avx2"}))
 
 
-@pytest.mark.parametrize("fmt", ["rtn", "hqq"])
+@pytest.mark.parametrize("fmt", ["rtn", "hqq", "dynamic-int8"])
 def test_refuses_llmcompress_own_formats(tmp_path, fmt):
     folder = _folder(tmp_path, fmt, DENSE, meta={"format": fmt})
     why = support.unservable_reason(folder, "cuda")
     assert f"llmcompress's own `{fmt}` format" in why and str(folder) in why and "Fix:" in why
-    assert "format: compressed-tensors" in why
+    # a fix that works for every one of them (compressed-tensors cannot hold hqq's float zero points)
+    assert "`format: hf` and `dequantize: true`" in why
 
 
 def test_refuses_a_folder_without_config(tmp_path):

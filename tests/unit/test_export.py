@@ -157,7 +157,10 @@ def test_compressed_tensors_export_is_pack_quantized_and_reloads(exported, name)
     # transformers decompresses to dense Linear on CPU; the numbers are the quantizer's own (nothing re-rounded)
     assert fresh["layer"] == "Linear"
     _close(ours, fresh["logits"], rel=0.01 if name == "rtn" else 0.03)
-    assert data["scheme"]["quantized_layers"] == 14 and data["converted"] is True
+    if name == "rtn":  # rtn's quantize stage writes pack-quantized itself: the export copies that folder
+        assert data["converted"] is False
+    else:
+        assert data["scheme"]["quantized_layers"] == 14 and data["converted"] is True
 
 
 def test_gguf_export_names_tensors_like_llama_cpp_and_reloads(exported):

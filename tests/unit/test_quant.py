@@ -8,9 +8,12 @@ import torch
 from llmcompress.errors import RecipeError
 from llmcompress.models.loading import load_model
 from llmcompress.quant.rtn import RTNConfig, _pack, _unpack
+from llmcompress.utils.io import read_json
+
+TEXT = "def add(a, b):\n    return a + b\n"
 
 
-def _logits(model, tokenizer, text="def add(a, b):\n    return a + b\n"):
+def _logits(model, tokenizer, text=TEXT):
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         return model(**ids).logits.float()
@@ -49,15 +52,46 @@ def _run(make_ctx, stage: dict):
 def test_rtn_stage_saves_a_smaller_model_that_reloads(make_ctx):
     ctx, result = _run(make_ctx, {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32})
     assert result.model_dir == "model" and result.data["quantized_modules"] == 14  # 2 layers x 7 linears
-    assert ctx.current.path == ctx.stage_dir / "model" and ctx.current.meta["format"] == "rtn"
+    assert ctx.current.path == ctx.stage_dir / "model" and ctx.current.meta["format"] == "compressed-tensors"
+    assert ctx.current.meta["reload_check"]["max_abs_logit_diff"] == 0.0
     assert ctx.current.size_bytes < 0.6 * ctx.original.size_bytes
     model, tok = ctx.current.load()
     reloaded, _ = load_model(ctx.current.path, "cpu", "bfloat16")
     assert torch.equal(_logits(model, tok), _logits(reloaded, tok))
     orig, _ = ctx.original.load()
-    assert not any("RTN" in type(m).__name__ for m in orig.modules())  # the original is untouched
-    assert 0 < (_logits(orig, tok) - _logits(model, tok)).abs().max() < 1.0
-    assert type(reloaded.get_submodule("lm_head")).__name__ == "Linear"  # skipped by default
+    assert 0 < (_logits(orig, tok) - _logits(model, tok)).abs().max() < 1.0  # the original is untouched
+    assert "lm_head" in read_json(ctx.current.path / "config.json")["quantization_config"]["ignore"]  # skipped
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False), (3, False)])
+def test_rtn_folder_is_the_same_model_in_plain_transformers_in_a_fresh_process(make_ctx, tmp_path, bits, symmetric):
+    """The folder is compressed-tensors pack-quantized: AutoModelForCausalLM.from_pretrained alone (no llmcompress)
+    computes exactly what the rtn layers computed in memory."""
+    import subprocess
+    import sys
+
+    from llmcompress.quant.rtn import quantize_rtn_
+
+    ctx, _ = _run(make_ctx, {"type": "quantize", "method": "rtn", "bits": bits, "group_size": 32,
+                             "symmetric": symmetric})
+    model, tok = load_model(ctx.original.path, "cpu", "bfloat16")
+    quantize_rtn_(model, RTNConfig(bits=bits, group_size=32, symmetric=symmetric))
+    expected = _logits(model, tok)
+    out = tmp_path / "logits.pt"
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "folder, out, text = sys.argv[1:4]\n"
+        "model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)\n"
+        "ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors='pt')\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(**ids).logits.float(), out)\n"
+        "assert not any(m.split('.')[0] == 'llmcompress' for m in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(ctx.current.path), str(out), TEXT], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(torch.load(out), expected)
 
 
 def test_rtn_group_size_must_divide_width(make_ctx):
@@ -69,9 +103,12 @@ def test_skip_by_regex(make_ctx):
     ctx, result = _run(make_ctx, {"type": "quantize", "method": "rtn", "group_size": 32,
                                   "skip": ["lm_head", r"model\.layers\.0\..*"]})
     assert result.data["quantized_modules"] == 7
-    model, _ = ctx.current.load()
-    assert type(model.get_submodule("model.layers.0.mlp.up_proj")).__name__ == "Linear"
-    assert type(model.get_submodule("model.layers.1.mlp.up_proj")).__name__ == "RTNLinear"
+    from safetensors import safe_open
+
+    with safe_open(str(ctx.current.path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.up_proj.weight" in keys and "model.layers.0.mlp.up_proj.weight_packed" not in keys
+    assert "model.layers.1.mlp.up_proj.weight_packed" in keys and "model.layers.1.mlp.up_proj.weight" not in keys
 
 
 @pytest.mark.parametrize(

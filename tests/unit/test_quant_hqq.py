@@ -65,6 +65,28 @@ def test_hqq_stage_saves_a_smaller_model_that_reloads_identically(make_ctx):
     assert 0 < err < 0.25
 
 
+def test_plain_transformers_refuses_the_hqq_folder_instead_of_loading_random_layers(make_ctx):
+    """hqq has no working transformers serialization (HqqConfig is broken upstream), so the folder is our own layout;
+    transformers alone used to load it with every quantized layer missing (random weights, only newlines out). Now it
+    refuses in a fresh process, and config.json says how to load it; load_model drops the marker from the config it
+    returns, so a dense save of that model is plain again."""
+    import subprocess
+    import sys
+
+    from llmcompress.utils.io import read_json
+
+    ctx, _ = _run(make_ctx, bits=4)
+    qc = read_json(ctx.current.path / "config.json")["quantization_config"]
+    assert qc["llmcompress_format"] == "hqq" and "load_model" in qc["load_with"]
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ctx.current.path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "quant_method" in proc.stderr, proc.stderr[-1500:]
+    model, _ = load_model(ctx.current.path, "cpu", "bfloat16")
+    assert not hasattr(model.config, "quantization_config")
+
+
 @pytest.mark.parametrize("bits,axis", [(2, 1), (3, 0), (8, 1)])
 def test_hqq_other_settings_reload_identically(make_ctx, bits, axis):
     # (the fresh-process reload is tested once, for torchao's own int4 layout: importing hqq alone takes ~10 s here)
