@@ -1,4 +1,5 @@
-"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | setup vllm | setup llamacpp``.
+"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | schema | setup vllm | setup llamacpp``
+(``--version``).
 
 Thin: it parses arguments and prints; the library does the work.
 
@@ -52,6 +53,27 @@ def _print_error(e: Exception) -> None:
     from rich.markup import escape  # messages quote YAML such as `[pydoc_ppl]`, which rich would take for markup
 
     err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"llmcompress {version('llmcompress')}", highlight=False)
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from . import __version__
+
+            out.print(f"llmcompress {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Compress LLMs with recipes and prove what it cost and what it bought."""
 
 
 @app.command()
@@ -268,6 +290,29 @@ def serve(
         err.print("stopped.")
 
 
+@app.command()
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it to this file (default: print)."),
+) -> None:
+    """The recipe format as JSON Schema, for editors that complete and check YAML (e.g. VS Code's YAML extension:
+    `# yaml-language-server: $schema=recipe.schema.json` at the top of a recipe)."""
+    import json
+
+    from .utils.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=1) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        from .utils.io import atomic_write_text
+
+        atomic_write_text(output, text)
+    except OSError as e:
+        _fail(_os_error(e))
+    err.print(f"wrote {output}")
+
+
 @app.command("app", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              add_help_option=False)
 def app_(ctx: typer.Context) -> None:
@@ -313,9 +358,11 @@ def setup_llamacpp(
 
 
 def _device() -> str:
-    import shutil
+    """``cuda`` when torch can use a GPU. (Not ``nvidia-smi`` on the PATH: containers have it without a usable GPU,
+    and GPUs without it.)"""
+    import torch
 
-    return "cuda" if shutil.which("nvidia-smi") else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _stage_doc(name: str) -> str | None:

@@ -122,6 +122,44 @@ def test_every_shipped_recipe_validates():
         assert "valid" in r.stdout
 
 
+def test_version():
+    from importlib.metadata import version
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llmcompress {version('llmcompress')}"
+
+
+def test_schema_accepts_every_shipped_recipe_and_catches_what_validate_catches(tmp_path):
+    """`llmcompress schema` is JSON Schema an editor can use: every shipped recipe passes it as written (string
+    `model:` shorthand included), and a misspelled key or method fails it, as the recipe loader does."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    r = cli("schema", "--output", tmp_path / "recipe.schema.json")
+    assert r.returncode == 0, r.stderr
+    schema = json.loads((tmp_path / "recipe.schema.json").read_text())
+    assert json.loads(cli("schema").stdout) == schema
+    validator = jsonschema.Draft202012Validator(schema)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for f in sorted((ROOT / "recipes").glob("*.yaml")):
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(f.read_text()))]
+        assert not errors, f"{f.name}: {errors[:2]}"
+    good = {"name": "r", "model": "tiny-random-llama", "stages": [{"type": "quantize", "method": "rtn", "bits": 4}]}
+    assert validator.is_valid(good)
+    for bad_stage in ({"type": "quantize", "method": "rtn", "bitz": 4}, {"type": "quantize", "method": "bnb-nf5"},
+                      {"type": "evaluat"}):
+        assert not validator.is_valid({**good, "stages": [bad_stage]}), bad_stage
+    assert not validator.is_valid({**good, "modle": "x"})
+
+
+def test_schema_to_a_path_it_cannot_write_exits_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = cli("schema", "-o", tmp_path / "file" / "schema.json")
+    assert r.returncode == 2 and "Fix:" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_ls_lists_registries():
     r = cli("ls")
     assert r.returncode == 0
