@@ -298,7 +298,7 @@ def schema(
     `# yaml-language-server: $schema=recipe.schema.json` at the top of a recipe)."""
     import json
 
-    from .utils.schema import recipe_json_schema
+    from .recipe import recipe_json_schema
 
     text = json.dumps(recipe_json_schema(), indent=1) + "\n"
     if output is None:

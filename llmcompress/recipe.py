@@ -322,3 +322,18 @@ def format_validation_error(err: ValidationError, raw: dict, where: str) -> str:
         got = f", got {e['input']!r}" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
         lines.append(f"{prefix} `{field}`: {msg}{got}." if field else f"{prefix} {msg}")
     return "\n".join(lines)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a recipe file as written: pydantic's schema of ``Recipe`` by alias, plus the
+    shorthands the YAML accepts before validation (``model: <name, hub id, folder or .gguf>`` as a string). Editors
+    use it to complete and check recipes (``llmcompress schema``; YAML language servers read ``# yaml-language-server:
+    $schema=<file>``)."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    model = schema["properties"]["model"]
+    schema["properties"]["model"] = {"anyOf": [{"type": "string", "description": "builtin name, hub id, local "
+                                                "folder or .gguf file"}, model], "description": model.get(
+                                                    "description", "The model to compress.")}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llmcompress recipe"
+    return schema

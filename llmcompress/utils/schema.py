@@ -87,19 +87,3 @@ def shown_path(cls: type[BaseModel], loc: list) -> str:
     """``loc`` as the user wrote it, dotted."""
     return ".".join(str(p) for p in locate(cls, loc)[1])
 
-
-def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of a recipe file as written: pydantic's schema of ``Recipe`` by alias, plus the
-    shorthands the YAML accepts before validation (``model: <name, hub id, folder or .gguf>`` as a string). Editors
-    use it to complete and check recipes (``llmcompress schema``; YAML language servers read ``# yaml-language-server:
-    $schema=<file>``)."""
-    from ..recipe import Recipe
-
-    schema = Recipe.model_json_schema(by_alias=True)
-    model = schema["properties"]["model"]
-    schema["properties"]["model"] = {"anyOf": [{"type": "string", "description": "builtin name, hub id, local "
-                                                "folder or .gguf file"}, model], "description": model.get(
-                                                    "description", "The model to compress.")}
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "llmcompress recipe"
-    return schema
