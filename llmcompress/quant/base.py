@@ -14,6 +14,8 @@ from ..stage import StageConfig, StageResult
 from ..vision.adapter import vision_aware
 
 if TYPE_CHECKING:
+    import torch
+
     from ..context import RunContext
 
 
@@ -101,3 +103,16 @@ class QuantizeConfig(StageConfig):
         }
         summary = {"method": self.method, "time": f"{seconds:.1f}s", "size": f"{data['size_bytes'] / 2**20:.1f} MiB"}
         return StageResult(type="quantize", label=self.label, model_dir="model", data=data, summary=summary)
+
+
+#: Text whose logits a quantize stage compares before saving and after reloading its folder (the reload check).
+PROBE_TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog."
+
+
+def probe_logits(model, tokenizer) -> "torch.Tensor":
+    """The model's float32 logits on PROBE_TEXT, on the CPU."""
+    import torch
+
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().cpu()

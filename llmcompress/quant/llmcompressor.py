@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from ..data.calibration import CalibrationConfig, check_calibration, load_calibration
 from ..errors import LLMCompressError, RecipeError, require
 from ..stage import StageResult
-from .base import QuantizeConfig, check_group_size
+from .base import QuantizeConfig, check_group_size, probe_logits
 from .plan import meta_model, plan_layers
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 LOG_FILE = "llmcompressor.log"
 FORMAT = "compressed-tensors"
 #: Text whose logits are compared before saving and after reloading the folder (``reload_check`` in the result).
-PROBE_TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog."
 
 
 class _LlmcConfig(QuantizeConfig):
@@ -112,7 +111,7 @@ class _LlmcConfig(QuantizeConfig):
         from ..models.loading import META, load_model, storage_dtype_of, versions
         from ..utils.io import atomic_write_json
 
-        before = _probe_logits(model, tokenizer)
+        before = probe_logits(model, tokenizer)
         storage = storage_dtype_of(ctx.original.path)
         with llmcompressor_output(ctx.stage_dir / LOG_FILE, ctx.console):
             cast_dense_parts_(model, storage)
@@ -122,7 +121,7 @@ class _LlmcConfig(QuantizeConfig):
         atomic_write_json(path / META, meta)
         with llmcompressor_output(ctx.stage_dir / LOG_FILE, ctx.console):  # its load-time progress bars
             reloaded, tokenizer = load_model(path, ctx.runtime.device, ctx.runtime.dtype)
-        after = _probe_logits(reloaded, tokenizer)
+        after = probe_logits(reloaded, tokenizer)
         meta["reload_check"] = {
             "max_abs_logit_diff": round(float((before - after).abs().max()), 6),
             "max_abs_logit": round(float(before.abs().max()), 4),
@@ -326,14 +325,6 @@ def cast_dense_parts_(model, dtype_name: str | None) -> None:
             if p.is_floating_point() and p.dtype != target and not (args is not None and name == "weight"):
                 p.data = p.data.to(target)
     model.config.dtype = target
-
-
-def _probe_logits(model, tokenizer) -> "torch.Tensor":
-    import torch
-
-    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float().cpu()
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from ..errors import LLMCompressError, RecipeError
-from .base import QuantizeConfig, check_group_size
+from .base import QuantizeConfig, check_group_size, probe_logits
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -59,8 +59,6 @@ class RTNConfig(QuantizeConfig):
         """A compressed-tensors ``pack-quantized`` folder (quant/compressed.py: rtn's integers, scales and zero points
         exactly), which transformers and vLLM load as they are; returns it reloaded as later stages see it, after
         checking it computes what ``model`` computed."""
-        import torch
-
         from ..models.loading import load_model, storage_dtype_of, write_meta
         from ..vision.kind import kind_of_config
         from .compressed import write_compressed_tensors
@@ -68,15 +66,12 @@ class RTNConfig(QuantizeConfig):
         if kind_of_config(model.config.to_dict())[0] != "llm":  # a VLM: the converter builds causal LMs only
             return super().save_pretrained(ctx, model, tokenizer, path, meta)  # own layout, refused by plain loading
         storage = storage_dtype_of(ctx.original.path) or "bfloat16"
-        ids = tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            before = model(input_ids=ids).logits.float()
+        before = probe_logits(model, tokenizer)
         info = write_compressed_tensors(model, tokenizer, path, storage)
         meta = {**meta, "format": "compressed-tensors", "storage_dtype": storage, "compressed_tensors": info["scheme"]}
         write_meta(path, meta)
         reloaded, tokenizer = load_model(path, ctx.runtime.device, ctx.runtime.dtype)
-        with torch.no_grad():
-            after = reloaded(input_ids=ids.to(reloaded.device)).logits.float().cpu()
+        after = probe_logits(reloaded, tokenizer)
         diff = float((before - after).abs().max())
         # the same dequantized weights in the same dtype; only the kernels' summation order may differ
         if diff > 1e-3 * max(1.0, float(before.abs().max())):
@@ -86,8 +81,6 @@ class RTNConfig(QuantizeConfig):
                                                    "max_abs_logit": round(float(before.abs().max()), 4)}})
         return reloaded, tokenizer
 
-
-_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. def main():\n    return 0\n"
 
 
 def quantize_rtn_(model, cfg: RTNConfig) -> list[str]:
