@@ -236,6 +236,20 @@ def _worker_main(job_file: str) -> None:
     trained = train_adapter(recipe.stages[job["stage_index"]], ctx)
     if rank == 0:
         atomic_write_json(Path(job["stage_dir"]) / RESULT_FILE, {"data": trained.data, "meta": trained.meta})
+    _leave_group()  # after a failure the process just exits: torchrun stops the others (a barrier could hang them)
+
+
+def _leave_group() -> None:
+    """Wait for the other processes, then close the process group before the interpreter exits.
+
+    A gloo group left to the interpreter's exit can be torn down while its threads still run, and the process then
+    aborts ("terminate called without an active exception", SIGABRT) after a training that succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
