@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
         f"after token {HELD_OUT:,}; Shakespeare is never calibrated on). GGUF models are scored on llama.cpp's "
         "logits, the others under transformers, against the same original. Sorted by the Python-docs change.",
         "Bits per weight: the weight files x 8 / parameters (embedding included). Chat: the default prompt set "
-        "(evals/chat), greedy, 24 new tokens; flips = right before, wrong after.",
+        "(llmcompress/evals/chat), greedy, 24 new tokens; flips = right before, wrong after.",
         "",
     ]
     missing = [n for n in ENTRIES if n not in result["entries"]]

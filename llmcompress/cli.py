@@ -1,4 +1,4 @@
-"""Command line: ``llmcompress run | sweep | validate | ls | serve | app | schema | setup vllm | setup llamacpp``
+"""Command line: ``llmcompress run | sweep | validate | ls | serve | push | app | schema | setup vllm | setup llamacpp``
 (``--version``).
 
 Thin: it parses arguments and prints; the library does the work.
@@ -24,6 +24,7 @@ out = Console()
 
 #: `serve --dtype` choices: the recipe's `dtype:` names (Recipe.dtype; a unit test keeps the two equal).
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+LogLevel = Literal["debug", "info", "warning", "error"]  # utils.liblogs.LEVELS (a unit test keeps the two equal)
 SET_HELP = "Override a recipe value: --set stages.0.bits=4 (repeatable; values are YAML)."
 
 
@@ -72,8 +73,17 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
+    log_level: Optional[LogLevel] = typer.Option(None, "--log-level", case_sensitive=False, help="Level of the "
+                                                 "libraries' log records a run keeps in logs/libraries.log "
+                                                 "(default warning; also $LLMCOMPRESS_LOG_LEVEL)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print those records on stderr (at info "
+                                 "unless --log-level says otherwise)."),
 ) -> None:
     """Compress LLMs with recipes and prove what it cost and what it bought."""
+    if log_level is not None or verbose:
+        from .utils.liblogs import set_log_level
+
+        set_log_level(log_level, echo=verbose)
 
 
 @app.command()
@@ -196,8 +206,9 @@ def ls() -> None:
 
     for name in PRUNERS.names():
         table.add_row("prune method", name, _first_line(PRUNERS.get(name).__doc__))
-    for name in _local_tasks():
-        table.add_row("eval task", name, "local lm-eval task in evals/ (offline)")
+    local_tasks = _local_tasks()
+    for name in local_tasks:
+        table.add_row("eval task", name, "local lm-eval task (offline; folder below)")
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     for f in sorted(recipes.glob("*.yaml")):
         table.add_row("recipe", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f), "")
@@ -205,6 +216,10 @@ def ls() -> None:
         table.add_row("sweep", str(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f),
                       "llmcompress sweep FILE")
     out.print(table)
+    if local_tasks:  # what lm-eval's own CLI needs to run them: `lm_eval run --include_path FOLDER --tasks ...`
+        from .eval.tasks import evals_dir
+
+        out.print(f"local eval tasks (lm_eval --include_path): {evals_dir()}", soft_wrap=True)
 
 
 @app.command()
@@ -288,6 +303,26 @@ def serve(
         _fail(e)
     except KeyboardInterrupt:
         err.print("stopped.")
+
+
+@app.command()
+def push(
+    target: Path = typer.Argument(..., help="A finished run folder (its export, card, report.json, report.md, "
+                                  "plots/) or a model folder (pushed as it is)."),
+    repo_id: str = typer.Argument(..., help="Hub repo `owner/name` (created when missing)."),
+    public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created when missing)."),
+    token: Optional[str] = typer.Option(None, "--token", show_default=False, help="Hub token with write access "
+                                        "(default: HF_TOKEN, then `hf auth login`'s)."),
+) -> None:
+    """Upload a run's model with its card and report (or a model folder) to the Hugging Face hub (HF_ENDPOINT)."""
+    from .export.hub import push_to_hub
+
+    try:
+        url = push_to_hub(target, repo_id, private=not public, revision=revision, token=token)
+    except LLMCompressError as e:
+        _fail(e)
+    out.print(f"pushed to {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()

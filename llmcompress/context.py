@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+#: ``<run folder>/checkpoints/<stage folder>``: checkpoints of a stage not finished yet (RunContext.checkpoint_dir).
+CHECKPOINTS = "checkpoints"
 
 
 def weight_bytes(folder: Path) -> int:
@@ -148,11 +150,18 @@ class RunContext:
     stage_index: int = 0
     stage_dir: Path = field(default_factory=Path)
     results: dict[int, Any] = field(default_factory=dict)  # stage index -> StageResult of earlier stages
+    fingerprint: str = ""  # the running stage's (pipeline.fingerprints): what its checkpoints must match
     engines: dict[str, Any] = field(default_factory=dict)  # serving engines kept for the run (see ``engine``)
 
     def log(self, message: str) -> None:
         if self.console is not None:
             self.console.log(message)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<run folder>/checkpoints/<stage folder>``: where a long stage keeps checkpoints that must survive a
+        kill (its own folder is replaced when it runs again); removed once the stage has finished."""
+        return self.run_dir / CHECKPOINTS / self.stage_dir.name
 
     @contextmanager
     def task(self, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:

@@ -110,7 +110,8 @@ def stage_dir_name(index: int, stage: StageConfig) -> str:
 def fingerprints(recipe: Recipe, threads: int) -> list[str]:
     """One hash per stage over everything that can change its output: model, dtype, seed, threads, stages so far."""
     head = [recipe.model.model_dump(), recipe.dtype, recipe.device, recipe.seed, threads]
-    configs = [s.model_dump(mode="json") for s in recipe.stages]
+    # (an export's `push_to_hub` happens after the run and changes no output: left out, so adding it redoes nothing)
+    configs = [s.model_dump(mode="json", exclude={"push_to_hub"}) for s in recipe.stages]
     return [stable_hash(head + configs[: i + 1]) for i in range(len(configs))]
 
 
@@ -236,6 +237,7 @@ def _run_stages(ctx) -> list[dict]:
     for i, stage in enumerate(recipe.stages):
         ctx.stage_index = i
         ctx.stage_dir = ctx.run_dir / stage_dir_name(i, stage)
+        ctx.fingerprint = prints[i]
         header = f"[{i + 1}/{n}] {stage.label}"
         saved, why = (None, None) if rerun_from_here else _finished(ctx.stage_dir, prints[i])
         if saved is not None:
@@ -306,12 +308,23 @@ def _run_one(ctx, stage: StageConfig, fingerprint: str, header: str) -> dict:
              "result": result.model_dump(mode="json"),
              "outputs": rundir.record_outputs(ctx.stage_dir, result.artifacts, skip=RESULT), "finished": _now()}
     atomic_write_json(ctx.stage_dir / RESULT, saved)
+    _remove_checkpoints(ctx.checkpoint_dir)  # the stage is finished: what a killed run would have resumed from
     brief = ", ".join(f"{k} {v}" for k, v in result.summary.items())
     from .report.metrics import fmt_bytes
 
     ctx.console.log(f"{header}: done in {result.seconds:.1f}s, peak memory {fmt_bytes(result.peak_rss_bytes)}"
                     + (f" — {brief}" if brief else ""))
     return saved
+
+
+def _remove_checkpoints(path: Path) -> None:
+    """Remove a finished stage's checkpoints, and ``checkpoints/`` once empty."""
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # missing, or another stage's checkpoints are there
 
 
 def _now() -> str:
@@ -338,9 +351,10 @@ def _finish(ctx, stages: list[dict], timing: dict) -> dict:
                           original=_model_info(ctx.original), compressed=_model_info(ctx.current))
     paths = write_report(ctx.run_dir, report)
     if any(s["result"]["type"] == "export" for s in stages):
-        from .export import refresh_cards
+        from .export import push_exports, refresh_cards
 
         refresh_cards(report)  # model cards written during the run now show the final figures
+        push_exports(ctx.run_dir, report, ctx.console)  # export stages with `push_to_hub:`
     ctx.console.print(summary_table(report))
     ctx.console.print(f"report: {paths['markdown']}")
     return report

@@ -3,8 +3,9 @@
 that resume trusts a stage only while its files are still there, whole.
 
 A folder is a run folder when it holds our ``manifest.json`` (written when a run starts). ``--fresh`` removes the
-names a run writes (the stage folders ``NN-<stage type>``, the manifest, the resolved recipe, reports, plots, logs)
-and nothing else; a folder that is not a run folder and is not empty is refused, with or without ``--fresh``.
+names a run writes (the stage folders ``NN-<stage type>``, the manifest, the resolved recipe, reports, plots, logs,
+checkpoints) and nothing else; a folder that is not a run folder and is not empty is refused, with or without
+``--fresh``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .context import CHECKPOINTS
 from .errors import LLMCompressError
 from .utils.io import atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 LOCK = ".llmcompress.lock"
 #: Top-level names a run writes besides its stage folders (all that ``--fresh`` removes).
-RUN_FILES = ("recipe.resolved.yaml", MANIFEST, "report.json", "report.md", "plots", "logs")
+RUN_FILES = ("recipe.resolved.yaml", MANIFEST, "report.json", "report.md", "plots", "logs", CHECKPOINTS)
 #: ``01-quantize``; the stage type is checked against the registry too.
 STAGE_DIR = re.compile(r"^(\d{2,})-([a-z]+)$")
 #: Temporary names of atomic writes (``.report.json.abc.tmp``) left by a killed run.

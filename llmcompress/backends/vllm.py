@@ -34,7 +34,7 @@ def make_server(path: str | Path, options: ServerOptions, log_path: Path | None,
 
     Raises ``serving.support.Unservable`` with the reason and the fix when vLLM cannot serve the folder here.
     """
-    require_servable(path, options.device, "vLLM cannot serve this model here")
+    require_servable(path, options.device, "vLLM cannot serve this model here", dtype=options.dtype)
     base, adapter = adapter_base(path)
     adapters = {ADAPTER_NAME: adapter} if adapter is not None else {}
     if adapter is not None:

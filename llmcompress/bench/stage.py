@@ -12,6 +12,7 @@ memory never shows in the other's figures; for vllm from each server's own proce
 from __future__ import annotations
 
 import gc
+import os
 import re
 import statistics
 import time
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import RecipeError
 from ..serving.config import VLLMConfig
 from ..stage import StageConfig, StageResult
+from .load import LoadConfig
 from ..vision.adapter import vision_aware
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ class BenchmarkStage(StageConfig):
           paired: rounds           # one model in memory at a time (calls: all at once, alternating call by call)
           compare: []              # more models: run folders, model folders, or recipe files (run first)
           vllm: {}                 # engine settings, e.g. {kv_cache_gib: 1, tensor_parallel_size: 2}
+          load: null               # load curves under vllm: {rates: [1, 2, 4, inf], num_prompts: 32, slo: {...}}
 
     Prompts are windows of real text (Python's reference docs), the same for every model and backend; generation
     is greedy and always exactly ``new_tokens`` long (``ignore_eos`` under vLLM). Every (backend, model) pair is
@@ -64,6 +67,10 @@ class BenchmarkStage(StageConfig):
     ``output_tok_s_bs{B}`` (offline throughput: batch x new_tokens / wall time), ``requests_per_s_bs{B}``; at the
     largest: ``ttft_p50_ms``/``ttft_p95_ms`` and ``itl_p50_ms``/``itl_p95_ms`` over every request of every round.
     A model vLLM cannot serve here (e.g. W4A16 on a CPU without AVX-512) is listed with the reason, not timed.
+
+    ``load:`` (backend vllm) adds load curves: vLLM's own ``vllm bench serve`` against each model's server at each
+    request rate (``bench/load.py``): request and output token throughput, TTFT/TPOT/ITL/E2E p50/p90/p99 and
+    goodput under ``slo``, per rate, in ``data["load"]``; the tool's result files stay in ``<stage>/load/``.
     """
 
     type: Literal["benchmark"] = "benchmark"
@@ -98,6 +105,9 @@ class BenchmarkStage(StageConfig):
         "relative to the recipe file."
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
+    load: LoadConfig | None = Field(
+        None, description="Load curves of the vLLM servers: `vllm bench serve` at each request rate (throughput, "
+        "TTFT/TPOT/ITL percentiles, goodput under `slo`); None: off. Needs backend vllm.")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +124,9 @@ class BenchmarkStage(StageConfig):
         if self.vllm != VLLMConfig() and "vllm" not in self.backends:  # defaults (`vllm: {}`, a resolved recipe) pass
             raise ValueError(f"`vllm:` settings apply to backend vllm only, and `backends` is {self.backends}. "
                              "Fix: add vllm to `backends`, or remove the `vllm:` block.")
+        if self.load is not None and "vllm" not in self.backends:
+            raise ValueError(f"`load:` sweeps request rates against vLLM servers, and `backends` is {self.backends}. "
+                             "Fix: add vllm to `backends`, or remove the `load:` block.")
         return self
 
     @field_validator("backends")
@@ -193,10 +206,13 @@ class BenchmarkStage(StageConfig):
         backends, unsupported = self._open(ctx, handles, where)  # starts servers, loads and checks every model
         calls_per_model = self.warmup + self.repeats * len(self.batch_sizes)
         probes = [k for k, b in backends.items() if self.memory and b.memory() is None]
+        served = {k: b for k, b in backends.items() if self.load and k.split("/")[0] == "vllm"}
         with ctx.task(f"{self.label} ({', '.join(self.backends)})",
-                      total=len(probes) + calls_per_model * len(backends)) as advance:
+                      total=len(probes) + calls_per_model * len(backends)
+                      + len(served) * len(self.load.rates if self.load else [])) as advance:
             memory = {k: self._memory(ctx, handles[_role(k)], advance) for k in probes}
             calls = self.time_interleaved(backends, advance)
+            load = self._load(ctx, served, advance) if served else None
         for key, backend in backends.items():  # vLLM: measured by the server's own process tree, after the load
             if self.memory and key not in memory:
                 memory[key] = backend.memory()
@@ -229,11 +245,30 @@ class BenchmarkStage(StageConfig):
             "cross": _cross(per_repeat, self.backends, list(handles)) if len(self.backends) > 1 else {},
             "raw": {"calls": calls, "per_repeat": per_repeat, "memory": memory},
         }
+        if load is not None:
+            data["load"] = load
         seconds = time.perf_counter() - t0
         return StageResult(type="benchmark", label=self.label, seconds=seconds, data=data,
                            summary=summarize(first["figures"].get("original", {}),
                                              first["figures"].get("compressed", {}),
-                                             first["ratios"].get("compressed", {}), same) | _serving_summary(data))
+                                             first["ratios"].get("compressed", {}), same) | _serving_summary(data)
+                           | _load_summary(load))
+
+    def _load(self, ctx: "RunContext", served: dict[str, Any], advance) -> dict:
+        """``bench.load.run_load`` over the vLLM servers the stage timed (they are still up), rate by rate."""
+        from ..serving.server import ServerOptions
+        from .load import run_load
+
+        ctx.log(f"benchmark: load curves of {', '.join(served)} at request rates "
+                f"{', '.join(map(str, self.load.rates))} (vllm bench serve)")
+        rt = ctx.runtime
+        env = {**os.environ, **ServerOptions(device=rt.device, threads=rt.threads).env()}
+        env.pop("VLLM_API_KEY", None)
+        env.pop("OPENAI_API_KEY", None)  # the tool sends $OPENAI_API_KEY: only the servers' own key, if any
+        out = run_load(self.load, served, ctx.stage_dir / "load", ctx.run_dir / "logs" / "vllm-bench-serve.log",
+                       rt.seed, env, self.label, advance)
+        out["settings"].update(rt.describe())  # device, dtype, threads: beside every figure
+        return out
 
     def _compare_handles(self, ctx: "RunContext", taken: dict) -> dict[str, "ModelHandle"]:
         from ..context import ModelHandle
@@ -467,6 +502,20 @@ def _serving_summary(data: dict) -> dict[str, str]:
     for pair, figs in data["cross"].items():
         if key in figs:
             out[f"{pair} (output bs{bs})"] = f"{figs[key]:.2f}x"
+    return out
+
+
+def _load_summary(load: dict | None) -> dict[str, str]:
+    """One line per model: TTFT p99 and goodput (or request throughput) at the highest request rate."""
+    if not load:
+        return {}
+    out = {}
+    for key, points in load["curves"].items():
+        last = points[-1]
+        good = last.get("request_goodput")
+        out[f"load {key} @ rate {last['rate']}"] = (
+            f"TTFT p50/p99 {last['ttft_p50_ms']:.0f}/{last['ttft_p99_ms']:.0f} ms, "
+            + (f"goodput {good:.2f} req/s" if good is not None else f"{last['request_throughput']:.2f} req/s"))
     return out
 
 

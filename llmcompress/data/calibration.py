@@ -119,7 +119,7 @@ def check_calibration(cfg: CalibrationConfig, base_dir: Path | None = None) -> N
         from ..utils.net import hub_reachable
 
         require("datasets", "eval", f"{_where(cfg)}")
-        if not hub_reachable():
+        if not hub_reachable(datasets=True):
             raise RecipeError(
                 f"{_where(cfg)} needs the Hugging Face hub, which is not reachable from here (or HF_HUB_OFFLINE / "
                 f"HF_DATASETS_OFFLINE is set). Fix: use `builtin:pydoc` or a local .txt / .jsonl file."

@@ -4,7 +4,8 @@ A flip is a prompt the original answers right and the compressed model gets wron
 model notices first. Prompts come from a JSON-lines file, one ``{"prompt": ..., "answer": ..., "kind": ...}`` per
 line; ``answer`` (optional) is a short string that a correct reply contains, matched case-insensitively as a whole
 word or number (``12`` does not match ``123``; runs of spaces count as one). The default set, ``builtin:chat``, is
-``evals/chat/default.jsonl`` (facts, arithmetic, instructions; ``evals/chat/build.py`` writes it).
+``llmcompress/evals/chat/default.jsonl`` (facts, arithmetic, instructions; ``evals/chat/build.py`` beside it writes
+it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import RecipeError
 from ..utils.io import read_jsonl
 
-BUILTIN_PROMPTS = {"builtin:chat": "chat/default.jsonl"}  # relative to the shipped evals/ folder
+BUILTIN_PROMPTS = {"builtin:chat": "chat/default.jsonl"}  # relative to the shipped llmcompress/evals/ folder
 _KEYS = ("prompt", "answer", "kind")
 MAX_FILE_BYTES = 16 << 20  # a prompt set is a few hundred lines; a bigger file is a wrong path
 #: How many flipped (and gained) items a results dict keeps; the counts are always exact.
@@ -77,11 +78,12 @@ class Reply:
 
 
 def prompts_path(prompts: str, base_dir: Path | None = None) -> Path:
-    """The file behind ``prompts``: a builtin set in the shipped evals/ folder, else a path relative to ``base_dir``."""
+    """The file behind ``prompts``: a builtin set in the shipped ``llmcompress/evals/`` folder, else a path relative
+    to ``base_dir``."""
     if prompts in BUILTIN_PROMPTS:
-        import llmcompress
+        from ..evals import path as shipped
 
-        return Path(llmcompress.__file__).resolve().parents[1] / "evals" / BUILTIN_PROMPTS[prompts]
+        return shipped() / BUILTIN_PROMPTS[prompts]
     path = Path(prompts).expanduser()
     return path if path.is_absolute() or base_dir is None else base_dir / path
 

@@ -1,4 +1,5 @@
-"""lm-eval tasks on an in-memory model: the local tasks in ``evals/`` (offline) or, with hub access, any lm-eval task.
+"""lm-eval tasks on an in-memory model: the local tasks in ``llmcompress/evals/`` (offline) or, with hub access, any
+lm-eval task.
 
 Offline, a task that is not local fails at once (no minutes of hub retries). The TaskManager is built once per process:
 over the rendered local tasks only (fast), or with lm-eval's own tasks too (~12 s) when a hub task is asked for.
@@ -7,21 +8,39 @@ over the rendered local tasks only (fast), or with lm-eval's own tasks too (~12 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
-from ..errors import RecipeError
+from ..errors import LLMCompressError, RecipeError
 from ..registry import did_you_mean
-from .tasks import evals_dir, local_tasks, render_include_dir
+from .tasks import EVALS_ENV, evals_dir, local_tasks, render_include_dir
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
 #: Bootstrap draws for the stderr of metrics that have no closed form (lm-eval's default, 100k, takes minutes).
 BOOTSTRAP_ITERS = 1000
+#: Keys of lm-eval's results that map task names to values: merged when tasks run one ``simple_evaluate`` call each.
+_PER_TASK = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+             "samples")
+#: What lm-eval's CLI records of the prompt format (its ``GeneralConfigTracker``), kept in our results JSON too.
+_CHAT_FIELDS = ("system_instruction", "system_instruction_sha", "fewshot_as_multiturn", "chat_template",
+                "chat_template_sha")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """lm-eval's prompt and logging options, passed to ``simple_evaluate`` as they are."""
+
+    apply_chat_template: bool | str = False  # True: the tokenizer's chat template; a string: one of its named templates
+    fewshot_as_multiturn: bool = False  # few-shot examples as user/assistant turns (only with a chat template)
+    system_instruction: str | None = None  # a system message (with a template), else text before each prompt
+    log_samples: bool = False  # per-sample documents, prompts, outputs and metrics in the results ("samples")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -52,7 +71,8 @@ def _unreachable(host: str, port: int, timeout: float = 2.0) -> str | None:
 def check_tasks(tasks: Sequence[str], where: str = "evaluate") -> None:
     """Fail at once, before any model loads, on unknown task names and on hub tasks while the hub is offline.
 
-    Local names are checked against ``evals/``; other names need the hub, so offline they fail here in <= 2 s.
+    Local names are checked against the local tasks (``evals_dir()``); other names need the hub, so offline they fail
+    here in <= 2 s.
     Online, lm-eval's full index (built once, ~12 s) is the authority.
     """
     local = sorted(local_tasks())
@@ -75,8 +95,8 @@ def check_tasks(tasks: Sequence[str], where: str = "evaluate") -> None:
         raise RecipeError(
             f"{where}: `{others[0]}` is not a local task (local tasks: {local_list}), and lm-eval's own tasks "
             f"download their data from the Hugging Face hub, which is offline ({reason}). Fix: use a local task, "
-            f"add a task YAML with local data to {evals_dir()}, or run where the hub is reachable "
-            "(with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset)."
+            f"point {EVALS_ENV} to a folder of task YAMLs with local data (now {evals_dir()}), or run where the hub "
+            "is reachable (with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset)."
         )
     known = set(task_manager(tasks).all_tasks)
     for name in others:
@@ -161,33 +181,80 @@ def run_tasks(
     num_fewshot: int = 0,
     batch_size: int = 8,
     progress: Callable[..., None] | None = None,
+    options: PromptOptions = PromptOptions(),
 ) -> dict[str, dict[str, float]]:
     """Evaluate a loaded model on lm-eval tasks; returns ``{task: {metric: value}}`` (e.g. ``{"acc": .41}``).
 
+    The arguments are those of ``evaluate_tasks``, whose full results this cleans.
+    """
+    return clean_results(evaluate_tasks(model, tokenizer, tasks, limit, num_fewshot, batch_size, progress,
+                                        options)["results"])
+
+
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    progress: Callable[..., None] | None = None,
+    options: PromptOptions = PromptOptions(),
+) -> dict[str, Any]:
+    """Evaluate a loaded model on lm-eval tasks; returns lm-eval's own results (what ``simple_evaluate`` returns:
+    ``results``, ``configs``, ``versions``, ``n-shot``, ``higher_is_better``, ...; ``samples`` with
+    ``options.log_samples``), JSON-ready, plus the prompt-format fields lm-eval's CLI records (``chat_template``, ...).
+
     Args:
         model, tokenizer: an in-memory transformers model and its tokenizer.
-        tasks: local task names (``evals/``) or, with hub access, any lm-eval task.
+        tasks: local task names (``llmcompress/evals/``) or, with hub access, any lm-eval task.
         limit: items per task (the first N of its test split); None for all.
         num_fewshot: few-shot examples per item (tasks that fix it to 0, like perplexity, keep 0).
         batch_size: lm-eval batch size.
         progress: called with 1 after each task (our progress bar); lm-eval's own output is hidden when given.
+        options: chat template, system instruction, per-sample logging.
     """
     check_tasks(tasks)
+    if options.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LLMCompressError(
+            f"evaluate: `apply_chat_template: {options.apply_chat_template}`, but the tokenizer of "
+            f"{getattr(tokenizer, 'name_or_path', None) or 'this model'} has no chat template. Fix: set "
+            "`apply_chat_template: false`, or use a model whose tokenizer has one (tokenizer_config.json "
+            "`chat_template`)."
+        )
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(tasks)
-    out: dict[str, dict[str, float]] = {}
+    runs: list[dict[str, Any]] = []
+    tracker = EvaluationTracker()  # records the chat template and system instruction as lm-eval's CLI does
     with _lean_lm_eval(quiet=progress is not None):
         # A model another engine runs (llama.cpp's GGUF) brings its own lm-eval LM; transformers models use HFLM.
         lm = (model.lm_eval_model(tokenizer, batch_size) if hasattr(model, "lm_eval_model")
               else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
         for task in tasks:  # one at a time, so the progress bar moves per task
-            res = simple_evaluate(
+            runs.append(simple_evaluate(
                 lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
-            )
-            out.update(clean_results(res["results"]))
+                bootstrap_iters=BOOTSTRAP_ITERS, evaluation_tracker=tracker, **asdict(options),
+            ))
             if progress is not None:
                 progress(1)
-    return out
+    tracked = asdict(tracker.general_config_tracker)
+    return merge_results(runs, {k: tracked.get(k) for k in _CHAT_FIELDS})
+
+
+def merge_results(runs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """lm-eval's results of one ``simple_evaluate`` call per task as one, as JSON-ready as lm-eval writes it
+    (its ``handle_non_serializable``: numpy numbers become numbers, anything else its ``str``)."""
+    from lm_eval.utils import handle_non_serializable
+
+    out: dict[str, Any] = {}
+    for run in runs:
+        for key, value in run.items():
+            if key in _PER_TASK and isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out.setdefault(key, value)  # model config, seeds, date, tokenizer: the same for every task
+    out.update(extra or {})
+    return json.loads(json.dumps(out, default=handle_non_serializable))

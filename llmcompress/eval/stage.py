@@ -18,10 +18,13 @@ from .perplexity import PerplexityConfig
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext
+    from .harness import PromptOptions
 
 #: Bump when a change here changes the figures, so cached original results are recomputed.
-EVAL_VERSION = 2
-_RESERVED = ("perplexity", "kl", "chat")  # keys beside the task names in each model's results
+#: 3: the cached results carry lm-eval's own results JSON (written beside result.json).
+EVAL_VERSION = 3
+_LM_EVAL = "lm_eval"  # lm-eval's own results in a model's results while it runs: a file of its own in the stage folder
+_RESERVED = ("perplexity", "kl", "chat", _LM_EVAL)  # keys beside the task names in each model's results
 
 
 class EvaluateStage(StageConfig):
@@ -35,12 +38,24 @@ class EvaluateStage(StageConfig):
     with their chat template, greedy, and counts the flips: prompts the original answers right and the compressed
     model wrong (see ``chat.py``).
 
+    lm-eval's own results (what ``simple_evaluate`` returns: per-task configs, versions, n-shot, higher_is_better,
+    and the prompt format as its CLI records it) are kept beside ``result.json`` as ``lm-eval-original.json`` and
+    ``lm-eval-compressed.json`` (the latter only when an earlier stage changed the model); ``log_samples: true`` adds
+    every item's prompt, output and score. ``apply_chat_template``, ``fewshot_as_multiturn`` and ``system_instruction``
+    are lm-eval's options of those names, passed to it as they are (and part of the key of the original's cached
+    results). With hub access, ``tasks: [wikitext]`` runs lm-eval's wikitext-2 task (word_perplexity, byte_perplexity,
+    bits_per_byte over whole documents): the figure lm-eval users publish; offline it fails before any weights load.
+
     ```yaml
     - type: evaluate
-      tasks: [pydoc_ppl, pydoc_cloze]   # local tasks in evals/; with hub access any lm-eval task
+      tasks: [pydoc_ppl, pydoc_cloze]   # local tasks (llmcompress/evals/); with hub access any lm-eval task
       limit: 16                         # items per task; null = all
       num_fewshot: 0
       batch_size: 8
+      apply_chat_template: false        # true: prompts in the tokenizer's chat template; or a template's name
+      fewshot_as_multiturn: null        # few-shot examples as chat turns; null = as apply_chat_template (lm-eval CLI)
+      system_instruction: null          # a system message (or, without a template, text before each prompt)
+      log_samples: false                # every item's prompt, output and score in lm-eval-<model>.json
       perplexity: {corpus: builtin:pydoc, ctx_len: 512, stride: 256, max_tokens: 2048}  # null to skip
       kl: true                          # KL(original || compressed) on the perplexity windows
       backend: hf                       # vllm: tasks through lm-eval's vllm model (`llmcompress setup vllm`)
@@ -51,8 +66,9 @@ class EvaluateStage(StageConfig):
     type: Literal["evaluate"] = "evaluate"
     tasks: list[str] = Field(
         default_factory=lambda: ["pydoc_ppl", "pydoc_cloze"],
-        description="lm-eval task names: local tasks in evals/ (offline), or with hub access any lm-eval task. "
-        "May be empty to measure perplexity only.",
+        description="lm-eval task names: local tasks in llmcompress/evals/ (offline), or with hub access any lm-eval "
+        "task (`wikitext`: wikitext-2 perplexity, comparable to published figures). May be empty to measure "
+        "perplexity only.",
     )
     limit: int | None = Field(
         16, ge=1, description="Items per task (the first N of each task's test split; data files are shuffled). "
@@ -60,6 +76,22 @@ class EvaluateStage(StageConfig):
     )
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples per item (perplexity tasks always use 0).")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    apply_chat_template: bool | str = Field(
+        False, description="lm-eval's `apply_chat_template`: true formats every prompt with the tokenizer's chat "
+        "template; a string names one of the tokenizer's templates. Off by default, as in lm-eval.",
+    )
+    fewshot_as_multiturn: bool | None = Field(
+        None, description="lm-eval's `fewshot_as_multiturn`: few-shot examples as user/assistant turns. Needs "
+        "`apply_chat_template`; null = on with a chat template, off without (as lm-eval's CLI).",
+    )
+    system_instruction: str | None = Field(
+        None, min_length=1, description="lm-eval's `system_instruction`: a system message with a chat template, "
+        "else text before every prompt.",
+    )
+    log_samples: bool = Field(
+        False, description="Keep lm-eval's per-sample records (document, prompt, model output, score) in each "
+        "model's lm-eval results file (lm-eval-<model>.json in the stage folder).",
+    )
     perplexity: PerplexityConfig | None = Field(
         default_factory=PerplexityConfig,
         description="Sliding-window perplexity on a corpus (default: 2048 tokens of Python's docs); null to skip.",
@@ -94,11 +126,29 @@ class EvaluateStage(StageConfig):
             seen.add(name)
         return v
 
+    @field_validator("apply_chat_template")
+    @classmethod
+    def _template_name(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("`apply_chat_template` is an empty string. Fix: true (the tokenizer's template), false, "
+                             "or the name of one of the tokenizer's chat templates")
+        return v
+
     @model_validator(mode="after")
     def _something_to_do(self) -> "EvaluateStage":
         if not self.tasks and self.perplexity is None and self.chat is None:
             raise ValueError("nothing to evaluate: `tasks` is empty, `perplexity` is null and `chat` is off. "
                              "Fix: set one of them")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("`fewshot_as_multiturn: true` needs `apply_chat_template` (lm-eval turns few-shot "
+                             "examples into chat turns of the template). Fix: set `apply_chat_template: true`, or "
+                             "remove `fewshot_as_multiturn`")
+        lm_eval_only = {k: getattr(self, k) for k in ("apply_chat_template", "fewshot_as_multiturn",
+                                                      "system_instruction", "log_samples")}
+        if not self.tasks and any(v not in (None, False) for v in lm_eval_only.values()):
+            given = next(k for k, v in lm_eval_only.items() if v not in (None, False))
+            raise ValueError(f"`{given}` applies to lm-eval tasks, and `tasks` is empty. Fix: list tasks, or "
+                             f"remove `{given}`")
         if self.vllm != VLLMConfig() and self.backend != "vllm":  # defaults (`vllm: {}`, a resolved recipe) pass
             raise ValueError("`vllm:` settings apply to `backend: vllm` only, and this stage's backend is "
                              f"{self.backend}. Fix: set `backend: vllm`, or remove the `vllm:` block.")
@@ -145,7 +195,7 @@ class EvaluateStage(StageConfig):
 
             for handle in (ctx.original, ctx.current):
                 require_servable(handle.path, ctx.runtime.device, f"backend vllm cannot evaluate the {handle.role} "
-                                 "model here")
+                                 "model here", dtype=ctx.runtime.dtype)
         text = self._corpus_text(ctx)  # file errors surface before any weights load
         rows = self._chat_rows(ctx)
         settings = self._settings(ctx, text, rows)
@@ -156,6 +206,7 @@ class EvaluateStage(StageConfig):
             ctx, "evaluate", settings, EVAL_VERSION,
             lambda handle, timing, reference: self._evaluate(ctx, handle, text, windows, timing, reference=reference,
                                                              rows=rows, store=store))
+        self._write_lm_eval(ctx, original, compressed, same)
         if rows is not None and not same:
             from .chat import compare
 
@@ -174,12 +225,35 @@ class EvaluateStage(StageConfig):
         return StageResult(type="evaluate", label=self.label, seconds=time.perf_counter() - t0, data=data,
                            summary=summarize(original, compressed, same=same))
 
+    @staticmethod
+    def _write_lm_eval(ctx: "RunContext", original: dict, compressed: dict, same: bool) -> None:
+        """Move lm-eval's own results out of each model's figures into ``lm-eval-<model>.json`` in the stage folder."""
+        from ..utils.io import atomic_write_json
+
+        for role, results in (("original", original), ("compressed", compressed)):
+            raw = results.pop(_LM_EVAL, None)
+            if raw is not None and not (same and role == "compressed"):
+                atomic_write_json(ctx.stage_dir / f"lm-eval-{role}.json", raw)
+
+    def prompt_options(self) -> "PromptOptions":
+        """lm-eval's prompt options as this stage sets them (``fewshot_as_multiturn`` null: as lm-eval's CLI)."""
+        from .harness import PromptOptions
+
+        multiturn = self.fewshot_as_multiturn
+        return PromptOptions(
+            apply_chat_template=self.apply_chat_template, system_instruction=self.system_instruction,
+            fewshot_as_multiturn=bool(self.apply_chat_template) if multiturn is None else multiturn,
+            log_samples=self.log_samples,
+        )
+
     def _settings(self, ctx: "RunContext", text: str | None, rows: list | None = None) -> dict[str, Any]:
         """How the figures were measured; all but ``notes`` also key the cache of the original's results.
 
         The fingerprints identify the task data, the corpus text (which varies with the Python version) and the chat
         prompts used.
         """
+        from dataclasses import asdict
+
         from .chat import prompts_fingerprint
         from .tasks import tasks_fingerprint
         from .perplexity import text_fingerprint
@@ -193,6 +267,7 @@ class EvaluateStage(StageConfig):
             "num_fewshot": self.num_fewshot,
             "batch_size": self.batch_size,
             "tasks_fingerprint": tasks_fingerprint(self.tasks) if self.tasks else None,
+            **(asdict(self.prompt_options()) if self.tasks else {}),  # lm-eval's chat template options, as passed
             "perplexity": self.perplexity.model_dump() if self.perplexity else None,
             "corpus_fingerprint": text_fingerprint(text) if text is not None else None,
             "kl": self.kl and self.perplexity is not None,
@@ -230,7 +305,7 @@ class EvaluateStage(StageConfig):
         seconds go to ``timing``. One model is in memory at a time: KL reads the original's logits from ``store``,
         which the original's own pass writes (or, when its results came from the cache without it, a pass of the
         original alone before this model loads)."""
-        from .harness import run_tasks
+        from .harness import clean_results, evaluate_tasks
         from .perplexity import check_context, make_windows, perplexity
 
         n_windows = 0
@@ -254,11 +329,13 @@ class EvaluateStage(StageConfig):
 
                     log = ctx.run_dir / "logs" / f"lm-eval-vllm-{ctx.stage_index:02d}-{handle.role}.log"
                     ctx.log(f"evaluate: {handle.role} tasks through lm-eval's vllm model (log: {log})")
-                    out.update(run_tasks_vllm(handle.path, ctx.runtime, self.vllm, *args, log_path=log,
-                                              where=f"{handle.role} model, backend vllm"))
+                    raw = run_tasks_vllm(handle.path, ctx.runtime, self.vllm, *args, log_path=log,
+                                         where=f"{handle.role} model, backend vllm", options=self.prompt_options())
                     advance(len(self.tasks))
                 else:
-                    out.update(run_tasks(model, tokenizer, *args, progress=advance))
+                    raw = evaluate_tasks(model, tokenizer, *args, progress=advance, options=self.prompt_options())
+                out.update(clean_results(raw["results"]))
+                out[_LM_EVAL] = raw  # written to the stage folder by `run` (and cached with the original's figures)
                 timing["tasks_s"] = round(time.perf_counter() - t, 3)
             if rows is not None:
                 from .chat import answer_all, model_results

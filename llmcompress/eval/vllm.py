@@ -1,7 +1,8 @@
 """lm-eval tasks through vLLM: lm-eval's own ``vllm`` model type on a model folder, in the vLLM environment.
 
 vLLM cannot share this environment (see ``llmcompress.serving``), so lm-eval runs in a child process of the vLLM
-Python (``serving/lm_eval_entry.py``), on the same rendered local tasks, and its results come back as JSON.
+Python (``serving/lm_eval_entry.py``), on the same rendered local tasks, and its results come back as JSON (lm-eval's
+own results, as ``harness.evaluate_tasks`` returns them in-process).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import os
 import signal
 import subprocess
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import LLMCompressError
 from ..utils.proc import die_with_parent
-from .harness import BOOTSTRAP_ITERS, check_tasks, clean_results
+from .harness import BOOTSTRAP_ITERS, PromptOptions, check_tasks
 from .tasks import local_tasks, render_include_dir
 
 if TYPE_CHECKING:
@@ -67,21 +69,23 @@ def child_env(runtime: "Runtime", config: "VLLMConfig", tasks: Sequence[str]) ->
 def run_tasks_vllm(
     path: Path, runtime: "Runtime", config: "VLLMConfig", tasks: Sequence[str], limit: int | None,
     num_fewshot: int, batch_size: int, log_path: Path, where: str = "evaluate", timeout_s: float = 3600,
-) -> dict[str, dict[str, float]]:
-    """Evaluate the folder ``path`` on lm-eval tasks with vLLM; returns ``{task: {metric: value}}``."""
+    options: PromptOptions = PromptOptions(),
+) -> dict[str, Any]:
+    """Evaluate the folder ``path`` on lm-eval tasks with vLLM; returns lm-eval's results (``results``: ``{task:
+    {"acc,none": ..}}``, ``configs``, ``versions``, ...; ``harness.clean_results`` reads the figures)."""
     from ..serving.runtime import vllm_python
     from ..serving.support import require_servable
 
     check_tasks(tasks, where=where)
     python = vllm_python(where)
-    require_servable(path, runtime.device, f"{where}: vLLM cannot evaluate this model here")
+    require_servable(path, runtime.device, f"{where}: vLLM cannot evaluate this model here", dtype=runtime.dtype)
     env = child_env(runtime, config, tasks)
     with tempfile.TemporaryDirectory(prefix="llmcompress-lmeval-") as tmp:
         spec = {
             "model_args": model_args(path, runtime, config), "tasks": list(tasks), "limit": limit,
             "num_fewshot": num_fewshot, "batch_size": batch_size, "include_path": str(render_include_dir()),
             "include_defaults": needs_hub(tasks), "bootstrap_iters": BOOTSTRAP_ITERS,
-            "output": str(Path(tmp) / "results.json"),
+            "output": str(Path(tmp) / "results.json"), **asdict(options),
         }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,5 +111,4 @@ def run_tasks_vllm(
             tail = "\n".join([ln for ln in lines if "Error" in ln][-6:] or lines[-8:])
             raise LLMCompressError(f"{where}: lm-eval under vLLM failed (exit {proc.returncode}):\n{tail}\n"
                                    f"Fix: read the whole log in {log_path}.")
-        results = json.loads((Path(tmp) / "results.json").read_text())["results"]
-    return clean_results(results)
+        return json.loads((Path(tmp) / "results.json").read_text())

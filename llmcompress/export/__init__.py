@@ -22,3 +22,10 @@ def refresh_cards(report: dict) -> list[str]:
     from .card import refresh_cards as _refresh
 
     return _refresh(report)
+
+
+def push_exports(run_dir, report: dict, console=None) -> list[str]:
+    """Push every export of a finished run that has ``push_to_hub:`` (model, card, report) to the hub."""
+    from .hub import push_exports as _push
+
+    return _push(run_dir, report, console)

@@ -15,8 +15,10 @@ import yaml
 from ..report import metrics as M
 from ..report.markdown import _stages, _table
 
-#: Builtin model names -> the hub id of the model they hold (for the card's ``base_model``).
-_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+#: Builtin model names -> the hub id of the model they hold and its license (the card's ``base_model``, ``license``).
+_BASE_MODELS = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+#: Eval figures that are not scores (left out of the card's ``model-index``).
+_NOT_SCORES = ("samples", "tokens", "corpus")
 
 
 def write_card(folder: Path, report: dict, export: dict) -> Path:
@@ -38,10 +40,15 @@ def refresh_cards(report: dict) -> list[str]:
     return done
 
 
-def render_card(report: dict, export: dict) -> str:
+def render_card(report: dict, export: dict, repo_id: str | None = None) -> str:
+    """The card's text: hub metadata (``ModelCardData``, so the hub renders ``model-index``) then the sections.
+
+    ``repo_id``: the hub repo it is pushed to (names the model in ``model-index``), else the recipe's name.
+    """
     quant = _quantize_stage(report)
+    data = card_data(report, export, quant, repo_id)
     sections = [
-        "---\n" + yaml.safe_dump(_front_matter(report, export, quant), sort_keys=False) + "---",
+        "---\n" + data.to_yaml() + "\n---",
         _title(report, export, quant),
         _made(report, export, quant),
         _measured(report, export),
@@ -56,14 +63,84 @@ def _quantize_stage(report: dict) -> dict | None:
     return found[-1] if found else None
 
 
-def _front_matter(report: dict, export: dict, quant: dict | None) -> dict[str, Any]:
+def card_data(report: dict, export: dict, quant: dict | None = None, repo_id: str | None = None):
+    """The card's metadata as huggingface_hub's ``ModelCardData`` (what the hub reads: base model and relation,
+    license, library, tags, ``model-index`` eval results) plus our ``quantization`` block."""
+    from huggingface_hub import ModelCardData
+
+    meta = _front_matter(report, export, quant)
+    results = eval_results(report)
+    return ModelCardData(**meta, eval_results=results or None,
+                         model_name=(repo_id or report.get("name") or "model") if results else None)
+
+
+def _base_model(report: dict) -> tuple[str | None, str | None]:
+    """The original's hub id (None for a local folder) and its license (from its own card when it has one)."""
     source = (report.get("recipe", {}).get("model") or {}).get("source", "")
-    base = _BASE_MODELS.get(source) or (source if "/" in source and not Path(source).exists() else None)
+    if source in _BASE_MODELS:
+        return _BASE_MODELS[source]
+    base = source if "/" in source and not Path(source).expanduser().exists() else None
+    return base, _license_of(Path((report.get("models", {}).get("original") or {}).get("path") or "-"))
+
+
+def _license_of(folder: Path) -> str | None:
+    """``license:`` of a model folder's README.md (a hub snapshot keeps the original's card), else None."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        found = ModelCard.load(card, ignore_metadata_errors=True).data.license
+    except Exception:  # noqa: BLE001 - a card we cannot parse just tells us no license
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def base_model_relation(report: dict) -> str | None:
+    """What the run did to the original, as the hub's ``base_model_relation``: ``adapter`` (a LoRA kept unmerged),
+    ``finetune`` (a LoRA merged into the weights), ``quantized``; None when only pruning (or nothing) changed it.
+    (The hub's ``merge`` means several models merged into one, which no stage does.)"""
+    stages = report.get("stages", [])
+    loras = [s for s in stages if s.get("type") == "lora"]
+    if loras:
+        return "adapter" if (loras[-1].get("data") or {}).get("merge") == "keep" else "finetune"
+    return "quantized" if any(s.get("type") == "quantize" for s in stages) else None
+
+
+def eval_results(report: dict) -> list:
+    """The compressed model's evaluate figures as huggingface_hub ``EvalResult``s (the card's ``model-index``)."""
+    import math
+
+    from huggingface_hub import EvalResult
+
+    model = (report.get("models") or {}).get("compressed") or {}
+    conditions = (model.get("measured_with") or {}).get("eval") or {}
+    task_type = "image-classification" if conditions.get("model_kind") == "vision" else "text-generation"
+    out = []
+    for task, metrics in (model.get("eval") or {}).items():
+        dataset = (metrics or {}).get("corpus") if task == "perplexity" else task
+        for metric, value in (metrics or {}).items():
+            if (metric in _NOT_SCORES or metric.endswith("_stderr") or isinstance(value, bool)
+                    or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                continue
+            out.append(EvalResult(task_type=task_type, dataset_type=str(dataset or task), dataset_name=task,
+                                  metric_type=metric, metric_value=round(float(value), 6)))
+    return out
+
+
+def _front_matter(report: dict, export: dict, quant: dict | None) -> dict[str, Any]:
+    base, license_ = _base_model(report)
     method = report.get("method")
     tags = ["llmcompress", export["format"]]
     out: dict[str, Any] = {}
     if base:
         out["base_model"] = base
+        relation = base_model_relation(report)
+        if relation:  # the hub reads it only beside base_model
+            out["base_model_relation"] = relation
+    if license_:
+        out["license"] = license_
     out["library_name"] = export.get("library", "transformers")
     if quant:
         cfg = quant["config"]
@@ -78,6 +155,8 @@ def _front_matter(report: dict, export: dict, quant: dict | None) -> dict[str, A
         }.items() if v is not None}
     elif method:
         tags.append(method)
+    if any(s.get("type") == "lora" for s in report.get("stages", [])):
+        tags.append("lora")
     out["tags"] = [t for t in dict.fromkeys(tags) if t]
     return out
 

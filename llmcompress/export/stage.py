@@ -13,6 +13,7 @@ from ..registry import did_you_mean
 from ..stage import StageConfig, StageResult
 from ..vision.adapter import vision_aware
 from . import EXPORT_FORMATS
+from .hub import PushToHubConfig
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -32,6 +33,7 @@ class ExportStage(StageConfig):
       path: null                   # output folder; default <stage folder>/model (relative: to the recipe file)
       card: true                   # README.md: how it was made, what was measured, how to load it
       verify: true                 # reload in a fresh process, compare logits with the evaluated model
+      push_to_hub: null            # {repo_id: you/name, private: true}: upload folder + card + report at the end
     ```
     """
 
@@ -46,6 +48,10 @@ class ExportStage(StageConfig):
     )
     gguf_type: Literal["f16", "bf16", "q8_0"] | None = Field(
         None, description="gguf only: tensor type of 2-D weights (default f16); norms stay f32.",
+    )
+    push_to_hub: PushToHubConfig | None = Field(
+        None, description="Upload the export, its card, report.json, report.md and plots/ to this hub repo when the "
+        "run ends (`llmcompress push` does the same by hand).",
     )
 
     changes_model: ClassVar[bool] = False
@@ -106,6 +112,13 @@ class ExportStage(StageConfig):
         """A `path:` outside the run folder must be free (or an earlier export), checked before any weights load."""
         if self.path is not None and (base_dir is not None or Path(self.path).expanduser().is_absolute()):
             _check_target(Path(base_dir or ".") / Path(self.path).expanduser())
+        if self.push_to_hub is not None:  # a missing token fails now, not after the whole run
+            from .hub import check_can_push
+
+            try:
+                check_can_push()
+            except LLMCompressError as e:
+                raise LLMCompressError(f"export `push_to_hub: {self.push_to_hub.repo_id}`: {e}") from None
 
     def _target(self, ctx: "RunContext") -> Path:
         """The output folder. An existing user folder must be an earlier export (it is replaced), nothing else."""

@@ -24,6 +24,16 @@ class LlamaCppLM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
+    @property
+    def tokenizer_name(self) -> str:  # lm-eval keys its request cache by it when a chat template is applied
+        return str(getattr(self.tokenizer, "name_or_path", "")).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt in the tokenizer's chat template (the evaluate stage's ``apply_chat_template``), as HFLM does."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
 

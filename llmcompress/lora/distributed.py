@@ -126,8 +126,11 @@ def in_worker() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
 
 
-def make_accelerator(cfg: AccelerateConfig, device: str) -> Any:
-    """An ``Accelerator`` for one training loop. Models stay where they were loaded (``device_placement=False``)."""
+def make_accelerator(cfg: AccelerateConfig, device: str, **extra: Any) -> Any:
+    """An ``Accelerator`` for one training loop. Models stay where they were loaded (``device_placement=False``).
+
+    ``extra``: more ``Accelerator`` arguments (the trackers: ``log_with``, ``project_dir``; lora/tracking.py).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -140,7 +143,7 @@ def make_accelerator(cfg: AccelerateConfig, device: str) -> Any:
                               "device_placement": False}
     if cfg.fsdp is not None:
         kwargs["fsdp_plugin"] = cfg.fsdp.plugin()
-    return Accelerator(**kwargs)
+    return Accelerator(**kwargs, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,7 +159,8 @@ def launch_training(cfg: "LoraStage", ctx: "RunContext") -> "Trained":
     acc = cfg.accelerate
     job = {"recipe": ctx.recipe.model_dump(mode="json", exclude_none=True),
            "origin": str(ctx.recipe.path) if ctx.recipe.path else None, "stage_index": ctx.stage_index,
-           "run_dir": str(ctx.run_dir), "stage_dir": str(ctx.stage_dir), "original": str(ctx.original.path),
+           "run_dir": str(ctx.run_dir), "stage_dir": str(ctx.stage_dir), "fingerprint": ctx.fingerprint,
+           "original": str(ctx.original.path),
            "current": str(ctx.current.path), "runtime": {"device": ctx.runtime.device, "threads": ctx.runtime.threads,
                                                          "dtype": ctx.runtime.dtype, "seed": ctx.runtime.seed}}
     job_file, result_file = ctx.stage_dir / JOB_FILE, ctx.stage_dir / RESULT_FILE
@@ -232,7 +236,7 @@ def _worker_main(job_file: str) -> None:
         console = Console(stderr=True)
     ctx = RunContext(recipe=recipe, run_dir=Path(job["run_dir"]), runtime=runtime, original=original,
                      current=current, console=console, stage_index=job["stage_index"],
-                     stage_dir=Path(job["stage_dir"]))
+                     stage_dir=Path(job["stage_dir"]), fingerprint=job["fingerprint"])
     trained = train_adapter(recipe.stages[job["stage_index"]], ctx)
     if rank == 0:
         atomic_write_json(Path(job["stage_dir"]) / RESULT_FILE, {"data": trained.data, "meta": trained.meta})

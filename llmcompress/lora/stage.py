@@ -63,7 +63,16 @@ class LoraStage(StageConfig):
       requantize_from: original     # requantize merges into W (original) or into deq(Q) (dequantized)
       qat: null                     # true or {refit: gptq}: train on the weights `merge: requantize` writes
       accelerate: {mixed_precision: "no", num_processes: 1}   # + fsdp: {version: 2} to shard over GPUs
+      checkpoint_every: null        # N: save the training state every N steps; a killed run resumes from the last
+      trackers: []                  # accelerate's trackers, e.g. [tensorboard] (pip install 'llmcompress[tracking]')
+      logging_dir: null             # where trackers write; default <stage folder>/tracking
+      project_name: null            # the trackers' run name; default the recipe's name
     ```
+
+    Every step's loss is kept in the result (``loss_curve``, ``lr_curve``) and drawn in the report
+    (``plots/lora-loss.png``). Checkpoints live in ``<run folder>/checkpoints/<stage folder>/`` (the stage's own
+    folder is replaced when it runs again) and are used only by the same recipe, model and settings
+    (lora/checkpoint.py); they are removed when the stage finishes.
     """
 
     type: Literal["lora"] = "lora"
@@ -110,6 +119,25 @@ class LoraStage(StageConfig):
     requantize_from: Literal["original", "dequantized"] = Field(
         "original", description="`merge: requantize` merges into the weights quantize started from (`original`, "
         "QLoRA's usual merge) or into the dequantized base (`dequantized`: the function the adapter was trained on).",
+    )
+
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save the training state (adapter, AdamW, schedule, RNG states, step) every N "
+        "optimizer steps, atomically, under `<run folder>/checkpoints/`; running the same command after a kill "
+        "resumes the stage from the last one (same recipe, model and settings only). Removed when the stage ends.",
+    )
+    trackers: list[str] = Field(
+        default_factory=list, description="Experiment trackers through 🤗 Accelerate (`log_with`), e.g. "
+        "`[tensorboard]` (pip install 'llmcompress[tracking]') or `[wandb]`: the stage config, then each step's "
+        "`train/loss` and `train/lr`.",
+    )
+    logging_dir: str | None = Field(
+        None, description="Where the trackers write (accelerate's `project_dir`; relative: to the recipe's folder); "
+        "default `<stage folder>/tracking`. TensorBoard: `<logging_dir>/<project_name>/`.",
+    )
+    project_name: str | None = Field(
+        None, description="The trackers' run name (accelerate's `init_trackers(project_name)`); default: the "
+        "recipe's name.",
     )
 
     qat: QATConfig | None = Field(
@@ -189,7 +217,19 @@ class LoraStage(StageConfig):
             raise ValueError("`temperature` applies to `objective: distill` only. Fix: remove it")
         if self.qat:
             self._check_qat()
+        self._check_tracking()
         return self
+
+    def _check_tracking(self) -> None:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"a tracker is listed twice in `trackers` ({self.trackers}). Fix: list each once")
+        if not self.trackers and (self.logging_dir is not None or self.project_name is not None):
+            what = "logging_dir" if self.logging_dir is not None else "project_name"
+            raise ValueError(f"`{what}` applies to `trackers`, and none is set. Fix: add `trackers: [tensorboard]`, "
+                             f"or remove `{what}`")
+        if self.checkpoint_every and self.accelerate.fsdp is not None:
+            raise ValueError("`checkpoint_every` saves the adapter from one process, and `accelerate.fsdp` shards it "
+                             "(not supported together yet). Fix: remove `checkpoint_every`, or `fsdp`")
 
     def _check_qat(self) -> None:
         others = [m for m in self.merges if m != "requantize"]
@@ -260,6 +300,10 @@ class LoraStage(StageConfig):
         from ..data.calibration import CalibrationConfig, check_calibration
 
         require("peft", "lora", "The lora stage")
+        if self.trackers:
+            from .tracking import check_trackers
+
+            check_trackers(self.trackers)
         if isinstance(self.data, CalibrationConfig):  # a missing data file fails before any weights load
             check_calibration(self.data, base_dir)
         else:

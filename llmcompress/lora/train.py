@@ -45,6 +45,8 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
 
     if not in_worker():
         cfg.accelerate.check_device(ctx.runtime.device, f"stages[{ctx.stage_index}] (lora)")
+        if cfg.checkpoint_every:
+            _find_checkpoint(cfg, ctx)
     if cfg.accelerate.launches and not in_worker():
         # The workers load their own copies: the ones cached here would only hold memory while they train.
         ctx.current.release()
@@ -58,9 +60,9 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     loss_fn = OBJECTIVES.get(cfg.objective)
-    t = time.perf_counter()
+    t, record = time.perf_counter(), {}
     try:
-        losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed)
+        losses, state_dict, main = train_loop_(model, data, loss_fn, cfg, ctx, teacher, seed, record)
     finally:
         if hasattr(teacher, "remove"):
             teacher.remove()  # the cached logits: as large as the data x vocabulary, never needed again
@@ -88,7 +90,8 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         "steps": steps,
         "loss_first": sum(losses[:k]) / k,
         "loss_last": sum(losses[-k:]) / k,
-        "loss_curve": [round(x, 5) for x in losses],
+        "loss_curve": losses,  # every optimizer step's loss, as logged (report: plots/lora-loss.png)
+        "lr_curve": record["lr_curve"],
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(steps, 1), 3),
         "data_seconds": round(prep.data_seconds, 3),
@@ -96,6 +99,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         "total_params": total,
         "adapter_bytes": adapter_bytes,
         "accelerate": cfg.accelerate.model_dump(exclude_none=True),
+        **({"resumed_from_step": record["resumed_from_step"]} if record["resumed_from_step"] else {}),
         **{k2: v for k2, v in init_info.items() if not k2.startswith("_")},
         **({"qat": qat_info} if qat_info else {}),
         **({"data_notes": data.notes} if data.notes else {}),
@@ -106,6 +110,17 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
                      **({"qat": cfg.qat.model_dump()} if cfg.qat is not None else {})}}
     del model
     return Trained(data=data_out, meta=meta, refit=refit)
+
+
+def _find_checkpoint(cfg: "LoraStage", ctx: "RunContext") -> None:
+    """Before training (this process, once): drop checkpoints that cannot be used; say when training resumes."""
+    from .checkpoint import checkpoint_key, latest, tidy
+
+    key = checkpoint_key(cfg, ctx)
+    tidy(ctx.checkpoint_dir, key, ctx.log)
+    found = latest(ctx.checkpoint_dir, key)
+    if found is not None:
+        ctx.log(f"lora: resuming from the checkpoint at step {found[1]['step']} ({found[0]})")
 
 
 @dataclass
@@ -212,16 +227,21 @@ def total_steps(cfg: "LoraStage", n_sequences: int) -> int:
 
 
 def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", ctx: "RunContext", teacher: Any,
-                seed: int) -> tuple[list[float], dict | None, bool]:
+                seed: int, record: dict | None = None) -> tuple[list[float], dict | None, bool]:
     """Train the trainable parameters of ``model`` in place through an ``Accelerator`` (``cfg.accelerate``).
 
     Returns the loss of every optimizer step (the mean over processes), the gathered state dict when the model is
-    sharded (FSDP; else None: save the model itself), and whether this is the process that saves.
+    sharded (FSDP; else None: save the model itself), and whether this is the process that saves. ``record``, when
+    given, receives ``lr_curve`` (the learning rate of every step) and ``resumed_from_step`` (0: from the start).
+    With ``checkpoint_every`` it starts from the stage's last checkpoint, if one matches (lora/checkpoint.py);
+    with ``trackers`` every step is logged to them (lora/tracking.py).
     """
     import torch
     from transformers import get_scheduler
 
+    from .checkpoint import Checkpointer, checkpoint_key
     from .distributed import make_accelerator
+    from .tracking import accelerator_kwargs, log_step, start_trackers
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -234,40 +254,69 @@ def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", c
     model.config.use_cache = False
     model.train()
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    acc = make_accelerator(cfg.accelerate, ctx.runtime.device)
+    acc = make_accelerator(cfg.accelerate, ctx.runtime.device, **accelerator_kwargs(cfg, ctx))
     wrapped, opt = acc.prepare(model, opt)  # one process: the same objects back (no wrapper, no device move)
+    acc.register_for_checkpointing(sched)  # saved with the checkpoints (prepare would step it once per process)
+    ckpt = Checkpointer(acc, wrapped, ctx.checkpoint_dir, checkpoint_key(cfg, ctx)) if cfg.checkpoint_every else None
+    position = (ckpt.restore() if ckpt else None) or {"step": 0, "losses": [], "lrs": []}
+    start, losses, lrs = position["step"], list(position["losses"]), list(position["lrs"])
     rank, world = acc.process_index, acc.num_processes
     # Every process draws the same seeded order and keeps every world-th micro-batch: its share, none twice.
     batches = itertools.islice(data.batches(cfg.batch_size, seed), rank, None, world)
-    losses: list[float] = []
+    for _ in range(start * cfg.grad_accum):  # a resumed run: the micro-batches the checkpoint's steps used
+        next(batches)
+    start_trackers(acc, cfg, ctx)
+    for i in range(start):  # a resumed run's trackers get the whole curve (the earlier steps from the checkpoint)
+        log_step(acc, cfg, i + 1, losses[i], lrs[i])
     log_every, t0 = max(1, steps // 8), time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad(), ctx.task(f"lora {cfg.objective}", total=steps) as advance:
-        for step in range(steps):
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                # gradients are averaged across processes once per optimizer step, on the last micro-batch
-                with acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 else contextlib.nullcontext():
-                    loss = loss_fn(wrapped, batch, teacher=teacher, temperature=cfg.temperature)
-                    acc.backward(loss / cfg.grad_accum)
-                step_loss += loss.item() / cfg.grad_accum
-            if world > 1:
-                step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean"))
-            if not math.isfinite(step_loss):
-                raise RecipeError(f"lora: the loss became {step_loss} at step {step + 1}. Fix: lower `lr` "
-                                  f"(now {cfg.lr}) or raise `warmup_steps`")
-            if cfg.max_grad_norm is not None:
-                acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            advance(1, description=f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f}")
-            if (step + 1) % log_every == 0 or step + 1 == steps:  # a few lines in the log too (the bar is transient)
-                ctx.log(f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f} "
-                        f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), \
+                ctx.task(f"lora {cfg.objective}", total=steps) as advance:
+            advance(start)
+            for step in range(start, steps):
+                step_loss = _train_step(acc, wrapped, batches, loss_fn, cfg, teacher, step)
+                lrs.append(sched.get_last_lr()[0])  # the rate this step used
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                log_step(acc, cfg, step + 1, step_loss, lrs[-1])
+                advance(1, description=f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f}")
+                if (step + 1) % log_every == 0 or step + 1 == steps:  # a few lines in the log (the bar is transient)
+                    ctx.log(f"lora {cfg.objective}: step {step + 1}/{steps} loss {step_loss:.4f} "
+                            f"lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
+                if ckpt and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                    ckpt.save(step + 1, {"losses": losses, "lrs": lrs})
+    finally:
+        if cfg.trackers:
+            acc.end_training()
+    if record is not None:
+        record.update(lr_curve=lrs, resumed_from_step=start)
     state_dict = acc.get_state_dict(wrapped) if cfg.accelerate.fsdp is not None else None  # collective: all ranks
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return losses, state_dict, acc.is_main_process
+
+
+def _train_step(acc: Any, wrapped: Any, batches: Any, loss_fn: Any, cfg: "LoraStage", teacher: Any,
+                step: int) -> float:
+    """Forward and backward over one optimizer step's micro-batches, gradients clipped; the step's mean loss."""
+    import torch
+
+    step_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        # gradients are averaged across processes once per optimizer step, on the last micro-batch
+        with acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+            loss = loss_fn(wrapped, batch, teacher=teacher, temperature=cfg.temperature)
+            acc.backward(loss / cfg.grad_accum)
+        step_loss += loss.item() / cfg.grad_accum
+    if acc.num_processes > 1:
+        step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean"))
+    if not math.isfinite(step_loss):
+        raise RecipeError(f"lora: the loss became {step_loss} at step {step + 1}. Fix: lower `lr` "
+                          f"(now {cfg.lr}) or raise `warmup_steps`")
+    if cfg.max_grad_norm is not None:
+        acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+    return step_loss

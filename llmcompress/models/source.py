@@ -19,14 +19,33 @@ def check_source(source: ModelSource) -> None:
 
         check_readable(Path(source.ref) / (source.spec.gguf_file or ""))
     if source.kind == "hub":
-        from ..utils.net import hub_reachable
+        from ..utils.net import hub_endpoint, hub_offline, hub_reachable
 
-        if not hub_reachable():
-            raise LLMCompressError(
-                f"model: `{source.ref}` is a hub id, but the Hugging Face hub is not reachable from here (offline). "
-                "Fix: use a local `save_pretrained` folder, a .gguf file, or a builtin model "
-                f"({', '.join(MODELS.names())})."
-            )
+        if hub_reachable() or _cached(source) is not None:
+            return
+        why = ("HF_HUB_OFFLINE is set, and it is not in the local Hugging Face cache"
+               if hub_offline() else f"the hub ({hub_endpoint()}) is not reachable from here, and it is not in the "
+               "local Hugging Face cache")
+        raise LLMCompressError(
+            f"model: `{source.ref}` is a hub id, but {why}. Fix: download it once with the network on (unset "
+            "HF_HUB_OFFLINE; HF_ENDPOINT and HTTPS_PROXY are honoured), or use a local `save_pretrained` folder, a "
+            f".gguf file, or a builtin model ({', '.join(MODELS.names())})."
+        )
+
+
+#: The files of a hub model a run needs (the same patterns offline: the cache is complete for them or not at all).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def _cached(source: ModelSource) -> Path | None:
+    """The local HF cache's complete snapshot of a hub model, or None (no network used)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.ref, revision=source.spec.revision, allow_patterns=_HUB_FILES,
+                                      local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or partly): the caller says what to do
+        return None
 
 
 def materialize(source: ModelSource) -> Path:
@@ -41,17 +60,32 @@ def materialize(source: ModelSource) -> Path:
             return dense_from_gguf(path / source.spec.gguf_file)
         return path
     check_source(source)
-    from huggingface_hub import snapshot_download
+    return _download(source)
 
+
+def _download(source: ModelSource) -> Path:
+    """snapshot_download of the model (its progress bars shown), from the cache alone when the hub is off or
+    unreachable; plus the original's README.md when it has one (its license goes on our model card)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    from ..utils.liblogs import tqdm_shown
+    from ..utils.net import hub_endpoint, hub_reachable
+
+    local = not hub_reachable()
     try:
-        return Path(
-            snapshot_download(
-                source.ref, revision=source.spec.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-            )
-        )
+        with tqdm_shown():
+            path = Path(snapshot_download(source.ref, revision=source.spec.revision, allow_patterns=_HUB_FILES,
+                                          local_files_only=local))
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
-        raise LLMCompressError(f"model: could not download `{source.ref}` from the hub: {e}") from None
+        raise LLMCompressError(f"model: could not download `{source.ref}` from the hub ({hub_endpoint()}): "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. Fix: "
+                               "check the id, the revision and your token (HF_TOKEN) for a private or gated "
+                               "model.") from None
+    try:
+        hf_hub_download(source.ref, "README.md", revision=source.spec.revision, local_files_only=local)
+    except Exception:  # noqa: BLE001 - no card, or not cached: the card then names no license
+        pass
+    return path
 
 
 #: config.json sizes every loader reads as positive integers (checked without importing transformers).

@@ -14,7 +14,8 @@ from __future__ import annotations
 from .build import build_report
 from .io import load_report, write_report
 from .markdown import render_markdown
-from .plots import plot_tradeoff
+from .plots import plot_loss, plot_tradeoff
 from .table import summary_table
 
-__all__ = ["build_report", "write_report", "load_report", "summary_table", "render_markdown", "plot_tradeoff"]
+__all__ = ["build_report", "write_report", "load_report", "summary_table", "render_markdown", "plot_tradeoff",
+           "plot_loss"]

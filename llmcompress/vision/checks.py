@@ -26,7 +26,8 @@ VISION_PRUNE = ("magnitude", "structured")
 #: What a VLM's language part supports (its vision tower stays dense); the rest is refused, not guessed.
 VLM_QUANT = ("rtn", "dynamic-int8", "bnb-nf4", "bnb-fp4", "bnb-int8", "hqq", "torchao-int8wo", "torchao-int8dq")
 VLM_STAGES = ("quantize", "prune", "evaluate", "benchmark")
-_EVAL_LLM_ONLY = ("tasks", "limit", "num_fewshot", "perplexity", "backend", "vllm", "chat")
+_EVAL_LLM_ONLY = ("tasks", "limit", "num_fewshot", "perplexity", "backend", "vllm", "chat", "apply_chat_template",
+                  "fewshot_as_multiturn", "system_instruction", "log_samples")
 _BENCH_LLM_ONLY = ("prompt_tokens", "new_tokens", "vllm")
 
 

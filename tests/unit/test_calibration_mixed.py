@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -174,9 +173,12 @@ def test_seed_prompts_are_open_ended_and_stay_out_of_the_chat_eval_set():
     assert len(seeds) >= 30 and len(set(seeds)) == len(seeds)
     # instructions, not factual questions: each starts with a verb that asks for writing, not "What is ..."
     assert not any(p.lower().startswith(("what ", "who ", "when ", "where ", "how many ", "repeat")) for p in prompts)
-    evals = Path(__file__).resolve().parents[2] / "evals" / "chat"
+    from llmcompress.evals import path as evals_path
+
+    evals = evals_path() / "chat"
     texts = []
-    for path in sorted(evals.glob("*.jsonl")) if evals.is_dir() else []:
+    assert sorted(evals.glob("*.jsonl")), evals
+    for path in sorted(evals.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts += [_norm(s) for s in _eval_strings(json.loads(line))]

@@ -30,7 +30,7 @@ def write(tmp_path, text: str) -> Path:
     ("name: r\nmodel: tiny-random-lama\nstages: [{type: evaluate}]\n", "Did you mean `tiny-random-llama`?"),
     ("name: r\nmodel: ./no/such/folder\nstages: [{type: evaluate}]\n", "not a builtin model, an existing folder"),
     ("name: r\nmodel: missing.gguf\nstages: [{type: evaluate}]\n", "does not exist"),
-    ("name: r\nmodel: some-org/some-model\nstages: [{type: evaluate}]\n", "hub is not reachable"),
+    ("name: r\nmodel: some-org/some-model\nstages: [{type: evaluate}]\n", "not in the local Hugging Face cache"),
 ])
 def test_bad_recipes_exit_2_with_one_clear_message(tmp_path, text, expected):
     f = write(tmp_path, text)

@@ -212,7 +212,7 @@ def test_corpus_files(tmp_path):
 
 
 def test_local_tasks_run_from_another_cwd(tiny, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # data_files are relative to evals/, not to the working directory
+    monkeypatch.chdir(tmp_path)  # data_files are relative to llmcompress/evals/, not to the working directory
     model, tok = tiny
     res = harness.run_tasks(model, tok, ["pydoc_ppl", "pydoc_cloze"], limit=4, batch_size=4)
     ppl, cloze = res["pydoc_ppl"], res["pydoc_cloze"]
@@ -305,8 +305,8 @@ def _stage(**kw) -> dict:
 
 def test_stage_layout_and_original_cache(make_ctx, perturbed_dir, monkeypatch):
     calls = []
-    real = harness.run_tasks
-    monkeypatch.setattr(harness, "run_tasks", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    real = harness.evaluate_tasks
+    monkeypatch.setattr(harness, "evaluate_tasks", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
 
     ctx = make_ctx(stages=[_stage(limit=2)], compressed=perturbed_dir)
     stage = ctx.recipe.stages[0]

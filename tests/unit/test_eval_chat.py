@@ -175,7 +175,7 @@ def test_rows_limit_and_paths(tmp_path):
     assert [r.prompt for r in load_prompts(ChatConfig(prompts="p.jsonl", limit=2), tmp_path)] == ["a", "b"]
     absolute = str(tmp_path / "p.jsonl")
     assert len(load_prompts(ChatConfig(prompts=absolute), None)) == 3
-    assert prompts_path("builtin:chat") == ROOT / "evals" / "chat" / "default.jsonl"
+    assert prompts_path("builtin:chat") == ROOT / "llmcompress" / "evals" / "chat" / "default.jsonl"
 
 
 # --- the default prompt set -------------------------------------------------------------------------------------------
@@ -191,11 +191,11 @@ def test_default_set_is_large_mixed_unique_and_rebuilds_byte_for_byte():
     assert france.answer == "Paris" and france.kind == "facts"
     assert {r.kind for r in rows[:20]} == kinds  # shuffled: `limit` takes some of each kind
 
-    spec = importlib.util.spec_from_file_location("chat_build", ROOT / "evals" / "chat" / "build.py")
+    spec = importlib.util.spec_from_file_location("chat_build", ROOT / "llmcompress" / "evals" / "chat" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in build.build())
-    assert text == (ROOT / "evals" / "chat" / "default.jsonl").read_text(encoding="utf-8")
+    assert text == (ROOT / "llmcompress" / "evals" / "chat" / "default.jsonl").read_text(encoding="utf-8")
     assert build.contains("The answer is 12.", "12") == is_correct("12", "The answer is 12.")  # the same rule
 
 

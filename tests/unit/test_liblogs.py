@@ -36,3 +36,46 @@ def test_other_libraries_tqdm_bars_stay_off_the_console(tmp_path, capfd):
     for _ in tqdm(range(3), desc="after the run"):  # put back afterwards
         pass
     assert "after the run" in capfd.readouterr().err
+
+
+def _run(tmp_path, *options):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: lv\nmodel: tiny-random-llama\nthreads: 1\n"
+                      "stages:\n  - {type: quantize, method: rtn, bits: 4, group_size: 32}\n")
+    run = tmp_path / ("run" + "".join(options).replace("-", "_"))
+    proc = subprocess.run([sys.executable, "-m", "llmcompress.cli", *options, "run", str(recipe), "-o", str(run),
+                           "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr, (run / "logs" / "libraries.log").read_text()
+
+
+def test_log_level_and_verbose_as_a_cli_user_sets_them(tmp_path):
+    err, kept = _run(tmp_path)  # default: warnings and up, kept in the run folder, not printed
+    assert " INFO " not in err + kept
+    err, kept = _run(tmp_path, "--log-level", "info")  # kept, not printed
+    assert "INFO transformers.modeling_utils: loading weights file" in kept and " INFO " not in err
+    err, kept = _run(tmp_path, "--verbose")  # printed too, at info
+    assert "INFO transformers.modeling_utils: loading weights file" in kept
+    assert "INFO transformers.modeling_utils: loading weights file" in err
+    assert " DEBUG " not in kept
+
+
+def test_cli_log_levels_are_the_library_ones():
+    import typing
+
+    from llmcompress.cli import LogLevel
+    from llmcompress.utils.liblogs import LEVELS
+
+    assert typing.get_args(LogLevel) == LEVELS
+
+
+def test_an_unknown_level_in_the_environment_falls_back_to_warning(monkeypatch):
+    from llmcompress.utils.liblogs import log_level
+
+    monkeypatch.setenv("LLMCOMPRESS_LOG_LEVEL", "chatty")
+    assert log_level() == logging.WARNING
+    monkeypatch.setenv("LLMCOMPRESS_LOG_LEVEL", "DEBUG")
+    assert log_level() == logging.DEBUG

@@ -126,10 +126,10 @@ def test_distill_trains_with_the_teacher_on_disk_not_in_memory(tiny_model_dir, t
 
     seen, loop = {}, train.train_loop_
 
-    def watch(model, data, loss_fn, cfg, ctx, teacher, seed):
+    def watch(model, data, loss_fn, cfg, ctx, teacher, seed, *rest):
         seen.update(teacher=teacher, original_loaded=ctx.original._loaded is not None,
                     files=sorted(p.name for p in ctx.stage_dir.glob("teacher-logits*")))
-        return loop(model, data, loss_fn, cfg, ctx, teacher, seed)
+        return loop(model, data, loss_fn, cfg, ctx, teacher, seed, *rest)
 
     monkeypatch.setattr(train, "train_loop_", watch)
     lora = {"type": "lora", "objective": "distill", "data": {"samples": 8, "seq_len": 32}, "r": 4, "steps": 4,

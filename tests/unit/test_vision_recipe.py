@@ -67,6 +67,7 @@ def test_explicit_kind_and_task_are_checked_against_the_config(tmp_path):
     ({"type": "evaluate", "tasks": ["pydoc_ppl"]}, "`tasks` is for language models"),
     ({"type": "evaluate", "perplexity": {"max_tokens": 256}}, "`perplexity` is for language models"),
     ({"type": "evaluate", "backend": "vllm"}, "`backend` is for language models"),
+    ({"type": "evaluate", "apply_chat_template": True}, "`apply_chat_template` is for language models"),
     ({"type": "benchmark", "prompt_tokens": 32}, "`prompt_tokens` applies to text generation"),
     ({"type": "benchmark", "backends": ["hf", "vllm"]}, "`backends: [vllm]` applies to text generation"),
     ({"type": "quantize", "method": "gptq"}, "`gptq` calibrates a causal LM"),

@@ -1,6 +1,7 @@
-"""Build ``evals/chat/default.jsonl``: the evaluate stage's default chat prompts (``chat: {}``).
+"""Build ``llmcompress/evals/chat/default.jsonl``: the evaluate stage's default chat prompts (``chat: {}``).
 
-Deterministic (fixed seed, no input files): ``python evals/chat/build.py`` rewrites the same file byte for byte.
+Deterministic (fixed seed, no input files): ``python llmcompress/evals/chat/build.py`` rewrites the same file byte
+for byte.
 Each row is ``{"prompt", "answer", "kind"}``; ``answer`` is a short string that a correct reply contains (matched
 case-insensitively as a whole word or number: ``12`` does not match ``123``). Three kinds:
 

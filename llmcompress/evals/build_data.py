@@ -1,7 +1,9 @@
-"""Build the local evaluation data in ``evals/data/`` from Python's own reference text (``pydoc_data.topics``).
+"""Build the local evaluation data in ``llmcompress/evals/data/`` from Python's own reference text
+(``pydoc_data.topics``).
 
 Deterministic for a given Python version (fixed seed; the topics text ships with Python and is PSF licensed).
-Run ``python evals/build_data.py`` and commit the files it writes; ``MANIFEST.json`` records how they were made.
+Run ``python llmcompress/evals/build_data.py`` and commit the files it writes; ``MANIFEST.json`` records how they were
+made.
 
 - ``pydoc_ppl.jsonl``: ``{"topic", "text"}`` passages of 700-1,200 characters (~200 tokens), for rolling perplexity;
   short, so that lm-eval's batches stay small on CPU.
