@@ -84,7 +84,10 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
     """``get_peft_model`` on the modules ``cfg.target_modules`` names, with errors that say what exists."""
     from peft import LoraConfig, get_peft_model
 
+    from ..utils.envguard import import_tokenicer_cleanly
     from ..vision.kind import kind_of_config
+
+    import_tokenicer_cleanly()  # peft's GPTQ dispatcher imports gptqmodel, whose tokenicer would move HF_HOME
 
     names = target_names(model, cfg.target_modules)
     vision = kind_of_config(model.config.to_dict())[0] == "vision"  # no causal-LM wrapper around an image model

@@ -66,8 +66,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
     from transformers import AutoTokenizer
 
     from ..quant.bnb import keep_bnb_cpu_packing_to_packable_
+    from ..utils.envguard import import_tokenicer_cleanly
     from ..vision.kind import folder_kind
 
+    import_tokenicer_cleanly()  # transformers imports gptqmodel for GPTQ folders, and peft for adapters
     if folder_kind(path)[0] == "vision":  # (model, image processor): the vision adapter's loaders
         from ..vision.loading import load_vision
 

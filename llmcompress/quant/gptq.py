@@ -195,7 +195,10 @@ def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
 def _import_gptqmodel():
     """Import gptqmodel, undoing the environment changes its import makes (its dependency `tokenicer` points
     HF_HOME at /tmp/tokenicer_hf_home, which every later subprocess would inherit)."""
-    before = dict(os.environ)
+    from ..utils.envguard import import_tokenicer_cleanly
+
+    import_tokenicer_cleanly()
+    before = dict(os.environ)  # gptqmodel itself sets PYTORCH_ALLOC_CONF, KMP_*, CUDA_DEVICE_ORDER ...
     from gptqmodel import GPTQModel, QuantizeConfig
 
     for key in set(os.environ) - set(before):

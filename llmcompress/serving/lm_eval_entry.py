@@ -66,10 +66,23 @@ def main(spec_path: str) -> int:
     )
     tracked = asdict(tracker.general_config_tracker)
     results.update({k: tracked.get(k) for k in _CHAT_FIELDS})
-    with open(spec["output"], "w") as f:
+    import gc
+    import os
+
+    gc.collect()  # the vLLM engine (held by lm-eval's model) shuts down here, before the results are written
+    tmp = spec["output"] + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(results, f, default=handle_non_serializable)
+    os.replace(tmp, spec["output"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the interpreter's teardown after vLLM sometimes aborts ("terminate called without an active
+    # exception", exit -6, seen once in CI after a finished evaluation), which would throw the results away.
+    import os
+
+    os._exit(code)

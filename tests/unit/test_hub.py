@@ -29,7 +29,9 @@ CARD_OF_BASE = b"---\nlicense: apache-2.0\n---\n\n# base/tiny\n\nThe stand-in's 
 
 def _env(hub_url: str, hf_home: Path, **extra: str) -> dict[str, str]:
     """A child's environment: the hub is the stand-in (online unless asked), its own HF cache, no token."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    drop = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+            "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE")  # HF_HOME rules below
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(hf_home), HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONPATH=str(ROOT))
     env.update(extra)
