@@ -253,11 +253,12 @@ def serve(
 
     from rich.markup import escape
 
-    from .backends.vllm import make_server, max_len
+    from .backends import BACKENDS
+    from .backends.served import max_len
     from .context import auto_dtype
     from .runs import model_of
     from .serving.auth import api_key_of, exposure_warning
-    from .serving.server import ServerOptions, free_port, port_in_use
+    from .serving.process import free_port, port_in_use
 
     try:
         api_key = api_key_of(api_key)
@@ -270,16 +271,16 @@ def serve(
                                    "there, pass another --port, or --port 0 for any free port.")
         path = model_of(target, "serve")
         device = _device()
-        options = ServerOptions(
-            device=device, dtype=auto_dtype(device) if dtype == "auto" else dtype,
+        from .utils.cache import cache_dir
+
+        log = cache_dir("logs", f"serve-{int(time.time())}.log")
+        server = BACKENDS.get("vllm").server(
+            path, log, name=name, device=device, dtype=auto_dtype(device) if dtype == "auto" else dtype,
             threads=threads or max(1, (os.cpu_count() or 2) // 2), max_model_len=max_model_len or max_len(path),
             kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, api_key=api_key,
         )
-        from .utils.cache import cache_dir
-
-        log = cache_dir("logs", f"serve-{int(time.time())}.log")
-        server = make_server(path, options, log, name=name)
+        options = server.options
         server.host, server.port = host, port or free_port(host)
         def stop(signum, frame):  # SIGTERM (docker stop, systemd) and SIGINT alike: shut the server down cleanly
             raise KeyboardInterrupt

@@ -10,13 +10,10 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .utils.cache import cache_dir
 from .utils.io import atomic_dir, atomic_write_json, file_lock, read_json, stable_hash
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 #: ``<run folder>/checkpoints/<stage folder>``: checkpoints of a stage not finished yet (RunContext.checkpoint_dir).
@@ -51,7 +48,8 @@ class Runtime:
     seed: int
 
     @classmethod
-    def from_recipe(cls, recipe: "Recipe") -> "Runtime":
+    def from_recipe(cls, recipe: Any) -> "Runtime":
+        """``recipe``: a ``recipe.Recipe`` (not imported here: the recipe imports the stages, which take a context)."""
         import torch
 
         device = recipe.device
@@ -140,7 +138,7 @@ class ModelHandle:
 class RunContext:
     """Shared by all stages of one run."""
 
-    recipe: "Recipe"
+    recipe: Any  # recipe.Recipe (not imported: recipe -> stage -> context)
     run_dir: Path
     runtime: Runtime
     original: ModelHandle
@@ -152,6 +150,25 @@ class RunContext:
     results: dict[int, Any] = field(default_factory=dict)  # stage index -> StageResult of earlier stages
     fingerprint: str = ""  # the running stage's (pipeline.fingerprints): what its checkpoints must match
     engines: dict[str, Any] = field(default_factory=dict)  # serving engines kept for the run (see ``engine``)
+    #: ``(models.family.Family, task)`` of the run's model: set once by the pipeline, else resolved on first use.
+    family_task: tuple[Any, str | None] | None = None
+
+    @property
+    def family(self) -> Any:
+        """The run's model family (llm, vision, vlm, ...): its loader, its stage implementations."""
+        return self._family_task()[0]
+
+    @property
+    def model_task(self) -> str | None:
+        """The run's model task (vision models: image-classification, object-detection), else None."""
+        return self._family_task()[1]
+
+    def _family_task(self) -> tuple[Any, str | None]:
+        if self.family_task is None:
+            from .models.kind import run_family
+
+            self.family_task = run_family(self.recipe.model, self.original.path)
+        return self.family_task
 
     def log(self, message: str) -> None:
         if self.console is not None:

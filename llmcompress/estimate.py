@@ -1,4 +1,5 @@
-"""What a run will cost before it starts: peak memory and time of each stage, from lines fitted by bench/scaling.py.
+"""What a run will cost before it starts: peak memory and time of each stage, from lines fitted by
+benchmarks/scaling.py.
 
 ``llmcompress validate`` prints the estimate, and every run refuses (before weights load) a recipe whose estimated
 peak exceeds this machine's memory, with the figure and the fix. The lines were measured on random-weight llamas

@@ -49,9 +49,10 @@ def preflight(recipe: Recipe) -> Any:
         raise _located(e, _where(recipe)) from None
     # A local folder's config.json tells what it is: stages that only take some architectures say so now.
     folder = Path(source.ref) if source.kind == "folder" and not source.spec.gguf_file else None
-    from .vision.checks import check_recipe_kind
+    from .models.kind import check_kind
 
-    check_recipe_kind(recipe, _where(recipe), hub=True)  # recipes built in Python; hub models by their config.json
+    # recipes built in Python; hub models by their config.json
+    check_kind(recipe.model, recipe.stages, recipe.base_dir, _where(recipe), hub=True)
     for i, stage in enumerate(recipe.stages):
         try:
             stage.preflight(recipe.base_dir)
@@ -86,7 +87,7 @@ def check_memory(recipe: Recipe, source: Any) -> Any:
     worst = max((s for s in est.stages if s.peak_bytes is not None), key=lambda s: s.peak_bytes)
     raise RecipeError(
         f"{_where(recipe)}: this run would peak at about {fmt_bytes(est.peak_bytes)} of memory (its {worst.stage} "
-        f"stage, for {est.params / 1e9:.2f} B parameters in {dtype}; lines measured by bench/scaling.py, see "
+        f"stage, for {est.params / 1e9:.2f} B parameters in {dtype}; lines measured by benchmarks/scaling.py, see "
         f"docs/scaling.md), and this machine has {fmt_bytes(est.machine_bytes)}. Fix: run it on a machine with "
         "more memory or compress a smaller model; or, if you know better than the estimate, set "
         "`memory_check: false` in the recipe.")
@@ -209,6 +210,7 @@ def _progress(console: Any, enabled: bool):
 def _make_context(recipe: Recipe, run_dir: Path, console: Any, progress: Any):
     from .context import ModelHandle, RunContext, Runtime
     from .models import resolve_source
+    from .models.kind import run_family
     from .models.source import materialize
 
     runtime = Runtime.from_recipe(recipe)
@@ -224,7 +226,7 @@ def _make_context(recipe: Recipe, run_dir: Path, console: Any, progress: Any):
         kwargs = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
     original = ModelHandle("original", path, runtime, load_kwargs=kwargs)
     return RunContext(recipe=recipe, run_dir=run_dir, runtime=runtime, original=original, current=original,
-                      console=console, progress=progress)
+                      console=console, progress=progress, family_task=run_family(recipe.model, path))
 
 
 def _run_stages(ctx) -> list[dict]:

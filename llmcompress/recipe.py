@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import LLMCompressError, RecipeError
+from .models.spec import ModelSpec
 from .registry import did_you_mean
 from .stage import STAGES, StageConfig
 from .utils.io import read_yaml
@@ -31,30 +32,6 @@ from .utils.schema import shown_path, unknown_key
 
 #: More torch threads than any machine has cores (torch overflows somewhere above 2**31 / 64).
 MAX_THREADS = 1024
-
-
-class ModelSpec(BaseModel):
-    """Where the model comes from. A bare string in the recipe is shorthand for ``{source: <string>}``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    source: str = Field(description="Builtin name (see `llmcompress ls`), HF hub id, local folder or .gguf file.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder or hub repo.")
-
-    @field_validator("source", "gguf_file")
-    @classmethod
-    def _no_overlong_name(cls, v: str | None) -> str | None:
-        # Probing such a path raises ENAMETOOLONG (the file system's limit is 255 bytes per name).
-        if v is not None and any(len(p.encode(errors="surrogateescape")) > 255 for p in v.split("/")):
-            raise ValueError(f"`{v[:60]}...` has a name longer than 255 bytes, so it is no file, folder or hub id. "
-                             "Fix: a builtin model name, a save_pretrained folder, a .gguf file or org/name")
-        return v
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust it.")
-    kind: Literal["auto", "llm", "vision", "vlm"] = Field(
-        "auto", description="auto = from config.json `architectures`; vision = image classification / detection.")
-    task: Literal["image-classification", "object-detection"] | None = Field(
-        None, description="Vision models: the task (default: from config.json).")
 
 
 def _stage_union() -> Any:
@@ -174,10 +151,11 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, *
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, raw, where)) from None
     recipe._path = path.resolve() if path else None
-    from .vision.checks import check_recipe_kind
+    from .models.kind import check_kind
 
     try:
-        check_recipe_kind(recipe, where)  # a vision model with an LLM-only setting (and back) fails here
+        # a vision model with an LLM-only setting (and back) fails here
+        check_kind(recipe.model, recipe.stages, recipe.base_dir, where)
     except LLMCompressError as e:  # e.g. the model folder's config.json is unreadable: say which recipe named it
         if not str(e).startswith(where):
             e.args = (f"{where}: {e}",)

@@ -5,7 +5,8 @@ Every stage type is registered here once, lazily, so that reading a recipe never
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import functools
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,25 @@ STAGES.register_lazy("lora", "llmcompress.lora.stage:LoraStage")
 STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
 STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
 STAGES.register_lazy("export", "llmcompress.export.stage:ExportStage")
+
+
+def by_family(run: Callable) -> Callable:
+    """Decorate a stage type's ``run(self, ctx)``: the run's model family (``ctx.family``) runs the stage, its own
+    way (a vision model) or through ``run`` as written (an LLM)."""
+
+    @functools.wraps(run)
+    def wrapper(self: Any, ctx: "RunContext") -> Any:
+        return ctx.family.run_stage(self, ctx, run)
+
+    wrapper.generic_run = run  # type: ignore[attr-defined]
+    return wrapper
+
+
+def generic_run(stage: Any, ctx: "RunContext") -> Any:
+    """The stage type's own ``run``, without the family's hand-over: what a family's implementation calls to reuse
+    it."""
+    run = type(stage).run
+    return getattr(run, "generic_run", run)(stage, ctx)
 
 
 class StageConfig(BaseModel):

@@ -72,7 +72,14 @@ class GenTiming:
 
 
 class Backend(Protocol):
-    """A generation engine. ``name`` is its registry key (``BACKENDS``). Use as a context manager or ``close()``."""
+    """A generation engine. ``name`` is its registry key (``BACKENDS``). Use as a context manager or ``close()``.
+
+    Users (benchmark, evaluate, serve, the app) look a backend up by name and call these; a backend may also offer
+    the class-level ``preflight(where)`` (raise with the fix when its runtime is not installed), ``bench_settings(
+    stage, runtime, n_models)`` (engine settings for a benchmark), ``unservable(handle)`` (why it cannot run a model,
+    from the folder alone) and, for server backends (``served.ServedBackend``), ``title`` and ``server_label`` (what
+    the app's messages call the engine and its server).
+    """
 
     name: str
 

@@ -30,6 +30,9 @@ class ServedBackend:
     the name requests use. Subclasses add ``open``, ``check`` and ``describe``."""
 
     name = "served"
+    #: What the app's messages call the engine and its server ("vLLM", "the vLLM server").
+    title = "server"
+    server_label = "the server"
     #: Extra fields of every timed completion request (e.g. llama-server's ``cache_prompt``).
     request_params: dict[str, Any] = {}
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..serving.server import ServerOptions, VLLMServer
+from ..serving import support
 from ..serving.support import adapter_base, max_lora_rank, require_servable
-from .served import ServedBackend, max_len  # noqa: F401 - max_len: also imported from here (cli, eval)
+from .served import ServedBackend, max_len  # noqa: F401 - max_len: also imported from here
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext, Runtime
@@ -46,6 +47,8 @@ class VLLMBackend(ServedBackend):
     """A model served by vLLM (see the module docstring). ``open`` starts the server without waiting for it."""
 
     name = "vllm"
+    title = "vLLM"
+    server_label = "the vLLM server"
 
     def __init__(self, server: VLLMServer, tokenizer_dir: Path):
         super().__init__(server, tokenizer_dir, ADAPTER_NAME if server.adapters else server.name)
@@ -58,11 +61,24 @@ class VLLMBackend(ServedBackend):
         vllm_python(where)
 
     @classmethod
+    def unservable(cls, handle: "ModelHandle") -> str | None:
+        """Why vLLM cannot serve the model here (with the fix), or None: a quick check of the folder, before any
+        server starts."""
+        why = support.unservable_reason(handle.path, handle.runtime.device, handle.runtime.dtype)
+        return None if why is None else f"vLLM cannot serve this model here: {why}"
+
+    @classmethod
     def bench_settings(cls, stage: Any, runtime: "Runtime", n_models: int) -> dict[str, Any]:
         """Server settings of a benchmark stage's vLLM engines (``bench.stage.vllm_overrides``)."""
         from ..bench.stage import vllm_overrides
 
         return vllm_overrides(stage.vllm, runtime.device, n_models)
+
+    @classmethod
+    def server(cls, path: str | Path, log_path: Path | None, name: str = "model", **settings: Any) -> VLLMServer:
+        """A (not yet started) server for a model folder with ``settings`` (``ServerOptions`` fields), for
+        ``llmcompress serve``; ``Unservable`` when vLLM cannot serve the folder here."""
+        return make_server(path, ServerOptions(**settings), log_path, name=name)
 
     @classmethod
     def open(cls, handle: "ModelHandle", ctx: "RunContext | None" = None, **overrides: Any) -> "VLLMBackend":

@@ -23,9 +23,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
 from ..serving.config import VLLMConfig
-from ..stage import StageConfig, StageResult
+from ..stage import StageConfig, StageResult, by_family
 from .load import LoadConfig
-from ..vision.adapter import vision_aware
 
 if TYPE_CHECKING:
     from ..context import ModelHandle, RunContext
@@ -192,7 +191,7 @@ class BenchmarkStage(StageConfig):
             if hasattr(cls, "preflight"):
                 cls.preflight(f"{where}: backend {name}")
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         import torch
 

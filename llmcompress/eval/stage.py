@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..serving.config import VLLMConfig
-from ..vision.data import ImageDataConfig
-from ..stage import StageConfig, StageResult
-from ..vision.adapter import vision_aware
+from ..data.images import ImageDataConfig
+from ..stage import StageConfig, StageResult, by_family
 from .chat import ChatConfig
 from .perplexity import PerplexityConfig
 
@@ -170,7 +169,7 @@ class EvaluateStage(StageConfig):
 
             load_corpus(corpus, base_dir)  # read as the stage will: a missing, binary or empty file fails now
         if self.data is not None:
-            from ..vision.data import check_data
+            from ..data.images import check_data
 
             check_data(self.data, base_dir, None, f"{where}: data")
         if self.tasks:
@@ -179,14 +178,14 @@ class EvaluateStage(StageConfig):
 
             require("lm_eval", "eval", "The evaluate stage")
             check_tasks(self.tasks, where=where)
-            if self.backend == "vllm":
-                from ..serving.runtime import vllm_python
+            if self.backend != "hf":  # an engine that needs its own install says so now (vLLM's environment)
+                from ..backends import BACKENDS
 
-                vllm_python(f"{where}: backend vllm")
+                BACKENDS.get(self.backend).preflight(f"{where}: backend {self.backend}")
 
     # -----------------------------------------------------------------------------------------------------------------
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         t0 = time.perf_counter()
         self.preflight(ctx.recipe.base_dir)

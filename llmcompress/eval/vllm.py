@@ -30,7 +30,7 @@ ENTRY = Path(__file__).resolve().parents[1] / "serving" / "lm_eval_entry.py"
 
 def model_args(path: Path, runtime: "Runtime", config: "VLLMConfig") -> dict[str, Any]:
     """lm-eval ``vllm`` model_args for a folder (a base + LoRA folder becomes pretrained + lora_local_path)."""
-    from ..backends.vllm import max_len
+    from ..backends.served import max_len
     from ..serving.support import adapter_base, max_lora_rank
 
     base, adapter = adapter_base(path)

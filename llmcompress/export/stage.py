@@ -10,8 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import LLMCompressError
 from ..registry import did_you_mean
-from ..stage import StageConfig, StageResult
-from ..vision.adapter import vision_aware
+from ..stage import StageConfig, StageResult, by_family
 from . import EXPORT_FORMATS
 from .hub import PushToHubConfig
 
@@ -79,7 +78,7 @@ class ExportStage(StageConfig):
 
     # -----------------------------------------------------------------------------------------------------------------
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         from ..utils.io import atomic_dir, folder_size
 

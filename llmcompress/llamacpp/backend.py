@@ -53,6 +53,8 @@ class LlamaCppBackend(ServedBackend):
     """A GGUF model under llama-server (see the module docstring)."""
 
     name = "llamacpp"
+    title = "llama.cpp"
+    server_label = "llama-server"
     #: The rounds repeat their prompts: a slot would skip the prefill it already holds (prompt cache) and flatter TTFT.
     request_params = {"cache_prompt": False}
 

@@ -1,5 +1,5 @@
-"""llama-server in a child process: the process handling (start, /health, process-group shutdown, RSS sampling) of
-``serving.server.VLLMServer``, with llama-server's command line.
+"""llama-server in a child process: the process handling (start, /health, process-group shutdown, RSS sampling) is
+``serving.process.ServerProcess``'s, as for vLLM; this is llama-server's command line.
 
 ``parallel`` slots of ``slot_ctx`` tokens each (continuous batching across slots), so a benchmark batch of B
 concurrent requests runs B at once when ``parallel >= B``. The API key, when set, goes through $LLAMA_API_KEY (never
@@ -12,12 +12,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..serving.server import VLLMServer
+from ..serving.process import KeyedOptions, ServerProcess
 from . import runtime
 
 
 @dataclass(frozen=True)
-class LlamaServerOptions:
+class LlamaServerOptions(KeyedOptions):
     threads: int = 1
     parallel: int = 1
     slot_ctx: int = 2048
@@ -39,18 +39,15 @@ class LlamaServerOptions:
             env["LLAMA_API_KEY"] = self.api_key
         return env
 
-    def headers(self) -> dict[str, str]:
-        from ..serving.auth import bearer
-
-        return bearer(self.api_key)
-
 
 @dataclass(eq=False)
-class LlamaServer(VLLMServer):
+class LlamaServer(ServerProcess):
     """One llama-server for one GGUF file (``model``)."""
 
-    options: LlamaServerOptions = field(default_factory=LlamaServerOptions)  # type: ignore[assignment]
+    options: LlamaServerOptions = field(default_factory=LlamaServerOptions)
     label = "llama-server"
+    key_env = "LLAMA_API_KEY"
+    log_name = "llama-server's log"
 
     def command(self) -> list[str]:
         binary = runtime.tool("llama-server", "the llamacpp backend")
@@ -63,9 +60,8 @@ class LlamaServer(VLLMServer):
     def model_memory_bytes(self) -> int | None:
         """The "model buffer size" lines llama.cpp logs while loading (mapped plus repacked weights) when its log
         level shows them, else the GGUF files it maps (model and adapters): the weights it holds in memory."""
-        if self.log_path and Path(self.log_path).is_file():
-            found = re.findall(r"model buffer size = +([0-9.]+) MiB", Path(self.log_path).read_text(errors="replace"))
-            if found:
-                return int(sum(float(x) for x in found) * 2**20)
+        found = re.findall(r"model buffer size = +([0-9.]+) MiB", self.log_text() or "")
+        if found:
+            return int(sum(float(x) for x in found) * 2**20)
         files = [Path(self.model), *map(Path, self.options.lora)]
         return sum(f.stat().st_size for f in files if f.is_file()) or None

@@ -152,7 +152,7 @@ def make_accelerator(cfg: AccelerateConfig, device: str, **extra: Any) -> Any:
 
 def launch_training(cfg: "LoraStage", ctx: "RunContext") -> "Trained":
     """Run ``train_adapter`` under torchrun with ``cfg.accelerate.num_processes`` processes; return rank 0's result."""
-    from ..serving.server import free_port
+    from ..serving.process import free_port
     from ..utils.io import atomic_write_json, read_json
     from .train import Trained
 

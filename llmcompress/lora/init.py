@@ -85,7 +85,7 @@ def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
     from ..utils.envguard import import_tokenicer_cleanly
-    from ..vision.kind import kind_of_config
+    from ..models.family import kind_of_config
 
     import_tokenicer_cleanly()  # peft's GPTQ dispatcher imports gptqmodel, whose tokenicer would move HF_HOME
 

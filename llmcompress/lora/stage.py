@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.calibration import CalibrationConfig
-from ..vision.data import TrainDataConfig
+from ..data.images import TrainDataConfig
 from ..errors import require
-from ..stage import StageConfig, StageResult
-from ..vision.adapter import vision_aware
+from ..stage import StageConfig, StageResult, by_family
 from . import INITS, MERGES, OBJECTIVES
 from .distributed import AccelerateConfig
 from .qat import QATConfig
@@ -307,11 +306,11 @@ class LoraStage(StageConfig):
         if isinstance(self.data, CalibrationConfig):  # a missing data file fails before any weights load
             check_calibration(self.data, base_dir)
         else:
-            from ..vision.data import check_data
+            from ..data.images import check_data
 
             check_data(self.data, base_dir, None, "lora: data")
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         from ..utils.memory import collect
         from .train import train_adapter

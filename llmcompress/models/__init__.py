@@ -12,7 +12,7 @@ from ..registry import Registry, did_you_mean
 from ..vision import VISION_BUILTINS
 
 if TYPE_CHECKING:
-    from ..recipe import ModelSpec
+    from .spec import ModelSpec
 
 #: Builtin models: name -> function returning a dense HF folder (built and cached on first use).
 MODELS: Registry = Registry("builtin model")

@@ -24,7 +24,7 @@ FORMATS.register_lazy("peft", "llmcompress.lora.merge:load_peft")  # base folder
 FORMATS.register_lazy("compressed-tensors", "llmcompress.quant.llmcompressor:load_compressed_tensors")
 FORMATS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:load_dynamic_int8")
 FORMATS.register_lazy("gguf", "llmcompress.llamacpp.model:load_gguf")  # model.gguf run by llama.cpp
-FORMATS.register_lazy("structured", "llmcompress.vision.layers:load_structured")  # MLP channels removed
+FORMATS.register_lazy("structured", "llmcompress.models.skeleton:load_structured")  # MLP channels removed
 
 
 def torch_dtype(name: str):
@@ -34,7 +34,7 @@ def torch_dtype(name: str):
 
 
 def _load_hf(path: str | Path, device: str, dtype: str, **kwargs: Any):
-    from ..vision.kind import auto_model_class  # AutoModelForCausalLM, or the VLM / vision class
+    from .family import auto_model_class  # AutoModelForCausalLM, or the class of the folder's family
 
     model = auto_model_class(path).from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu" and getattr(model, "hf_quantizer", None) is None:
@@ -63,20 +63,21 @@ def read_meta(path: Path) -> dict:
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", **kwargs: Any):
     """Load a model folder we (or anyone, via ``save_pretrained``) wrote. Returns ``(model, tokenizer)``."""
-    from transformers import AutoTokenizer
-
-    from ..quant.bnb import keep_bnb_cpu_packing_to_packable_
     from ..utils.envguard import import_tokenicer_cleanly
-    from ..vision.kind import folder_kind
+    from .family import family_of_folder
 
     import_tokenicer_cleanly()  # transformers imports gptqmodel for GPTQ folders, and peft for adapters
-    if folder_kind(path)[0] == "vision":  # (model, image processor): the vision adapter's loaders
-        from ..vision.loading import load_vision
+    loaded = family_of_folder(path).load(path, device, dtype, **kwargs)  # vision: (model, image processor)
+    model, tokenizer = loaded if loaded is not None else load_text_model(path, device, dtype, **kwargs)
+    keep_bnb_cpu_packing_to_packable_(model)
+    _forget_own_layout(model)
+    return model, tokenizer
 
-        model, processor = load_vision(path, device, dtype, **kwargs)
-        keep_bnb_cpu_packing_to_packable_(model)
-        _forget_own_layout(model)
-        return model, processor
+
+def load_text_model(path: str | Path, device: str, dtype: str, **kwargs: Any):
+    """``(model, tokenizer)`` of a language model folder in any saved format (``FORMATS``): the LLM family's loader."""
+    from transformers import AutoTokenizer
+
     meta = read_meta(Path(path)) if Path(path).is_dir() else {"format": "hf"}
     loader = FORMATS.get(meta.get("format", "hf"))
     try:
@@ -89,11 +90,26 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "bfloat16", *
             raise
         raise LLMCompressError(f"could not load model `{path}`: a weights file is damaged or truncated ({e}). "
                                "Fix: save or copy the model again, or re-run the stage that wrote it.") from None
-    keep_bnb_cpu_packing_to_packable_(model)
-    _forget_own_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def bnb_cannot_repack(module: Any) -> bool:
+    """A ``Linear4bit`` whose shape bnb's AVX512-BF16 repacking fails on (bitsandbytes 0.50.2: the first forward
+    on such a CPU repacks the weight, ``shape '[N, 0]' is invalid`` for these shapes; see quant/bnb.py)."""
+    if type(module).__name__ != "Linear4bit":
+        return False
+    blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+    return bool(module.in_features % blocksize or module.out_features % 32)
+
+
+def keep_bnb_cpu_packing_to_packable_(model: Any) -> Any:
+    """Turn bnb's AVX512-BF16 weight repacking off for the ``Linear4bit`` layers it cannot repack; the model."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False) and bnb_cannot_repack(m):
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 def save_model(model, tokenizer, path: Path, meta: dict, storage_dtype: str | None = None) -> None:

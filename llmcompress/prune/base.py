@@ -15,8 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
 from ..utils.patterns import check_regexes, matches_any
-from ..stage import StageConfig, StageResult
-from ..vision.adapter import vision_aware
+from ..stage import StageConfig, StageResult, by_family
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +123,7 @@ class PruneConfig(StageConfig):
         """Return ``(model, tokenizer, info)`` with the targets pruned; the model is saved by ``run``."""
         raise NotImplementedError
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         from ..models.loading import save_model, storage_dtype_of
 

@@ -10,8 +10,7 @@ from pydantic import Field, field_validator
 
 from ..errors import RecipeError
 from ..utils.patterns import check_regexes, matches_any
-from ..stage import StageConfig, StageResult
-from ..vision.adapter import vision_aware
+from ..stage import StageConfig, StageResult, by_family
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +75,7 @@ class QuantizeConfig(StageConfig):
         save_model(model, tokenizer, path, meta, storage_dtype=storage_dtype_of(ctx.original.path))
         return model, tokenizer
 
-    @vision_aware
+    @by_family
     def run(self, ctx: "RunContext") -> StageResult:
         from ..models.loading import param_bytes
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from ..errors import require
+from ..models.loading import bnb_cannot_repack, keep_bnb_cpu_packing_to_packable_  # noqa: F401 - applied on load
 from .base import QuantizeConfig
 
 if TYPE_CHECKING:
@@ -44,22 +45,6 @@ class _BnbConfig(QuantizeConfig):
         skipped = [n for n, _ in model.named_modules() if n and self.skips(n) and _is_linear(_get(model, n))]
         quantized = sum(1 for _, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         return model, tokenizer, {"quantized_modules": quantized, "skipped_modules": skipped}
-
-
-def bnb_cannot_repack(module: Any) -> bool:
-    """A ``Linear4bit`` whose shape bnb's AVX512-BF16 repacking fails on (see the module docstring)."""
-    if type(module).__name__ != "Linear4bit":
-        return False
-    blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-    return bool(module.in_features % blocksize or module.out_features % 32)
-
-
-def keep_bnb_cpu_packing_to_packable_(model: Any) -> Any:
-    """Turn bnb's AVX512-BF16 weight repacking off for the ``Linear4bit`` layers it cannot repack; the model."""
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False) and bnb_cannot_repack(m):
-            m.support_avx512bf16_for_cpu = False
-    return model
 
 
 def _get(model, name):

@@ -110,7 +110,7 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
 def load_dynamic_int8(path: str | Path, device: str, dtype: str, **kwargs: Any):
     """FORMATS["dynamic-int8"]: the architecture, dynamic int8 layers where the metadata says, then the weights."""
     from ..models.loading import read_meta
-    from ..vision.layers import load_swapped
+    from ..models.skeleton import load_swapped
 
     if device != "cpu":
         raise LLMCompressError(f"`{path}` holds PyTorch dynamic int8 layers, which run on the CPU only. Fix: use "

@@ -110,7 +110,7 @@ def load_hqq(path: str | Path, device: str, dtype: str, **kwargs: Any):
     from safetensors.torch import load_file
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
-    from ..vision.layers import resize_structured_
+    from ..models.skeleton import resize_structured_
 
     path = Path(path)
     meta = read_meta(path)
@@ -159,7 +159,7 @@ def empty_model(path: Path, dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..vision.kind import auto_model_class
+    from ..models.family import auto_model_class
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):

@@ -60,7 +60,7 @@ class RTNConfig(QuantizeConfig):
         exactly), which transformers and vLLM load as they are; returns it reloaded as later stages see it, after
         checking it computes what ``model`` computed."""
         from ..models.loading import load_model, storage_dtype_of, write_meta
-        from ..vision.kind import kind_of_config
+        from ..models.family import kind_of_config
         from .compressed import write_compressed_tensors
 
         if kind_of_config(model.config.to_dict())[0] != "llm":  # a VLM: the converter builds causal LMs only
@@ -211,7 +211,7 @@ def load_rtn(path: str | Path, device: str, dtype: str, **kwargs: Any):
 
     from ..models.loading import read_meta, to_model_keys, torch_dtype
     from ..utils.tensorfile import no_init
-    from ..vision.kind import auto_model_class
+    from ..models.family import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["rtn"]

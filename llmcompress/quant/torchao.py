@@ -288,7 +288,7 @@ def load_torchao(path: str | Path, device: str, dtype: str, **kwargs: Any):
     import torch
 
     from ..models.loading import read_meta, torch_dtype
-    from ..vision.kind import auto_model_class
+    from ..models.family import auto_model_class
 
     path = Path(path)
     info = read_meta(path)["torchao"]

@@ -23,6 +23,9 @@ OBJECTIVES: tuple[tuple[str, str], ...] = (
     ("size_bytes", "lower"), ("quality_recovery", "higher"), ("speedup", "higher"),
 )
 
+#: Stage types that make the compressed model (a row's ``kind``).
+COMPRESSING = ("quantize", "prune")
+
 #: Row keys in the order a table shows them, with their column titles.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "run"), ("method", "method"), ("size_bytes", "size"), ("size_shrink", "smaller by"),
@@ -52,15 +55,17 @@ def run_row(report: dict, run_dir: str | Path | None = None) -> dict[str, Any]:
         "name": report.get("name"), "method": report.get("method"), "run_dir": str(run_dir) if run_dir else None,
         "same_model": bool(report.get("same_model")),
         "size_bytes": size.get("compressed_bytes"), "size_original_bytes": size.get("original_bytes"),
-        "size_shrink": size.get("shrink"),
+        "size_shrink": size.get("shrink"), "size_change": size.get("change"),
         "kl_mean": (kl.get("kl_mean") or {}).get("value"),
         "top1_agreement": (kl.get("top1_agreement") or {}).get("value"),
+        **_compression(report.get("stages") or []),
     }
     for key in ("quality", "accuracy"):
         entry = head.get(key) or {}
         row[f"{key}_metric"] = _metric_name(entry) if entry else None
         row[key], row[f"{key}_original"] = entry.get("compressed"), entry.get("original")
         row[f"{key}_better"], row[f"{key}_change"] = entry.get("better"), entry.get("change")
+        row[f"{key}_stderr"], row[f"{key}_within_noise"] = entry.get("stderr"), entry.get("within_noise")
         row[f"{key}_recovery"] = recovery(entry.get("better"), entry.get("original"), entry.get("compressed"))
     speed = head.get("speed") or {}
     row.update(speed_figure=speed.get("figure"), speed=speed.get("compressed"), speed_original=speed.get("original"),
@@ -73,12 +78,36 @@ def run_row(report: dict, run_dir: str | Path | None = None) -> dict[str, Any]:
     return row
 
 
+def _compression(stages: list[dict]) -> dict[str, Any]:
+    """The run's compressing stage (its last quantize or prune): kind, method, nominal bits per weight, the form of
+    the compressed weights (``g64, asym``, ``2:4``), its time; and every stage's time and the original's cache use."""
+    found = [s for s in stages if s.get("type") in COMPRESSING]
+    s = found[-1] if found else {}
+    kind, data, cfg = s.get("type"), s.get("data") or {}, s.get("config") or {}
+    evaluate = next((x for x in stages if x.get("type") == "evaluate"), {})
+    return {"kind": kind, "compress_method": data.get("method") or cfg.get("method"),
+            "bits": 16.0 if kind == "prune" else data.get("bits"), "form": weight_form(kind, cfg) if kind else None,
+            "compress_seconds": data.get(f"{kind}_seconds"),
+            "stage_seconds": {x.get("type"): x.get("seconds") for x in stages},
+            "original_cached": ((evaluate.get("data") or {}).get("timing") or {}).get("original", {}).get("cached")}
+
+
+def weight_form(kind: str | None, cfg: dict) -> str:
+    """How a compressing stage's config stores weights: ``g64, asym`` (group, zero point), ``50% zeros``, ``2:4``."""
+    if kind == "prune":
+        return cfg.get("pattern") or (f"{cfg['sparsity']:.0%} zeros" if cfg.get("sparsity") else "pruned")
+    sym = cfg.get("symmetric", cfg.get("sym"))
+    parts = [f"g{cfg['group_size']}" if cfg.get("group_size") else "", "" if sym is None else "sym" if sym else "asym"]
+    return ", ".join(p for p in parts if p)
+
+
 def original_row(report: dict) -> dict[str, Any]:
     """A row for the original model of a run (recovery 1.0, speedup 1.0): the reference point of a scatter."""
     row = run_row(report)
     row.update(name="original", method="original", same_model=True, size_bytes=row["size_original_bytes"],
                size_shrink=1.0, kl_mean=0.0, top1_agreement=1.0, speed=row["speed_original"],
-               speedup=1.0 if row["speed_original"] is not None else None, speed_change="reference")
+               speedup=1.0 if row["speed_original"] is not None else None, speed_change="reference", kind=None,
+               compress_method=None, bits=None, form=None, compress_seconds=None, size_change=None)
     for key in ("quality", "accuracy"):
         row[key] = row[f"{key}_original"]
         row[f"{key}_recovery"] = 1.0 if row[key] is not None else None

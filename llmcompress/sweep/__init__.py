@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registry
-
-EXECUTORS: Registry = Registry("sweep executor")
-EXECUTORS.register_lazy("local", "llmcompress.sweep.local:LocalExecutor")
-EXECUTORS.register_lazy("ray", "llmcompress.sweep.ray_executor:RayExecutor")
+from .executors import EXECUTORS
 
 
 def run_sweep(*args: Any, **kwargs: Any) -> dict:

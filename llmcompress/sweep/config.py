@@ -11,6 +11,7 @@ list:                                # explicit recipes, after the grid
   - {name: nf4, stages.0: {type: quantize, method: bnb-nf4}}
 naming: "{stages.0.method}-w{stages.0.bits}"   # optional; default: the values that vary
 executor: {type: local}              # or {type: ray, address: ray://head:10001, num_cpus: 1, num_gpus: 1}
+markdown: ../../docs/methods.md      # optional: also the methods table (one row per method), relative to this file
 recommend:
   - {pick: smallest, min_quality_recovery: 95%}
   - {pick: fastest, max_size_mib: 120}
@@ -161,14 +162,19 @@ class SweepConfig(_Strict):
         "the grid.")
     naming: str | None = Field(None, description="Name of each recipe from its values, e.g. "
                                "`{stages.0.method}-w{stages.0.bits}`; default: the values that vary, joined.")
-    on_invalid: Literal["skip", "fail"] = Field(
+    on_invalid: Literal["skip", "fail", "skip-all"] = Field(
         "skip", description="A grid combination that does not validate (e.g. bits a method lacks): `skip` lists it "
         "as skipped with the reason and runs the rest; `fail` stops before anything runs. A `list` entry that does "
-        "not validate always stops the sweep (it was written by hand).")
+        "not validate stops the sweep (it was written by hand), unless `skip-all`: then it is skipped too (a sweep "
+        "over every method, some of which cannot run on this machine, e.g. CUDA-only ones).")
     executor: Executor = Field(default_factory=LocalExecutorConfig)  # type: ignore[valid-type]
     recommend: list[RecommendRule] = Field(default_factory=list, description="Rules evaluated on the board.")
     sort_by: Literal["quality_recovery", "accuracy_recovery", "size_bytes", "speedup", "kl_mean"] = Field(
         "quality_recovery", description="Leaderboard order (best first).")
+    markdown: str | None = Field(
+        None, description="Also write the runs as a methods table (docs/methods.md: one row per method, the original "
+        "on top, how it was measured, what the rows say) to this file, relative to the sweep file. A section between "
+        "`<!-- ladder:begin -->` and `<!-- ladder:end -->` already in the file is kept.")
     max_runs: int = Field(256, ge=1, le=1_000_000, description="The most recipes the grid and list may make; a "
                           "larger sweep is refused with its count before anything is expanded (a typo in a grid "
                           "can mean thousands of runs). Raise it when you mean it.")

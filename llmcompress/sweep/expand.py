@@ -136,7 +136,7 @@ def _short(message: str, where: str, origin: Path) -> str:
 def _check_outcome(points: list[Point], sweep: SweepConfig, sweep_path: Path, origin: Path) -> None:
     bad = [p for p in points if not p.valid]
     hand_written = [p for p in bad if p.source != "grid"]
-    fatal = hand_written if sweep.on_invalid == "skip" else bad
+    fatal = {"skip": hand_written, "skip-all": [], "fail": bad}[sweep.on_invalid]
     if not fatal and len(bad) == len(points):
         fatal = bad
     if fatal:
@@ -147,7 +147,8 @@ def _check_outcome(points: list[Point], sweep: SweepConfig, sweep_path: Path, or
         elif sweep.on_invalid == "fail":
             lines.append("Fix: correct these values, or set `on_invalid: skip` to run the rest and list these.")
         else:
-            lines.append("Fix: correct these list entries (grid combinations that do not validate are skipped).")
+            lines.append("Fix: correct these list entries (grid combinations that do not validate are skipped; "
+                         "`on_invalid: skip-all` skips list entries too, e.g. CUDA-only methods on a CPU machine).")
         raise RecipeError("\n".join(lines))
 
 

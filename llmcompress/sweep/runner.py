@@ -19,7 +19,7 @@ from rich.markup import escape
 from .. import rundir
 from ..errors import RecipeError
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
-from . import EXECUTORS
+from .executors import EXECUTORS
 from .board import LEADERBOARD_CSV, LEADERBOARD_MD, PARETO_PNG, build_rows, render_markdown, write_csv, write_pareto
 from .config import LocalExecutorConfig, RayExecutorConfig, SweepConfig, load_sweep
 from .expand import Point, expand, yaml_value
@@ -181,6 +181,12 @@ def _write(state: dict, final: bool) -> dict:
     write_csv(rows, out / LEADERBOARD_CSV)
     plot = write_pareto(rows, out / PARETO_PNG, caption=_caption(summary))
     atomic_write_text(out / LEADERBOARD_MD, render_markdown(summary, rows, recs, PARETO_PNG if plot else None))
+    if sweep.markdown:
+        from .methods import render, write  # the methods table (docs/methods.md's shape)
+
+        page = Path(sweep.markdown).expanduser()
+        page = page if page.is_absolute() else state["path"].parent / page
+        write(page, render({**summary, "rows": rows, "outcomes": ordered}, points, page))
     atomic_write_json(out / SWEEP_JSON, {**summary, "rows": rows, "recommendations": recs,
                                          "outcomes": ordered})
     return {**summary, "rows": rows, "recommendations": recs, "outcomes": ordered}

@@ -83,7 +83,7 @@ def context_limit(entry: PoolEntry, backend: str = "hf") -> int | None:
     engine = entry.engines.get(backend)
     options = getattr(getattr(getattr(engine, "backend", None), "server", None), "options", None)
     slot = getattr(options, "slot_ctx", None)
-    if backend == "llamacpp" and isinstance(slot, int):
+    if isinstance(slot, int):
         return slot
     hf = entry.engines.get("hf")
     model = getattr(hf.backend, "model", None) if hf is not None else None
@@ -133,20 +133,15 @@ def check_request(pool: ModelPool, limits: Limits, session: ChatSession, prompt:
     return entries
 
 
-#: What the memory line calls each server backend's process.
-SERVERS = {"vllm": "vLLM server", "llamacpp": "llama-server"}
-
-
 def _memory(entry: PoolEntry, backend: str) -> str:
     from ..utils.memory import rss_bytes
 
-    if backend in SERVERS:
-        engine = entry.engines.get(backend)
-        server = getattr(getattr(engine, "backend", None), "server", None)
+    if backend != "hf":  # a server backend: its server's process tree (none yet: nothing to say)
+        server = getattr(getattr(entry.engines.get(backend), "backend", None), "server", None)
         if server is None:
             return ""
         weights = server.model_memory_bytes()
-        return (f"{SERVERS[backend]} RSS {fmt_bytes(server.peak_rss_bytes)} (peak)"
+        return (f"{server.label} RSS {fmt_bytes(server.peak_rss_bytes)} (peak)"
                 + (f" · weights {fmt_bytes(weights)}" if weights else ""))
     return f"process RSS {fmt_bytes(rss_bytes())} (all hf models share it)"
 

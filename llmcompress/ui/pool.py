@@ -2,8 +2,8 @@
 
 Where they come from: run folders under the runs directory (each run's final model, plus the original it was made
 from; originals shared by several runs load once), or a single original when there is no run. Each model gets one
-engine per backend: ``hf`` in this process, ``vllm`` as a server process started in the background (or the reason
-vLLM cannot serve that model here).
+engine per backend, looked up by name in ``BACKENDS``: ``hf`` in this process, ``vllm`` and ``llamacpp`` as server
+processes started in the background (or the reason the backend cannot run that model here).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from ..errors import LLMCompressError
 from ..utils.io import read_json
 
 ORIGINAL = "original"
+#: The server backends (``BACKENDS`` names) the app can start, in the order its menus list them; GGUF runs get the
+#: one that runs GGUF files whatever ``--backends`` says (no other backend runs them).
+SERVED = ("vllm", "llamacpp")
+GGUF_BACKEND = "llamacpp"
 
 
 @dataclass(frozen=True)
@@ -267,23 +271,22 @@ class ModelPool:
         try:
             for c in candidates:
                 pool.entries.append(pool._load_gguf(c, log) if is_gguf(c.path) else pool._load_hf(c, log))
-            if "vllm" in backends:
+            for name in SERVED:
                 for entry in pool.entries:
-                    entry.engines["vllm"] = pool._start_vllm(entry, log)
-            for entry in pool.entries:
-                if "llamacpp" in backends or is_gguf(entry.path):
-                    entry.engines["llamacpp"] = pool._start_llamacpp(entry, log, slots)
+                    if name in backends or (name == GGUF_BACKEND and is_gguf(entry.path)):
+                        overrides = {"parallel": max(1, int(slots))} if name == GGUF_BACKEND else {}
+                        entry.engines[name] = pool._start_server(entry, name, log, **overrides)
         except BaseException:
             pool.close()
             raise
         return pool
 
     def _load_hf(self, c: Candidate, log: Callable[[str], None]) -> PoolEntry:
-        from ..backends.hf import HFBackend
+        from ..backends import BACKENDS
         from ..context import ModelHandle, weight_bytes
 
         t0 = time.perf_counter()
-        backend = HFBackend.open(ModelHandle(c.role, c.path, self.runtime))
+        backend = BACKENDS.get("hf").open(ModelHandle(c.role, c.path, self.runtime))
         load_s = time.perf_counter() - t0
         engine = Engine("hf", backend)
         engine._ready.set()
@@ -313,48 +316,41 @@ class ModelPool:
         log(f"found {c.key} ({c.path}): a {kind} file, served by llama.cpp")
         return entry
 
-    def _start_vllm(self, entry: PoolEntry, log: Callable[[str], None]) -> Engine:
-        from ..backends.vllm import VLLMBackend
-        from ..context import ModelHandle
-        from ..serving.support import unservable_reason
-
-        why = unservable_reason(entry.path, self.runtime.device, self.runtime.dtype)
-        if why is not None:
-            return Engine("vllm", reason=f"vLLM cannot serve this model here: {why}")
-        backend = VLLMBackend.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self)
-        engine = Engine("vllm", backend)
-        threading.Thread(target=_watch, args=(engine, entry.key, "vLLM", "the vLLM server", log), daemon=True,
-                         name=f"vllm-start-{entry.key}").start()
-        return engine
-
-    def _start_llamacpp(self, entry: PoolEntry, log: Callable[[str], None], slots: int = 1) -> Engine:
-        """A llama-server for the entry, opened and started in the background: a dense folder is converted to F16
-        GGUF first (cached; tens of seconds the first time). A folder llama.cpp cannot run gets the reason."""
-        engine = Engine("llamacpp")
-
-        def start() -> None:
-            if self._open_llamacpp(engine, entry, log, slots):
-                _watch(engine, entry.key, "llama.cpp", "llama-server", log)
-
-        threading.Thread(target=start, daemon=True, name=f"llamacpp-start-{entry.key}").start()
-        return engine
-
-    def _open_llamacpp(self, engine: Engine, entry: PoolEntry, log: Callable[[str], None], slots: int) -> bool:
-        """Open the llamacpp backend into ``engine``; on failure set its reason. True when it opened."""
+    def _start_server(self, entry: PoolEntry, name: str, log: Callable[[str], None], **overrides: Any) -> Engine:
+        """An engine of the server backend ``name`` (``BACKENDS``) for the entry, opened and started in the
+        background (llamacpp converts a dense folder to F16 GGUF first: cached, tens of seconds the first time). A
+        model the backend cannot run gets the reason: at once when the backend can tell from the folder
+        (``unservable``), else when ``open`` raises ``Unservable``."""
         from ..backends import BACKENDS
         from ..context import ModelHandle
+
+        cls = BACKENDS.get(name)
+        handle = ModelHandle(entry.role, entry.path, self.runtime)
+        why = cls.unservable(handle) if hasattr(cls, "unservable") else None
+        if why is not None:
+            return Engine(name, reason=why)
+        engine = Engine(name)
+
+        def start() -> None:
+            if self._open(engine, cls, handle, entry.key, log, overrides):
+                _watch(engine, entry.key, cls.title, cls.server_label, log)
+
+        threading.Thread(target=start, daemon=True, name=f"{name}-start-{entry.key}").start()
+        return engine
+
+    def _open(self, engine: Engine, cls: Any, handle: Any, key: str, log: Callable[[str], None],
+              overrides: dict) -> bool:
+        """Open the backend ``cls`` into ``engine``; on failure set its reason. True when it opened."""
         from ..serving.support import Unservable
 
         try:
-            backend_cls = BACKENDS.get("llamacpp")
-            engine.backend = backend_cls.open(ModelHandle(entry.role, entry.path, self.runtime), ctx=self,
-                                              parallel=max(1, int(slots)))
+            engine.backend = cls.open(handle, ctx=self, **overrides)
             return True
         except Exception as e:  # noqa: BLE001 - any failure must end "starting": the engine says why instead
             why = str(e) if isinstance(e, LLMCompressError) else f"{type(e).__name__}: {e}"
-            engine.reason = (f"llama.cpp cannot run this model: {why}" if isinstance(e, Unservable)
-                             else f"the llama.cpp engine could not start: {why}")
-            log(f"llama.cpp failed for {entry.key}: {why}")
+            engine.reason = (f"{cls.title} cannot run this model: {why}" if isinstance(e, Unservable)
+                             else f"the {cls.title} engine could not start: {why}")
+            log(f"{cls.title} failed for {key}: {why}")
             return False
 
     def engine(self, path: Path, options: Any, make: Callable[[Path], Any], kind: str = "vllm") -> Any:
@@ -385,11 +381,7 @@ class ModelPool:
     @property
     def backends(self) -> list[str]:
         """Backend names some model has (hf always)."""
-        names = ["hf"]
-        for name in ("vllm", "llamacpp"):
-            if any(name in e.engines for e in self.entries):
-                names.append(name)
-        return names
+        return ["hf", *(name for name in SERVED if any(name in e.engines for e in self.entries))]
 
     def busy(self, delta: int) -> None:
         with self._lock:

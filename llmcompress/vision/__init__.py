@@ -1,9 +1,10 @@
-"""Vision models through the same recipes and stages: a compatibility adapter.
+"""Vision models through the same recipes and stages: the vision and vision-language model families.
 
 Image classification (ViT, ResNet, ConvNeXt, timm models through transformers' ``TimmWrapper``, ...) and object
-detection (DETR, YOLOS, ...) models run through the ordinary stage types. Each stage's ``run`` is wrapped by
-``adapter.vision_aware``: for a vision model it hands over to the implementation registered in ``VISION_STAGES``
-(modules in this package); for an LLM nothing changes. Reading a recipe imports nothing heavy from here.
+detection (DETR, YOLOS, ...) models run through the ordinary stage types: the ``vision`` family (``family.py``,
+registered in ``models.family.FAMILIES``) runs each stage type with its implementation in ``VISION_STAGES`` (modules
+in this package); the ``vlm`` family runs the LLM stages on a VLM's language part. Reading a recipe imports nothing
+heavy from here.
 """
 
 from __future__ import annotations

@@ -154,9 +154,12 @@ def _ratios(figs: dict, per_repeat: dict, role: str) -> dict:
     return ratios
 
 
+#: The probe run in a fresh process (``python -m``) to measure load time and memory; it imports this module.
+MEMORY_PROBE = "llmcompress.vision.memory"
+
+
 def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> dict:
     from ..bench.memory import measure_memory
-    from .memory import MODULE
 
     fresh = []
     batch = stage.batch_sizes[0]
@@ -165,7 +168,7 @@ def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> di
         ctx.log(f"benchmark: load time and memory of the {handle.role} model, in a fresh process")
         fresh.append(True)
         return measure_memory(handle.path, ctx.runtime.device, ctx.runtime.dtype, ctx.runtime.threads,
-                              module=MODULE, args=["--batch-size", str(batch)])
+                              module=MEMORY_PROBE, args=["--batch-size", str(batch)])
 
     if handle is ctx.original:
         result = ctx.baseline("vision-bench-memory", {"batch_size": batch}, probe)
@@ -178,7 +181,7 @@ def _memory(stage: Any, ctx: "RunContext", handle: "ModelHandle", advance) -> di
 def _check_compare_kinds(handles: dict, original: Any) -> None:
     """Every model takes the original's pixels: a compare entry of another kind or task is refused before loading."""
     from ..errors import RecipeError
-    from .kind import folder_kind
+    from ..models.family import folder_kind
 
     want = folder_kind(original)
     for role, h in handles.items():

@@ -1,14 +1,9 @@
-"""Recipe rules by model kind, checked when the recipe loads (no weights, no torch): a vision model with an LLM-only
-setting, or an LLM with a vision-only one, is refused with the place and the fix."""
+"""Recipe rules of the vision families, checked when the recipe loads (no weights, no torch): a vision model or VLM
+with a setting it cannot take is refused with the place and the fix (``models.family.check_recipe`` asks)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from ..errors import RecipeError
-
-if TYPE_CHECKING:
-    from ..recipe import Recipe
+from typing import Any
 
 #: Quantization methods that work on vision models, and the layers each one quantizes.
 VISION_QUANT_LAYERS = {
@@ -31,37 +26,12 @@ _EVAL_LLM_ONLY = ("tasks", "limit", "num_fewshot", "perplexity", "backend", "vll
 _BENCH_LLM_ONLY = ("prompt_tokens", "new_tokens", "vllm")
 
 
-def check_recipe_kind(recipe: "Recipe", where: str, hub: bool = False) -> tuple[str | None, str | None]:
-    """Raise RecipeError (every problem, one per line) when a stage does not fit the model's kind.
-
-    ``hub=True`` (preflight): a hub model's config.json is read to learn its kind. Returns ``(kind, task)``.
-    """
-    from .kind import hub_kind, spec_kind
-
-    try:
-        kind, task = spec_kind(recipe)
-        if kind is None and hub:
-            kind, task = hub_kind(recipe)
-    except RecipeError as e:
-        raise RecipeError(f"{where}: {e}") from None
-    if kind is None:
-        return kind, task
-    rules = {"vision": _vision_problem, "vlm": _vlm_problem, "llm": _llm_problem}[kind]
-    problems = []
-    for i, stage in enumerate(recipe.stages):
-        problem = rules(stage, task) or _after_structured(stage, recipe.stages[:i])
-        if problem:
-            problems.append(f"{where}: stages[{i}] ({stage.kind}): {problem}")
-    if problems:
-        raise RecipeError("\n".join(problems))
-    return kind, task
-
-
 def _explicit(stage: Any, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in stage.model_fields_set]
 
 
-def _vision_problem(stage: Any, task: str | None) -> str | None:
+def vision_problem(stage: Any, task: str | None) -> str | None:
+    """What is wrong with ``stage`` on a vision model (an LLM-only setting), or None."""
     t = stage.type
     if t == "quantize" and stage.method not in VISION_QUANT_LAYERS:
         return (f"`{stage.method}` calibrates a causal LM on text and does not apply to vision models. "
@@ -99,22 +69,6 @@ def _vision_problem(stage: Any, task: str | None) -> str | None:
     return None
 
 
-def _after_structured(stage: Any, earlier: list) -> str | None:
-    """bnb and torchao load through ``from_pretrained``, which cannot give a structured-pruned layer its shape."""
-    pruned = any(s.type == "prune" and s.method == "structured" for s in earlier)
-    if pruned and stage.type == "quantize" and stage.method.startswith(("bnb-", "torchao-")):
-        return (f"`{stage.method}` loads the model through `from_pretrained`, which cannot rebuild the layers a "
-                "`structured` prune stage shrank. Fix: use rtn, hqq or dynamic-int8 after structured pruning.")
-    if pruned and stage.type == "prune":
-        return ("the model is already `structured`-pruned; a second prune stage on it is not supported. Fix: prune "
-                "once (raise the structured stage's `sparsity` for a smaller model).")
-    if pruned and stage.type == "export":
-        return ("a `structured` prune stage gave each MLP its own width, which a transformers config cannot say, so "
-                "no folder `from_pretrained` loads can hold it. Fix: remove the export stage (the run's model "
-                "folders load with llmcompress.models.loading.load_model), or prune with `magnitude`.")
-    return None
-
-
 def _data_task(data: Any, task: str | None) -> str | None:
     if data is None or task is None or data.task is None or data.task == task:
         return None
@@ -122,7 +76,8 @@ def _data_task(data: Any, task: str | None) -> str | None:
     return f"`data.source: {data.source}` is {data.task} data, and the model is an {task} model. Fix: use `{fix}`."
 
 
-def _vlm_problem(stage: Any, task: str | None) -> str | None:
+def vlm_problem(stage: Any, task: str | None) -> str | None:
+    """What is wrong with ``stage`` on a VLM beyond what an LLM refuses (``Family.problem``), or None."""
     if stage.type not in VLM_STAGES:
         return (f"the {stage.type} stage is not supported on vision-language models yet (only "
                 f"{', '.join(VLM_STAGES)}, on the language part). Fix: remove it.")
@@ -135,21 +90,6 @@ def _vlm_problem(stage: Any, task: str | None) -> str | None:
         return "`backend: vllm` is not supported for vision-language models here. Fix: use `backend: hf`."
     if stage.type == "benchmark" and "vllm" in stage.backends:
         return "`backends: [vllm]` is not supported for vision-language models here. Fix: use `[hf]`."
-    return _llm_problem(stage, task)
-
-
-def _llm_problem(stage: Any, task: str | None) -> str | None:
-    from .data import ImageDataConfig
-
-    if stage.type == "evaluate" and stage.data is not None:
-        return ("`data` gives the images a vision model is evaluated on, and this is a language model. Fix: remove "
-                "it (use `tasks` and `perplexity`), or set `model: {kind: vision, ...}` for a vision model.")
-    if stage.type == "lora" and isinstance(stage.data, ImageDataConfig):
-        return ("`data` names images, and this is a language model. Fix: use text, e.g. "
-                "`data: {source: builtin:pydoc}`.")
-    if stage.type == "prune" and stage.method == "structured":
-        return ("`structured` removes MLP channels of vision models (ConvNeXt, ViT, ...). Fix: for a language model "
-                'use `pattern: "2:4"` (N:M) with magnitude, wanda or sparsegpt.')
     return None
 
 

@@ -43,11 +43,10 @@ def data_config(cfg: "ImageDataConfig | None", task: str | None, split: str) -> 
 def run_evaluate(stage: Any, ctx: "RunContext") -> "StageResult":
     from ..eval.stage import measure_both, summarize
     from ..stage import StageResult
-    from .adapter import model_kind
     from .data import check_data, load_images
 
     t0 = time.perf_counter()
-    _, task = model_kind(ctx)
+    task = ctx.model_task
     task = task or "image-classification"
     cfg = data_config(stage.data, task, "test")
     where = f"evaluate: data `{cfg.source}`"

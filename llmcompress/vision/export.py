@@ -24,13 +24,11 @@ def run_export(stage: Any, ctx: "RunContext") -> "StageResult":
     from ..export.stage import CARD, ctx_report
     from ..stage import StageResult
     from ..utils.io import atomic_dir, folder_size
-    from .adapter import model_kind
-    from .kind import auto_class_name
 
     if stage.format != "hf":
         raise RecipeError(f"`format: {stage.format}` does not hold a vision model. Fix: use `format: hf`.")
-    _, task = model_kind(ctx)
-    cls = auto_class_name("vision", task or "image-classification")
+    task = ctx.model_task
+    cls = ctx.family.auto_class(task)
     out = stage._target(ctx)
     t0 = time.perf_counter()
     with ctx.task("export hf"), atomic_dir(out) as tmp:
@@ -89,7 +87,7 @@ def dense_vision_copy(ctx: "RunContext") -> tuple[Any, Any]:
     from ..export.base import dense_state_dict, fresh_copy, plain_config
     from ..models.loading import torch_dtype
     from ..utils.tensorfile import no_init
-    from .kind import auto_model_class
+    from ..models.family import auto_model_class
 
     model, processor = fresh_copy(ctx)
     convs = {n: m for n, m in model.named_modules() if type(m).__name__ == "RTNConv2d"}

@@ -47,7 +47,7 @@ def load_vision(path: str | Path, device: str, dtype: str, **kwargs: Any) -> tup
 
 def _load_hf(path: Path, device: str, dtype: str, **kwargs: Any):
     from ..models.loading import torch_dtype
-    from .kind import auto_model_class
+    from ..models.family import auto_model_class
 
     model = auto_model_class(path).from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu" and getattr(model, "hf_quantizer", None) is None:
@@ -85,8 +85,9 @@ def load_processor(path: str | Path) -> Any:
 def load_rtn_vision(path: Path, device: str, dtype: str):
     """An rtn folder of a vision model: RTNLinear and RTNConv2d layers where llmcompress.json lists them."""
     from ..models.loading import read_meta
+    from ..models.skeleton import load_swapped, set_module
     from ..quant.rtn import __getattr__ as rtn_attr
-    from .layers import load_swapped, rtn_conv_class, set_module
+    from .layers import rtn_conv_class
 
     info = read_meta(path)["rtn"]
     rtn_linear, rtn_conv = rtn_attr("RTNLinear"), rtn_conv_class()

@@ -107,12 +107,11 @@ def run_lora(stage: Any, ctx: "RunContext") -> "StageResult":
     from ..lora.init import save_adapter
     from ..lora.train import fresh_student, train_loop_
     from ..stage import StageResult
-    from .adapter import model_kind
     from .data import check_data
 
     require("peft", "lora", "The lora stage")
     t0 = time.perf_counter()
-    _, task = model_kind(ctx)
+    task = ctx.model_task
     task = task or "image-classification"
     cfg_data = train_data_config(stage, task)
     check_data(cfg_data, ctx.recipe.base_dir, task, "lora: data")  # before any weights load

@@ -64,14 +64,13 @@ def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
     from ..models.loading import save_model, storage_dtype_of
     from ..prune.base import check_dense, load_dense_copy
     from ..stage import StageResult
-    from .adapter import model_kind
     from .quant import default_skip
 
     from .checks import VISION_PRUNE
 
     if stage.method not in VISION_PRUNE:
         raise RecipeError(f"`{stage.method}` does not apply to vision models. Fix: use `magnitude` or `structured`.")
-    _, task = model_kind(ctx)
+    task = ctx.model_task
     if stage.method == "magnitude" and "skip" not in stage.model_fields_set:
         stage = stage.model_copy(update={"skip": default_skip(task)})
     check_dense(ctx.current)
@@ -191,7 +190,7 @@ def prune_structured_(model: Any, cfg: StructuredConfig) -> dict:
     """Remove the least important hidden channels of every MLP block, in place; returns figures and new shapes."""
     import torch
 
-    from .layers import set_module
+    from ..models.skeleton import set_module
 
     blocks = [b for b in mlp_blocks(model) if not (cfg.skips(b[0]) or cfg.skips(b[1]))]
     if not blocks:

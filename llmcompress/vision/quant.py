@@ -38,13 +38,13 @@ def default_skip(task: str | None) -> list[str]:
 
 
 def run_quantize(stage: Any, ctx: "RunContext") -> "StageResult":
-    from .adapter import llm_run, model_kind
+    from ..stage import generic_run
     from .checks import VISION_QUANT_LAYERS
 
     if stage.method not in VISION_QUANT_LAYERS:  # the recipe check stops this earlier; kept for Python callers
         raise RecipeError(f"`{stage.method}` does not apply to vision models. Fix: use one of "
                           f"{', '.join(VISION_QUANT_LAYERS)}.")
-    _, task = model_kind(ctx)
+    task = ctx.model_task
     if "skip" not in stage.model_fields_set:
         stage = stage.model_copy(update={"skip": default_skip(task)})
     if stage.method == "rtn":
@@ -54,7 +54,7 @@ def run_quantize(stage: Any, ctx: "RunContext") -> "StageResult":
     if not stage.method.startswith("bnb-"):  # (bnb loads its own copy, quantizing while it loads)
         ctx.current.load()  # loaded (and transformers' imports paid) before the method's clock starts
     load_seconds = time.perf_counter() - t
-    result = llm_run(stage, ctx)
+    result = generic_run(stage, ctx)
     if structure:
         carry_meta_(ctx.current, {"structured": structure, "kind": "vision"})
     model = ctx.current.load()[0]
@@ -159,7 +159,8 @@ def quantize_conv_rtn_(model: Any, cfg: Any) -> dict[str, int]:
     """Replace every Conv2d not skipped by an RTNConv2d, in place; returns ``{name: group size used}``."""
     import torch
 
-    from .layers import conv_group_size, rtn_conv_class, set_module
+    from ..models.skeleton import set_module
+    from .layers import conv_group_size, rtn_conv_class
 
     rtn_conv = rtn_conv_class()
     done = {}

@@ -20,6 +20,8 @@ WORDS = ["Hello", " from", " llama", ".cpp", "!"]
 class FakeServer:
     """What the app reads of a started llama-server: memory figures, readiness, its options."""
 
+    label = "llama-server"
+
     def __init__(self, log: Path | None, slot_ctx: int):
         self.log_path, self.options = log, type("Options", (), {"slot_ctx": slot_ctx})()
         self.started_at, self.ready_s, self.peak_rss_bytes = time.perf_counter(), 0.25, 300 * 2**20
@@ -41,6 +43,7 @@ class FakeLlama:
     ``dense_unservable`` is set."""
 
     name = "llamacpp"
+    title, server_label = "llama.cpp", "llama-server"
     opened: list[tuple[str, dict]] = []
     dense_unservable = False
     slot_ctx = 1024
@@ -245,7 +248,7 @@ def test_a_gguf_run_without_tokenizer_files_still_chats(tmp_path, tiny_model_dir
 def test_a_vllm_engine_refuses_a_gguf_run_with_the_reason(gguf_pool):
     from llmcompress.ui.pool import ModelPool
 
-    engine = ModelPool._start_vllm(gguf_pool, gguf_pool.get("gguf-q4"), log=lambda m: None)
+    engine = ModelPool._start_server(gguf_pool, gguf_pool.get("gguf-q4"), "vllm", log=lambda m: None)
     assert engine.backend is None and "GGUF" in engine.status() and "llamacpp backend" in engine.status()
 
 

@@ -141,7 +141,7 @@ def _chat_headers_pool(tiny_pool):
     from llmcompress.ui.pool import ModelPool
 
     entry = tiny_pool.get("tiny-rtn")
-    engine = ModelPool._start_vllm(tiny_pool, entry, log=lambda m: None)
+    engine = ModelPool._start_server(tiny_pool, entry, "vllm", log=lambda m: None)
     pool = ModelPool(tiny_pool.runtime, list(tiny_pool.entries), skipped=[f"x: no model in {entry.run_dir}"])
     pool.entries[1] = dataclasses.replace(entry, engines={**entry.engines, "vllm": engine})
     return pool

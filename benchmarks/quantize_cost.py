@@ -1,9 +1,9 @@
 """Cost target: how long a method takes to quantize the default model (target: GPTQ in under a minute on 2 cores).
 
 Runs only the quantize stage of a method recipe, fresh, once per thread count, and writes the timings to
-bench/results/quantize_cost-<recipe>.json. The machine is shared: the load average is recorded with every figure.
+benchmarks/results/quantize_cost-<recipe>.json. The machine is shared: the load average is recorded with every figure.
 
-    python bench/quantize_cost.py recipes/smollm2-gptq4.yaml --threads 1 --threads 2
+    python benchmarks/quantize_cost.py recipes/smollm2-gptq4.yaml --threads 1 --threads 2
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the weights are stored in bf16) gets uniform noise of +-half its step, so its we
 that are not on such a grid (the embedding) are left as they are. The result is a different, somewhat worse model:
 compare methods on it against its own original, never against the default model.
 
-    python bench/dither_model.py bench/runs/dithered
-    python bench/ladder.py --model bench/runs/dithered --only gguf-q4_k_m,best --chat-limit 100
+    python benchmarks/dither_model.py benchmarks/runs/dithered
+    python benchmarks/ladder.py --model benchmarks/runs/dithered --only gguf-q4_k_m,best --chat-limit 100
 """
 
 from __future__ import annotations
