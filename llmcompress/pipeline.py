@@ -27,7 +27,7 @@ from typing import Any
 from . import rundir
 from .errors import LLMCompressError
 from .recipe import Recipe, load_recipe
-from .stage import StageConfig, StageResult
+from .stage import STAGES, StageConfig, StageResult
 from .utils.io import atomic_write_json, atomic_write_text, read_json, stable_hash
 from .utils.liblogs import libraries_log_to
 from .utils.memory import cuda_peak_bytes, peak_rss_bytes, reset_peak, trim
@@ -352,11 +352,10 @@ def _finish(ctx, stages: list[dict], timing: dict) -> dict:
     report = build_report(recipe=ctx.recipe, environment=env, stages=stages,
                           original=_model_info(ctx.original), compressed=_model_info(ctx.current))
     paths = write_report(ctx.run_dir, report)
-    if any(s["result"]["type"] == "export" for s in stages):
-        from .export import push_exports, refresh_cards
-
-        refresh_cards(report)  # model cards written during the run now show the final figures
-        push_exports(ctx.run_dir, report, ctx.console)  # export stages with `push_to_hub:`
+    for kind in dict.fromkeys(s["result"]["type"] for s in stages if s["result"]["type"] in STAGES):
+        hook = getattr(STAGES.get(kind), "after_report", None)  # (quantize/prune entries are unions of methods)
+        if hook is not None:
+            hook(ctx.run_dir, report, ctx.console)  # export: the cards get the final figures, push_to_hub
     ctx.console.print(summary_table(report))
     ctx.console.print(f"report: {paths['markdown']}")
     return report

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import LLMCompressError, RecipeError
 from .models.spec import ModelSpec
 from .registry import did_you_mean
-from .stage import STAGES, StageConfig
+from .stage import METHODS, STAGES, StageConfig
 from .utils.io import read_yaml
 from .utils.schema import shown_path, unknown_key
 
@@ -252,15 +252,7 @@ def _precheck_stages(raw: dict, where: str) -> None:
 
 def _method_registry(stage_type: str):
     """The method registry of a stage type that has one (quantize, prune), else None."""
-    if stage_type == "quantize":
-        from .quant import QUANTIZERS
-
-        return QUANTIZERS
-    if stage_type == "prune":
-        from .prune import PRUNERS
-
-        return PRUNERS
-    return None
+    return METHODS.get(stage_type) if stage_type in METHODS else None
 
 
 def _stage_class(stage: Any) -> type[StageConfig] | None:

@@ -24,6 +24,10 @@ STAGES.register_lazy("lora", "llmcompress.lora.stage:LoraStage")
 STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
 STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
 STAGES.register_lazy("export", "llmcompress.export.stage:ExportStage")
+#: Stage types whose `method:` picks the config class: their method registries (a recipe is checked against them).
+METHODS: Registry = Registry("stage type with methods")
+METHODS.register_lazy("quantize", "llmcompress.quant:QUANTIZERS")
+METHODS.register_lazy("prune", "llmcompress.prune:PRUNERS")
 
 
 def by_family(run: Callable) -> Callable:
@@ -71,6 +75,10 @@ class StageConfig(BaseModel):
     def preflight(self, base_dir: "Path | None" = None) -> None:
         """Cheap checks before any weights load (installed extras, hardware, files the stage reads; ``base_dir``: the
         recipe's folder, where relative paths point). Raise RecipeError/MissingExtraError."""
+
+    @classmethod
+    def after_report(cls, run_dir: "Path", report: dict, console: Any) -> None:
+        """Called once per stage type of a run after report.json is written (export: refresh cards, push)."""
 
     def run(self, ctx: "RunContext") -> "StageResult":  # pragma: no cover - abstract
         raise NotImplementedError

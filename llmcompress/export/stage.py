@@ -55,6 +55,14 @@ class ExportStage(StageConfig):
 
     changes_model: ClassVar[bool] = False
 
+    @classmethod
+    def after_report(cls, run_dir: Path, report: dict, console: Any) -> None:
+        """Once the run's report is written: cards show the final figures, then `push_to_hub:` exports go up."""
+        from . import push_exports, refresh_cards
+
+        refresh_cards(report)
+        push_exports(run_dir, report, console)
+
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str) -> str:

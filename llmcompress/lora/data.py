@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..context import RunContext
-    from .stage import LoraStage
+    from .config import LoraSettings
 
 IGNORE = -100  # label of positions that are not targets (torch cross_entropy's ignore_index)
 
@@ -56,7 +56,7 @@ class TrainData:
                        "labels": self.labels[idx], "index": idx}
 
 
-def build_data(cfg: "LoraStage", ctx: "RunContext", tokenizer: Any, teacher: Any = None) -> TrainData:
+def build_data(cfg: "LoraSettings", ctx: "RunContext", tokenizer: Any, teacher: Any = None) -> TrainData:
     import torch
 
     base_dir = ctx.recipe.base_dir

@@ -17,19 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RecipeError
 from ..utils.patterns import matches_any
+from .layers import _is_linear_like, lora_layers  # noqa: F401 - lora_layers: used by tests
 
 if TYPE_CHECKING:
     from ..context import RunContext
-    from .stage import LoraStage
+    from .config import LoraSettings
 
 PISSA_INIT_DIR = "pissa-init"
 
 
-def init_default(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+def init_default(model: Any, cfg: "LoraSettings", ctx: "RunContext") -> tuple[Any, dict]:
     return wrap(model, cfg, init_lora_weights=True), {}
 
 
-def init_pissa(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+def init_pissa(model: Any, cfg: "LoraSettings", ctx: "RunContext") -> tuple[Any, dict]:
     """PiSSA, then the initial adapter is saved so that the trained one can be converted to a plain LoRA."""
     import torch
 
@@ -45,7 +46,7 @@ def init_pissa(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, di
     return peft_model, {"_pissa_init_dir": str(init_dir)}
 
 
-def init_loftq(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, dict]:
+def init_loftq(model: Any, cfg: "LoraSettings", ctx: "RunContext") -> tuple[Any, dict]:
     """One LoftQ step against the existing quantized base: ``B A = svd_r(W - deq(Q)) / scaling``."""
     import torch
 
@@ -80,7 +81,7 @@ def init_loftq(model: Any, cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, di
 # Shared
 
 
-def wrap(model: Any, cfg: "LoraStage", **lora_kwargs: Any) -> Any:
+def wrap(model: Any, cfg: "LoraSettings", **lora_kwargs: Any) -> Any:
     """``get_peft_model`` on the modules ``cfg.target_modules`` names, with errors that say what exists."""
     from peft import LoraConfig, get_peft_model
 
@@ -130,23 +131,6 @@ def target_names(model: Any, targets: str | list[str]) -> list[str]:
                           f"{', '.join(short)} (or regexes over full names like `model.layers.0.self_attn.q_proj`), "
                           "or `all-linear`")
     return picked
-
-
-def _is_linear_like(module: Any) -> bool:
-    """nn.Linear and the quantized layers that stand in for it (bnb, hqq, gptq, ...): they have in/out features."""
-    import torch
-
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
-
-
-def lora_layers(peft_model: Any) -> list[tuple[str, Any]]:
-    """``(name in the base model, LoRA layer)`` for every layer with an adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model()
-    return [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
 
 
 def save_adapter(peft_model: Any, path: Path, info: dict, dtype: str | None = None,

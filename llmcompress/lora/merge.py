@@ -31,7 +31,7 @@ from ..utils.io import atomic_dir, atomic_write_json
 
 if TYPE_CHECKING:
     from ..context import RunContext
-    from .stage import LoraStage
+    from .config import LoraSettings
 
 PEFT_FORMAT = "peft"
 BASE_DIR = "base"
@@ -51,7 +51,7 @@ class MergeInputs:
     requantize_from: str = "original"  # requantize merges into: "original" (W) or "dequantized" (deq(Q)) weights
 
     @classmethod
-    def from_context(cls, ctx: "RunContext", cfg: "LoraStage", adapter: Path, meta: dict,
+    def from_context(cls, ctx: "RunContext", cfg: "LoraSettings", adapter: Path, meta: dict,
                      refit: Any = None) -> "MergeInputs":
         """``refit`` (lora.refit.Refit): the adapter trained on a re-fitted base, which the merges start from."""
         from ..models.loading import storage_dtype_of
@@ -162,7 +162,7 @@ def write_merged(inputs: MergeInputs, dequantized: bool, folder: Path, meta: dic
 
     from ..models.loading import load_model, read_meta, save_model, to_model_keys, torch_dtype, write_meta
     from ..utils.tensorfile import rewrite_safetensors, safetensors_header
-    from .init import lora_layers
+    from .layers import lora_layers
 
     storage = torch_dtype(inputs.storage_dtype or "float32")
     files = sorted(Path(inputs.source).glob("*.safetensors"))
@@ -243,7 +243,7 @@ def adapter_deltas(base: Any, adapter: Path) -> Iterator[tuple[str, Any]]:
     (unmerged), one layer at a time."""
     from peft import PeftModel
 
-    from .init import lora_layers
+    from .layers import lora_layers
 
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     for name, layer in lora_layers(model):
@@ -298,7 +298,7 @@ def _quantized(module: Any) -> bool:
     """A linear-like layer whose weight is not a plain float tensor (what ``dequantized`` must expand)."""
     import torch
 
-    from .init import _is_linear_like
+    from .layers import _is_linear_like
 
     if not _is_linear_like(module):
         return False

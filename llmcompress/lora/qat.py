@@ -28,44 +28,19 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RecipeError
+from .config import QAT_METHODS, QATConfig  # noqa: F401 - QATConfig's home before config.py
 
 if TYPE_CHECKING:
     import torch
 
     from ..context import RunContext
-    from .stage import LoraStage
+    from .config import LoraSettings
 
-#: The quantize methods whose grid `qat` reproduces exactly (bitsandbytes' 4-bit quantizer).
-QAT_METHODS = ("bnb-nf4", "bnb-fp4")
 ADAPTER = "default"
-
-
-class QATConfig(BaseModel):
-    """``qat: true`` (= ``qat: {}``) or ``qat: {refit: gptq}`` in a lora stage."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    refit: Literal["gptq"] | None = Field(
-        None, description="`gptq`: before training, re-fit the base's rounding (GPTQ into the same 4-bit grid, on "
-        "the stage's `data`; llmcompress/lora/refit.py); the adapter then trains on, and merges into, the re-fitted "
-        "weights. null: train on the quantize stage's rounding.",
-    )
-    refit_samples: int = Field(64, ge=1, description="refit: windows of the stage's `data` GPTQ measures the layer "
-                               "inputs on (the first ones).")
-    refit_clip: float = Field(0.7, gt=0, le=1, description="refit: each block's scale is searched from its absmax "
-                              "down to this share of it, in steps of 0.05 (the scale whose rounding errs least, "
-                              "weighted by the inputs' energy, wins; the clipped weight's error goes to the columns "
-                              "GPTQ has not rounded yet). 1: keep bitsandbytes' absmax.")
-
-    def clip_factors(self) -> tuple[float, ...]:
-        """The scale factors the re-fit tries: 1, 0.95, ... down to ``refit_clip``."""
-        steps = int((1 - self.refit_clip) / 0.05 + 1e-9)  # never below refit_clip
-        return tuple(round(1 - 0.05 * i, 4) for i in range(steps + 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -309,7 +284,7 @@ def qat_(peft_model: Any, sources: dict[str, "torch.Tensor"], storage_dtype: str
     import torch
 
     from ..models.loading import torch_dtype
-    from .init import lora_layers
+    from .layers import lora_layers
 
     qat = QAT(fakes=[], storage_dtype=torch_dtype(storage_dtype) if storage_dtype else None,
               load_dtype=torch_dtype(load_dtype))
@@ -338,7 +313,7 @@ def qat_(peft_model: Any, sources: dict[str, "torch.Tensor"], storage_dtype: str
 def merge_sources(peft_model: Any, requantize_from: str, source_dir: Any) -> dict[str, "torch.Tensor"]:
     """``{layer name: S}`` (fp32) for the adapted and the 4-bit layers: what ``merged_dense`` adds the adapter to."""
     from ..models.loading import load_model
-    from .init import lora_layers
+    from .layers import lora_layers
 
     base = peft_model.get_base_model()
     layers = {n: m.get_base_layer() for n, m in lora_layers(peft_model)}
@@ -355,7 +330,7 @@ def merge_sources(peft_model: Any, requantize_from: str, source_dir: Any) -> dic
     return out
 
 
-def enable_qat(model: Any, cfg: "LoraStage", ctx: "RunContext", source: Any = None) -> QAT:
+def enable_qat(model: Any, cfg: "LoraSettings", ctx: "RunContext", source: Any = None) -> QAT:
     """QAT mode for the peft model the lora stage trains (after its init), against the merge ``cfg`` asks for;
     ``source``: the dense weights the merge starts from, when not the quantize stage's (a re-fitted base)."""
     from ..models.loading import storage_dtype_of

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..context import RunContext
-    from .stage import LoraStage
+    from .config import LoraSettings
 
 DAMP = 0.01  # GPTQ's damping: 1% of the mean diagonal of H added to it
 
@@ -46,7 +46,7 @@ class Refit:
     info: dict
 
 
-def refit_base(student: Any, ids: "torch.Tensor", cfg: "LoraStage", ctx: "RunContext") -> Refit:
+def refit_base(student: Any, ids: "torch.Tensor", cfg: "LoraSettings", ctx: "RunContext") -> Refit:
     """GPTQ the weights the quantize stage started from into the grids of ``student``'s 4-bit layers, on the first
     ``cfg.qat.refit_samples`` windows of ``ids``; write them, and them quantized again, under ``<stage>/refit``."""
     import dataclasses

@@ -20,7 +20,7 @@ from ..errors import RecipeError
 if TYPE_CHECKING:
     from ..context import RunContext
     from .data import TrainData
-    from .stage import LoraStage
+    from .config import LoraSettings
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Trained:
     refit: Any = None  # lora.refit.Refit: the re-fitted base the adapter trained on (`qat: {refit: gptq}`)
 
 
-def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
+def train_adapter(cfg: "LoraSettings", ctx: "RunContext") -> Trained:
     """Load a fresh copy of the current model, wrap it with LoRA, train it, save the adapter to <stage>/adapter.
 
     With ``accelerate.num_processes > 1`` or ``fsdp``, hands the training to torchrun processes instead (this process
@@ -53,7 +53,8 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
         ctx.original.release()
         if ctx.runtime.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        return launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
+        saved = launch_training(cfg, ctx)  # torchrun processes run this function; rank 0's result comes back
+        return Trained(data=saved["data"], meta=saved["meta"])
     prep = prepare(cfg, ctx)
     model, data, teacher, seed, init_info, qat, refit = (prep.model, prep.data, prep.teacher, prep.seed,
                                                          prep.init_info, prep.qat, prep.refit)
@@ -112,7 +113,7 @@ def train_adapter(cfg: "LoraStage", ctx: "RunContext") -> Trained:
     return Trained(data=data_out, meta=meta, refit=refit)
 
 
-def _find_checkpoint(cfg: "LoraStage", ctx: "RunContext") -> None:
+def _find_checkpoint(cfg: "LoraSettings", ctx: "RunContext") -> None:
     """Before training (this process, once): drop checkpoints that cannot be used; say when training resumes."""
     from .checkpoint import checkpoint_key, latest, tidy
 
@@ -138,7 +139,7 @@ class Prepared:
     refit: Any = None  # lora.refit.Refit
 
 
-def prepare(cfg: "LoraStage", ctx: "RunContext") -> Prepared:
+def prepare(cfg: "LoraSettings", ctx: "RunContext") -> Prepared:
     """Student, data, re-fit (``qat.refit``), init, QAT mode (``qat``): everything before the train loop."""
     import torch
 
@@ -189,7 +190,7 @@ def _qat_info(qat: Any, steps: int, refit: Any) -> dict:
             **({"refit": {**refit.info, "base": str(refit.base), "source": str(refit.source)}} if refit else {})}
 
 
-def fresh_student(cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, Any, Any, int]:
+def fresh_student(cfg: "LoraSettings", ctx: "RunContext") -> tuple[Any, Any, Any, int]:
     """``(model, tokenizer or image processor, teacher or None, seed)``: a fresh copy of the current model to train
     (the in-memory one may be the original, the distill teacher, or shared with other stages), seeded."""
     from ..models.loading import load_model
@@ -201,7 +202,7 @@ def fresh_student(cfg: "LoraStage", ctx: "RunContext") -> tuple[Any, Any, Any, i
     return model, tokenizer, teacher, seed
 
 
-def _seed_student(cfg: "LoraStage", ctx: "RunContext") -> int:
+def _seed_student(cfg: "LoraSettings", ctx: "RunContext") -> int:
     """Refuse a base that already carries an adapter; seed torch with the stage's seed and return it."""
     import torch
 
@@ -218,7 +219,7 @@ def teacher_path(ctx: "RunContext") -> Path:
     return ctx.stage_dir / f"teacher-logits-{os.environ.get('RANK', '0')}.bin"
 
 
-def total_steps(cfg: "LoraStage", n_sequences: int) -> int:
+def total_steps(cfg: "LoraSettings", n_sequences: int) -> int:
     """Optimizer steps: ``steps`` as given, else ``epochs`` (default 1) passes over the sequences."""
     if cfg.steps is not None:
         return cfg.steps
@@ -226,7 +227,7 @@ def total_steps(cfg: "LoraStage", n_sequences: int) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * n_sequences / per_step))
 
 
-def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", ctx: "RunContext", teacher: Any,
+def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraSettings", ctx: "RunContext", teacher: Any,
                 seed: int, record: dict | None = None) -> tuple[list[float], dict | None, bool]:
     """Train the trainable parameters of ``model`` in place through an ``Accelerator`` (``cfg.accelerate``).
 
@@ -299,7 +300,7 @@ def train_loop_(model: Any, data: "TrainData", loss_fn: Any, cfg: "LoraStage", c
     return losses, state_dict, acc.is_main_process
 
 
-def _train_step(acc: Any, wrapped: Any, batches: Any, loss_fn: Any, cfg: "LoraStage", teacher: Any,
+def _train_step(acc: Any, wrapped: Any, batches: Any, loss_fn: Any, cfg: "LoraSettings", teacher: Any,
                 step: int) -> float:
     """Forward and backward over one optimizer step's micro-batches, gradients clipped; the step's mean loss."""
     import torch

@@ -196,7 +196,7 @@ def image_train_data(cfg: Any, ctx: "RunContext", task: str, model: Any, process
 
 def adapter_targets(model: Any, stage: Any, task: str) -> list[str]:
     """Linear(-like) layers the adapter goes on: ``all-linear`` = every one but the task head."""
-    from ..lora.init import _is_linear_like
+    from ..lora.layers import _is_linear_like
     from ..utils.patterns import matches_any
     from .quant import default_skip
 
