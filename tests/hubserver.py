@@ -129,6 +129,17 @@ def _handler(hub: HubStandIn):
                 return None
             return repo
 
+        def _revision(self, repo_id: str, rev: str, head: bool = False) -> tuple[Repo, str] | None:
+            """``(repo, commit id)`` of a revision, or None after answering 404 / 401."""
+            repo = self._repo(repo_id, head)
+            if repo is None:
+                return None
+            sha = repo.resolve(rev)
+            if sha is None:
+                self._error(404, f"Revision Not Found: {rev}", "RevisionNotFound", head)
+                return None
+            return repo, sha
+
         # -- verbs -------------------------------------------------------------------------------------------------
 
         def do_HEAD(self) -> None:
@@ -258,23 +269,19 @@ def _handler(hub: HubStandIn):
             self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True})
 
         def _info(self, repo_id: str, rev: str) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._revision(repo_id, rev)
+            if found is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, f"Revision Not Found: {rev}", "RevisionNotFound")
+            repo, sha = found
             files = repo.commits[sha]
             self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                              "siblings": [{"rfilename": p} for p in sorted(files)], "tags": [], "downloads": 0})
 
         def _tree(self, repo_id: str, rev: str, sub: str, query: dict) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._revision(repo_id, rev)
+            if found is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, f"Revision Not Found: {rev}", "RevisionNotFound")
+            repo, sha = found
             prefix = f"{sub.rstrip('/')}/" if sub else ""
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             entries, folders = [], set()
@@ -290,12 +297,10 @@ def _handler(hub: HubStandIn):
             self._json(200, entries)
 
         def _resolve(self, repo_id: str, rev: str, file: str, head: bool) -> None:
-            repo = self._repo(repo_id, head)
-            if repo is None:
+            found = self._revision(repo_id, rev, head)
+            if found is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, f"Revision Not Found: {rev}", "RevisionNotFound", head)
+            repo, sha = found
             data = repo.commits[sha].get(file)
             if data is None:
                 return self._error(404, f"Entry Not Found: {file}", "EntryNotFound", head)

@@ -195,15 +195,11 @@ def _plan(cfg: GPTQConfig, path: Path) -> dict[str, Any]:
 def _import_gptqmodel():
     """Import gptqmodel, undoing the environment changes its import makes (its dependency `tokenicer` points
     HF_HOME at /tmp/tokenicer_hf_home, which every later subprocess would inherit)."""
-    from ..utils.envguard import import_tokenicer_cleanly
+    from ..utils.envguard import environ_kept, import_tokenicer_cleanly
 
     import_tokenicer_cleanly()
-    before = dict(os.environ)  # gptqmodel itself sets PYTORCH_ALLOC_CONF, KMP_*, CUDA_DEVICE_ORDER ...
-    from gptqmodel import GPTQModel, QuantizeConfig
-
-    for key in set(os.environ) - set(before):
-        del os.environ[key]
-    os.environ.update(before)
+    with environ_kept():  # gptqmodel itself sets PYTORCH_ALLOC_CONF, KMP_*, CUDA_DEVICE_ORDER ...
+        from gptqmodel import GPTQModel, QuantizeConfig
     return GPTQModel, QuantizeConfig
 
 

@@ -15,6 +15,7 @@ missing ``vllm`` distribution), so its platform is resolved first and the global
 
 import importlib.metadata as metadata
 import json
+import os
 import sys
 
 _version = metadata.version
@@ -67,7 +68,6 @@ def main(spec_path: str) -> int:
     tracked = asdict(tracker.general_config_tracker)
     results.update({k: tracked.get(k) for k in _CHAT_FIELDS})
     import gc
-    import os
 
     gc.collect()  # the vLLM engine (held by lm-eval's model) shuts down here, before the results are written
     tmp = spec["output"] + ".tmp"
@@ -83,6 +83,4 @@ if __name__ == "__main__":
     sys.stderr.flush()
     # Not sys.exit: the interpreter's teardown after vLLM sometimes aborts ("terminate called without an active
     # exception", exit -6, seen once in CI after a finished evaluation), which would throw the results away.
-    import os
-
     os._exit(code)

@@ -14,18 +14,28 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def environ_kept() -> Iterator[None]:
+    """Run the block, then put ``os.environ`` back as it was (variables added removed, changed ones restored)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def import_tokenicer_cleanly() -> None:
     """Import tokenicer (when installed and not yet imported) and undo the environment changes its import makes."""
     if "tokenicer" in sys.modules or importlib.util.find_spec("tokenicer") is None:
         return
-    before = dict(os.environ)
-    try:
-        import tokenicer  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken optional package is not this function's business
-        pass
-    finally:
-        for key in set(os.environ) - set(before):
-            del os.environ[key]
-        os.environ.update(before)
+    with environ_kept():
+        try:
+            import tokenicer  # noqa: F401
+        except Exception:  # noqa: BLE001 - a broken optional package is not this function's business
+            pass
