@@ -36,6 +36,7 @@ BEGIN, END = "<!-- ladder:begin -->", "<!-- ladder:end -->"
 HELD_OUT = 20000  # calibration skips the first 20,000 tokens of Python's docs: the evaluation reads the first 8-15k
 PYDOC = {"source": "builtin:pydoc", "samples": 64, "seq_len": 512, "skip_tokens": HELD_OUT}
 MIXED = {**PYDOC, "source": "builtin:mixed"}
+PYSOURCE = {"source": "builtin:pysource", "samples": 32, "seq_len": 256, "skip_tokens": 0}
 
 
 def gguf(gguf_type: str, calibration: dict | None = PYDOC, **kw) -> dict:
@@ -76,14 +77,29 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
     "gguf-q5_1": ([gguf("Q5_1")], False, "the source grid again: q5_1's half step holds q4_1's exactly"),
     "best": ("recipes/smollm2-best-4bit.yaml", True, "recipes/smollm2-best-4bit.yaml: types planned by measured "
              "sensitivity at Q4_K_M's size, q4_1/q5_1 left out"),
+    # methods that shrink the model (issue 20): fewer parameters, measured with decode speed (a benchmark stage)
+    "width-20": ([{"type": "prune", "method": "width", "target": 0.2, "calibration": PYSOURCE}], True,
+                 "MLP channels removed (21% of the parameters), no healing"),
+    "depth-20": ([{"type": "prune", "method": "depth", "target": 0.2, "calibration": PYSOURCE}], True,
+                 "7 of 30 decoder layers removed (ShortGPT block influence), no healing"),
+    "prune-distill": ("recipes/smollm2-prune-distill.yaml", True,
+                      "depth 3 layers + MLP width (20% of the parameters) + 20 min of distillation from the "
+                      "original on the standard library's source (neither evaluated domain)"),
+    "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
+                           "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
+#: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
+#: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
+SHRINK = ("width-20", "depth-20", "prune-distill", "prune-distill+best")
+SHRINK_THREADS = 2
 
 
-def compress_stages(spec: list[dict] | str) -> list[dict]:
+def compress_stages(spec: list | str) -> list[dict]:
+    """The compressing stages of an entry: inline stages, a recipe's, or several recipes' one after another."""
     if isinstance(spec, list):
-        return spec
+        return [s for part in spec for s in ([part] if isinstance(part, dict) else compress_stages(part))]
     stages = yaml.safe_load((ROOT / spec).read_text())["stages"]
-    return [s for s in stages if s["type"] in ("quantize", "prune", "lora")]
+    return [s for s in stages if s["type"] in ("quantize", "prune", "lora", "distill")]
 
 
 def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, chat_limit: int | None,
@@ -94,6 +110,8 @@ def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, ch
     if chat:
         evals.append({"type": "evaluate", "name": "chat", "tasks": [], "perplexity": None, "kl": False,
                       "chat": {"limit": chat_limit} if chat_limit else {}})
+    if name in SHRINK:  # decode at batch 1 against the original, in the same process (paired rounds)
+        evals.append({"type": "benchmark", "batch_sizes": [1]})
     return {"name": "ladder-" + name.replace("+", "-"), "model": model, "threads": threads,  # no "+" in a recipe name
             "stages": [*compress_stages(spec), *evals]}
 
@@ -116,6 +134,20 @@ def collect(run: Path, texts: dict[str, Path]) -> dict:
         out[domain] = {"original": o, "compressed": c, "change_pct": 100 * (c / o - 1),
                        "kl": e["compressed"]["kl"]["kl_mean"], "top1": e["compressed"]["kl"]["top1_agreement"],
                        "tokens": e["compressed"]["perplexity"]["tokens"]}
+    for d in sorted(run.glob("*-prune*")):  # a structural prune stage says how many parameters are left
+        data = json.loads((d / "result.json").read_text())["result"]["data"]
+        if "params_after" in data:
+            out["params"] = data["params_after"]
+    for d in sorted(run.glob("*-distill*")):
+        data = json.loads((d / "result.json").read_text())["result"]["data"]
+        out["healing"] = {k: data.get(k) for k in ("tokens_trained", "minutes", "tokens_per_second", "steps",
+                                                   "teacher_cache_seconds", "held_out_curve")}
+    from llmcompress.report.leaderboard import run_row
+
+    row = run_row(report)
+    if row.get("speedup") is not None:  # the benchmark stage: decode at batch 1, paired with the original
+        out["decode"] = {"figure": row["speed_figure"], "original": row["speed_original"],
+                         "compressed": row["speed"], "speedup": row["speedup"]}
     if "chat" in evaluated:
         o, c = evaluated["chat"]["original"]["chat"], evaluated["chat"]["compressed"]["chat"]
         out["chat"] = {k: c.get(k) for k in ("correct", "n", "accuracy", "flips", "gains", "exact_agreement")}
@@ -137,26 +169,34 @@ def n_params(folder: Path | None = None) -> int:
 def markdown(result: dict) -> str:
     rows = sorted(result["entries"].items(), key=lambda kv: kv[1].get("pydoc", {}).get("change_pct", 1e9))
     domains = result["domains"]
-    head = ["entry", "bits / weight", "size"] + [f"{d} ppl (vs original)" for d in domains] + \
-        [f"{d} KL / top-1" for d in domains] + ["chat answers kept (flips)", "note"]
+    head = ["entry", "parameters", "bits / weight", "size"] + [f"{d} ppl (vs original)" for d in domains] + \
+        [f"{d} KL / top-1" for d in domains] + ["chat answers kept (flips)", "decode, batch 1 (vs original)",
+                                                 "healing", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in rows:
         if "error" in e:
             lines.append(f"| {name} | not run: {e['error']} |" + " |" * (len(head) - 2))
             continue
-        cells = [f"**{name}**" if name == "best" else name, f"{e['bits_per_weight']:.2f}",
-                 f"{e['size_bytes'] / 2**20:.1f} MiB"]
+        params = e.get("params", result["params"])
+        cells = [f"**{name}**" if name == "best" else name,
+                 f"{params / 1e6:.1f}M" + (f" ({1 - params / result['params']:.0%} fewer)" if params < result["params"]
+                                           else ""),
+                 f"{e['bits_per_weight']:.2f}", f"{e['size_bytes'] / 2**20:.1f} MiB"]
         cells += [f"{e[d]['compressed']:.3f} ({e[d]['change_pct']:+.2f}%)" if d in e else "—" for d in domains]
         cells += [f"{e[d]['kl']:.4f} / {e[d]['top1']:.1%}" if d in e else "—" for d in domains]
         ch = e.get("chat")
         cells.append(f"{ch['correct']} of {ch['n']} ({ch['flips']} flips; original {ch['original_correct']})"
                      if ch else "—")
+        dec = e.get("decode")
+        cells.append(f"{dec['compressed']:.1f} tok/s ({dec['speedup']:.2f}x)" if dec else "—")
+        heal = e.get("healing")
+        cells.append(f"{heal['tokens_trained']:,} tokens, {heal['minutes']:.1f} min" if heal else "—")
         cells.append(e.get("note", ""))
         lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     orig = {d: next(e[d]["original"] for e in result["entries"].values() if d in e) for d in domains}
     intro = [
-        "## 4-bit quality ladder",
+        "## Quality ladder: 4-bit methods, and methods that shrink the model",
         "",
         f"Generated by `python benchmarks/ladder.py` on {result['date']} ({result['wall_s'] / 60:.0f} min; "
         f"CPU flags: {', '.join(m['cpu_flags'])}; torch and llama.cpp threads {m['threads']}). Do not edit by hand.",
@@ -165,8 +205,12 @@ def markdown(result: dict) -> str:
         "agreement on the same positions. Calibration never reads the evaluated text (Python's docs: it starts "
         f"after token {HELD_OUT:,}; Shakespeare is never calibrated on). GGUF models are scored on llama.cpp's "
         "logits, the others under transformers, against the same original. Sorted by the Python-docs change.",
-        "Bits per weight: the weight files x 8 / parameters (embedding included). Chat: the default prompt set "
-        "(llmcompress/evals/chat), greedy, 24 new tokens; flips = right before, wrong after.",
+        "Bits per weight: the weight files x 8 / the original's parameters (embedding included; a pruned model "
+        "reads as fewer bits per original weight). Chat: the default prompt set "
+        "(llmcompress/evals/chat), greedy, 24 new tokens; flips = right before, wrong after. Decode: tokens/s at "
+        f"batch 1 under transformers, {SHRINK_THREADS} torch threads, paired with the original in "
+        "the same run (entries that shrink the model). Healing: the distill stage's training tokens and minutes "
+        "(teacher logits cached before it, not counted).",
         "",
     ]
     missing = [n for n in ENTRIES if n not in result["entries"]]
@@ -220,11 +264,14 @@ def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: 
         run = runs / name
         print(f"== {name}", flush=True)
         try:
-            run_recipe(load_recipe(recipe(name, spec, chat, texts, threads, chat_limit or None,
+            entry_threads = SHRINK_THREADS if name in SHRINK else threads
+            run_recipe(load_recipe(recipe(name, spec, chat, texts, entry_threads, chat_limit or None,
                                           str(model) if model else "smollm2-135m")), run,
                        show_progress=False)
             e = collect(run, texts)
             e["bits_per_weight"] = e["size_bytes"] * 8 / params
+            e["threads"] = entry_threads
+            e["load_average"] = round(os.getloadavg()[0], 2)
         except LLMCompressError as err:
             e = {"error": str(err).splitlines()[0]}
         entries[name] = {**e, "note": note}

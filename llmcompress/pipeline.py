@@ -53,13 +53,19 @@ def preflight(recipe: Recipe) -> Any:
 
     # recipes built in Python; hub models by their config.json
     check_kind(recipe.model, recipe.stages, recipe.base_dir, _where(recipe), hub=True)
+    if source.kind == "builtin":
+        from .models.source import materialize
+
+        folder = materialize(source)  # built once and cached; check_memory reads it too
     for i, stage in enumerate(recipe.stages):
         try:
             stage.preflight(recipe.base_dir)
-            if folder is not None and i == 0 and hasattr(stage, "check_model"):
+            if folder is not None:  # its config.json describes the model this stage gets
                 stage.check_model(folder)
         except LLMCompressError as e:
             raise _located(e, f"{_where(recipe)}: stages[{i}] ({stage.kind})") from None
+        if stage.reshapes_model:
+            folder = None
     return check_memory(recipe, source)
 
 

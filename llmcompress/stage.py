@@ -24,6 +24,7 @@ STAGES.register_lazy("lora", "llmcompress.lora.stage:LoraStage")
 STAGES.register_lazy("evaluate", "llmcompress.eval.stage:EvaluateStage")
 STAGES.register_lazy("benchmark", "llmcompress.bench.stage:BenchmarkStage")
 STAGES.register_lazy("export", "llmcompress.export.stage:ExportStage")
+STAGES.register_lazy("distill", "llmcompress.distill.stage:DistillStage")
 #: Stage types whose `method:` picks the config class: their method registries (a recipe is checked against them).
 METHODS: Registry = Registry("stage type with methods")
 METHODS.register_lazy("quantize", "llmcompress.quant:QUANTIZERS")
@@ -58,6 +59,9 @@ class StageConfig(BaseModel):
 
     #: True when the stage changes the model; its output model is saved in the stage folder.
     changes_model: ClassVar[bool] = False
+    #: True when the model it writes has another architecture (sizes in config.json): the original's config.json no
+    #: longer describes the model the stages after it get.
+    reshapes_model: ClassVar[bool] = False
 
     @property
     def label(self) -> str:
@@ -71,6 +75,10 @@ class StageConfig(BaseModel):
     def check_after(self, earlier: list["StageConfig"]) -> str | None:
         """A problem with running this stage after ``earlier`` (recipe validation, no weights), or None."""
         return None
+
+    def check_model(self, model_dir: "Path") -> None:
+        """Checks against the model's config.json (no weights), called at validation for the stages up to the
+        first one that reshapes the model. Raise RecipeError."""
 
     def preflight(self, base_dir: "Path | None" = None) -> None:
         """Cheap checks before any weights load (installed extras, hardware, files the stage reads; ``base_dir``: the

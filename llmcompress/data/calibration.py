@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import LLMCompressError, RecipeError, require
 from ..utils.io import read_jsonl
 from .corpora import BUILTIN_PREFIX, builtin_documents, check_builtin
-from .mixed import MIXED, load_mixed
+from .mixed import MIXED, SOURCES as GENERATED_SOURCES, load_mixed
 from .mixed import record as mixed_record
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ class CalibrationConfig(BaseModel):
     source: str = Field(
         MIXED,
         description="`builtin:mixed` (40% Python's docs, 30% chats and 30% prose written by the original model), "
-        "`builtin:pydoc` (Python's reference docs), a .txt file, a .jsonl file (`text`, `messages` or "
+        "`builtin:selfgen` (the original model's chats and prose only, half each), `builtin:pydoc` (Python's "
+        "reference docs), `builtin:pysource` (the standard library's source), a .txt file, a .jsonl file (`text`, "
+        "`messages` or "
         "`prompt` + `response` per line; relative to the recipe), or `hf:<dataset>[:<config>]` (needs hub access).",
     )
     samples: int = Field(16, ge=1, description="Number of token windows.")
@@ -73,7 +75,7 @@ class CalibrationConfig(BaseModel):
     @classmethod
     def _known_source(cls, v: str) -> str:
         if v.startswith(BUILTIN_PREFIX):
-            check_builtin(v, "source", also=(MIXED,))
+            check_builtin(v, "source", also=tuple(GENERATED_SOURCES))
         elif v.startswith(HF_PREFIX):
             name, _, config = v[len(HF_PREFIX):].partition(":")
             if not name.strip() or (":" in v[len(HF_PREFIX):] and not config.strip()):
@@ -94,7 +96,7 @@ class CalibrationConfig(BaseModel):
         ``samples * seq_len``) and, for builtin:mixed, the windows and tokens per domain and how the generated text
         was sampled."""
         out = {**self.model_dump(), "tokens": int(ids.numel()) if ids is not None else self.tokens}
-        if self.source == MIXED:
+        if self.source in GENERATED_SOURCES:
             out["domains"] = mixed_record(self)
         return out
 
@@ -163,7 +165,7 @@ def read_txt(path: Path) -> str:
 def read_calibration_texts(cfg: CalibrationConfig, base_dir: Path | None = None, tokenizer: Any = None) -> list[str]:
     """The source as a list of documents. ``tokenizer`` renders chat rows with its chat template (else plain lines)."""
     check_calibration(cfg, base_dir)
-    if cfg.source == MIXED:
+    if cfg.source in GENERATED_SOURCES:
         raise LLMCompressError(f"{_where(cfg)} is partly written by the original model, so it has no documents to "
                                f"read. Fix: use load_calibration(cfg, tokenizer, model=...).")
     if cfg.source.startswith(BUILTIN_PREFIX):
@@ -198,7 +200,7 @@ def load_calibration(
     """
     import torch
 
-    if cfg.source == MIXED:
+    if cfg.source in GENERATED_SOURCES:
         return load_mixed(cfg, tokenizer, model, load_calibration, _render_chat)
     docs = read_calibration_texts(cfg, base_dir, tokenizer)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"][cfg.skip_tokens:]  # (T,)

@@ -33,7 +33,7 @@ Measured (docs/calibration.md, GPTQ W4 g64, 32 x 512, two seeds): the in-domain 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -46,20 +46,30 @@ if TYPE_CHECKING:
     import torch
 
 MIXED = "builtin:mixed"
+#: The original model's own text only (chat answers and prose, half each): no human-written text, so a stage that
+#: trains on it (distill) never sees the domains evaluate measures. Written in batches of 32 (faster than mixed's 8;
+#: a cache of its own).
+SELFGEN = "builtin:selfgen"
 DOCS_SOURCE = "builtin:pydoc"
 #: Share of the windows per domain, in the order they appear in the calibration tensor.
 SHARES = {"documentation": 0.4, "chat": 0.3, "generated": 0.3}
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, max_new_tokens=192)
 PROSE_SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=192)
+#: source -> (shares, chat sampling, prose sampling)
+SOURCES = {
+    MIXED: (SHARES, CHAT_SAMPLING, PROSE_SAMPLING),
+    SELFGEN: ({"documentation": 0.0, "chat": 0.5, "generated": 0.5}, replace(CHAT_SAMPLING, batch_size=32),
+              replace(PROSE_SAMPLING, batch_size=32)),
+}
 CHAT_PROMPTS = Path(__file__).with_name("chat_seed_prompts.txt")
 PROSE_SEEDS = Path(__file__).with_name("prose_seeds.txt")
 
 
-def mix_counts(samples: int) -> dict[str, int]:
-    """Windows per domain: ``SHARES`` of ``samples``, rounded by largest remainder (ties to the earlier domain)."""
-    exact = {d: share * samples for d, share in SHARES.items()}
+def mix_counts(samples: int, shares: dict[str, float] = SHARES) -> dict[str, int]:
+    """Windows per domain: ``shares`` of ``samples``, rounded by largest remainder (ties to the earlier domain)."""
+    exact = {d: share * samples for d, share in shares.items()}
     counts = {d: int(x) for d, x in exact.items()}
-    by_remainder = sorted(SHARES, key=lambda d: -(exact[d] - counts[d]))  # stable: ties keep SHARES' order
+    by_remainder = sorted(shares, key=lambda d: -(exact[d] - counts[d]))  # stable: ties keep the shares' order
     for d in by_remainder[: samples - sum(counts.values())]:
         counts[d] += 1
     return counts
@@ -83,14 +93,15 @@ def prose_seeds() -> list[str]:
 
 def record(cfg: Any) -> dict[str, Any]:
     """Per-domain windows and tokens, and how the generated text was made (for stage results)."""
-    counts = mix_counts(cfg.samples)
+    shares, chat, prose = SOURCES[cfg.source]
+    counts = mix_counts(cfg.samples, shares)
     settings = {
         "documentation": {"source": DOCS_SOURCE, "skip_tokens": cfg.skip_tokens},
         "chat": {"prompts": CHAT_PROMPTS.name, "prompts_hash": stable_hash(chat_prompts()),
-                 "rendered_with": "the tokenizer's chat template", **asdict(CHAT_SAMPLING)},
-        "generated": {"seeds": PROSE_SEEDS.name, "seeds_hash": stable_hash(prose_seeds()), **asdict(PROSE_SAMPLING)},
+                 "rendered_with": "the tokenizer's chat template", **asdict(chat)},
+        "generated": {"seeds": PROSE_SEEDS.name, "seeds_hash": stable_hash(prose_seeds()), **asdict(prose)},
     }
-    return {d: {"samples": n, "tokens": n * cfg.seq_len, **settings[d]} for d, n in counts.items()}
+    return {d: {"samples": n, "tokens": n * cfg.seq_len, **settings[d]} for d, n in counts.items() if n}
 
 
 def load_mixed(cfg: Any, tokenizer: Any, model: Any, load_calibration: Callable,
@@ -99,22 +110,23 @@ def load_mixed(cfg: Any, tokenizer: Any, model: Any, load_calibration: Callable,
     ``load_calibration`` and ``render_chat`` are calibration.py's (passed in, so this module does not import it)."""
     import torch
 
+    shares, chat, prose = SOURCES[cfg.source]
     if model is None:
         raise LLMCompressError(
-            f"calibration.source `{MIXED}` has the original model write {1 - SHARES['documentation']:.0%} of its "
-            f"text (chat answers and prose), but load_calibration got no `model`. Fix: pass `model=` (the run's "
+            f"calibration.source `{cfg.source}` has the original model write {1 - shares['documentation']:.0%} of "
+            f"its text (chat answers and prose), but load_calibration got no `model`. Fix: pass `model=` (the run's "
             f"`ctx.original`, or a loaded transformers model), or set `source: {DOCS_SOURCE}`."
         )
-    counts = mix_counts(cfg.samples)
+    counts = mix_counts(cfg.samples, shares)
     parts = []
     if counts["documentation"]:
         docs = cfg.model_copy(update={"source": DOCS_SOURCE, "samples": counts["documentation"]})
         parts.append(load_calibration(docs, tokenizer))
     with Writer(model) as writer:  # the model loads at most once, at the first batch not cached
         if counts["chat"]:
-            parts.append(_chat_windows(cfg, tokenizer, writer, counts["chat"], render_chat))
+            parts.append(_chat_windows(cfg, tokenizer, writer, counts["chat"], render_chat, chat))
         if counts["generated"]:
-            parts.append(_prose_windows(cfg, tokenizer, writer, counts["generated"]))
+            parts.append(_prose_windows(cfg, tokenizer, writer, counts["generated"], prose))
     return torch.cat(parts).contiguous()  # (samples, seq_len)
 
 
@@ -125,7 +137,7 @@ def _shuffled(items: list[str], seed: int, domain: str) -> list[str]:
 
 
 def _chat_windows(cfg: Any, tokenizer: Any, writer: Writer, n: int, _render_chat: Callable,
-                  ) -> "torch.Tensor":
+                  sampling: Sampling = CHAT_SAMPLING) -> "torch.Tensor":
     questions = _shuffled(chat_prompts(), cfg.seed, "chat")
     inputs = [chat_prompt(q, tokenizer) for q in questions]
 
@@ -136,18 +148,19 @@ def _chat_windows(cfg: Any, tokenizer: Any, writer: Writer, n: int, _render_chat
                                       {"role": "assistant", "content": a.strip()}], tokenizer)
                         for i, a in enumerate(answers))
 
-    answers = generated_texts(writer, tokenizer, "chat", inputs, CHAT_SAMPLING, cfg.seed,
+    answers = generated_texts(writer, tokenizer, "chat", inputs, sampling, cfg.seed,
                               _enough(chats, tokenizer, n * cfg.seq_len), _template_key(tokenizer))
     return _windows(chats(answers), tokenizer, n, cfg.seq_len)
 
 
-def _prose_windows(cfg: Any, tokenizer: Any, writer: Writer, n: int) -> "torch.Tensor":
+def _prose_windows(cfg: Any, tokenizer: Any, writer: Writer, n: int, sampling: Sampling = PROSE_SAMPLING,
+                   ) -> "torch.Tensor":
     seeds = _shuffled(prose_seeds(), cfg.seed, "generated")
 
     def prose(continuations: list[str]) -> str:
         return "\n\n".join(seeds[i % len(seeds)] + c for i, c in enumerate(continuations))
 
-    texts = generated_texts(writer, tokenizer, "generated", seeds, PROSE_SAMPLING, cfg.seed,
+    texts = generated_texts(writer, tokenizer, "generated", seeds, sampling, cfg.seed,
                             _enough(prose, tokenizer, n * cfg.seq_len), {})
     return _windows(prose(texts), tokenizer, n, cfg.seq_len)
 

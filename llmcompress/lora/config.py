@@ -177,6 +177,9 @@ class LoraSettings(StageConfig):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = none.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, slower.")
     temperature: float = Field(1.0, gt=0, description="distill: softmax temperature of both models (loss x T^2).")
+    top_k: int | None = Field(None, ge=1, le=4096, description="distill: cache only the original's top-k "
+                              "log-probs per token plus the rest's mass (distill/topk.py: the exact KL between the "
+                              "(k+1)-way distributions, k x 6 bytes a token); null: its full logits.")
     seed: int | None = Field(None, description="Seeds adapter init and data order; default: the recipe's seed.")
     merge: str | list[str] = Field(
         "keep", description="`keep`, `requantize` or `dequantized`; a list builds and measures each (perplexity, KL, "
@@ -262,15 +265,7 @@ class LoraSettings(StageConfig):
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v: str | list[str]) -> str | list[str]:
-        from ..utils.patterns import check_regexes
-
-        if isinstance(v, str):
-            if v != ALL_LINEAR:
-                raise ValueError(f"a single string must be `{ALL_LINEAR}`; list module names instead, e.g. [{v}]")
-            return v
-        if not v:
-            raise ValueError(f"list at least one module name, or use `{ALL_LINEAR}`")
-        return check_regexes(v)
+        return check_target_modules(v)
 
     @model_validator(mode="after")
     def _combinations(self) -> "LoraSettings":
@@ -283,6 +278,8 @@ class LoraSettings(StageConfig):
             raise ValueError("`init: pissa` rewrites the base weights before training, which the separate training "
                              "processes of `accelerate.num_processes`/`fsdp` cannot share. Fix: use `init: default`, "
                              "or train in one process")
+        if self.objective != "distill" and self.top_k is not None:
+            raise ValueError("`top_k` applies to `objective: distill` only. Fix: remove it")
         if self.objective != "distill" and self.temperature != 1.0:
             raise ValueError("`temperature` applies to `objective: distill` only. Fix: remove it")
         if self.qat:
@@ -383,6 +380,19 @@ def _qat_after(quant: Any, earlier: list[StageConfig]) -> str | None:
         return (f"`qat: true` needs the {method} model the quantize stage wrote, and a `{changed[0].kind}` stage "
                 "changes it in between. Fix: put the lora stage right after the quantize stage, or remove `qat`")
     return None
+
+
+def check_target_modules(v: str | list[str]) -> str | list[str]:
+    """``target_modules``: `all-linear`, or module names and regexes (ValueError with the fix otherwise)."""
+    from ..utils.patterns import check_regexes
+
+    if isinstance(v, str):
+        if v != ALL_LINEAR:
+            raise ValueError(f"a single string must be `{ALL_LINEAR}`; list module names instead, e.g. [{v}]")
+        return v
+    if not v:
+        raise ValueError(f"list at least one module name, or use `{ALL_LINEAR}`")
+    return check_regexes(v)
 
 
 def _known(value: str, registry: Any) -> str:

@@ -37,6 +37,7 @@ class LoraStage(LoraSettings):
       grad_accum: 1
       gradient_checkpointing: false
       temperature: 1.0              # distill only
+      top_k: null                   # distill: cache the original's top-k log-probs (+ the rest) instead of full logits
       merge: keep                   # keep | requantize | dequantized; a list measures each, passes on the first
       requantize_from: original     # requantize merges into W (original) or into deq(Q) (dequantized)
       qat: null                     # true or {refit: gptq}: train on the weights `merge: requantize` writes

@@ -155,7 +155,14 @@ def prepare(cfg: "LoraSettings", ctx: "RunContext") -> Prepared:
         with ctx.task(f"lora: {cfg.objective} data"):
             data = build_data(cfg, ctx, tokenizer, teacher)
         with ctx.task("lora: teacher logits", total=len(data)) as advance:
-            teacher = TeacherLogits.write(teacher_path(ctx), teacher, data, cfg.batch_size, advance)
+            if cfg.top_k is not None:  # top-k log-probs + the rest's mass (distill/topk.py)
+                from ..distill.topk import TopKLogits
+
+                teacher = TopKLogits.write(teacher_path(ctx).with_suffix(".topk"), teacher, data.input_ids,
+                                           data.attention_mask, top_k=cfg.top_k, temperature=cfg.temperature,
+                                           hidden=False, batch_size=cfg.batch_size, key="lora", progress=advance)
+            else:
+                teacher = TeacherLogits.write(teacher_path(ctx), teacher, data, cfg.batch_size, advance)
         ctx.original.release()
         model, tokenizer = load_model(ctx.current.path, ctx.runtime.device, ctx.runtime.dtype)
     else:

@@ -25,6 +25,8 @@ FORMATS.register_lazy("compressed-tensors", "llmcompress.quant.llmcompressor:loa
 FORMATS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:load_dynamic_int8")
 FORMATS.register_lazy("gguf", "llmcompress.llamacpp.model:load_gguf")  # model.gguf run by llama.cpp
 FORMATS.register_lazy("structured", "llmcompress.models.skeleton:load_structured")  # MLP channels removed
+FORMATS.register_lazy("lowrank", "llmcompress.prune.lowrank:load_lowrank")  # low-rank factorized pairs
+FORMATS.register_lazy("codebook", "llmcompress.quant.codebook:load_codebook")
 
 
 def torch_dtype(name: str):
@@ -133,8 +135,11 @@ def save_model(model, tokenizer, path: Path, meta: dict, storage_dtype: str | No
 #: `quant_method` attribute"), so plain ``from_pretrained`` fails on such a folder instead of loading it with every
 #: quantized layer missing and re-initialized at random (which it did: only newlines came out).
 OWN_LAYOUT_KEY = "llmcompress_format"
-#: formats whose folders other tools load as they are (or, structured, fail on their own: the shapes differ)
-PLAIN_FORMATS = ("hf", "compressed-tensors", "peft", "gguf", "structured")
+#: formats whose folders other tools load as they are (structured is not one: its layers have their own widths)
+PLAIN_FORMATS = ("hf", "compressed-tensors", "peft", "gguf")
+#: why plain ``from_pretrained`` cannot load a format, where "its quantized layers would stay random" is not it
+_OWN_LAYOUT_WHY = {"structured": "`structured` pruning gave layers their own widths (channels removed), which a "
+                                 "transformers config cannot say; llmcompress rebuilds each layer at its saved shape"}
 
 
 def mark_own_layout(path: Path, fmt: str) -> None:
@@ -149,7 +154,8 @@ def mark_own_layout(path: Path, fmt: str) -> None:
     config["quantization_config"] = {
         OWN_LAYOUT_KEY: fmt,
         "load_with": "llmcompress: `from llmcompress.models.loading import load_model; load_model(folder)`",
-        "why": f"`{fmt}` is llmcompress's own layout; transformers alone would leave its quantized layers random",
+        "why": _OWN_LAYOUT_WHY.get(fmt, f"`{fmt}` is llmcompress's own layout; transformers alone would leave its "
+                                        "quantized layers random"),
     }
     atomic_write_json(cfg_file, config)
 

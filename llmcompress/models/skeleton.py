@@ -63,14 +63,35 @@ def load_swapped(path: str | Path, device: str, dtype: str, swap: Callable[[Any,
 
 
 def resize_structured_(model: Any, meta: dict, state: dict, dtype: Any) -> None:
-    """Give a skeleton the shapes structured pruning left: the Linear layers llmcompress.json lists (whatever layout
-    later replaces them with), then every other parameter whose saved shape differs (ConvNeXt V2's GRN)."""
+    """Give a skeleton the shapes structured pruning left: the Linear, Conv2d and (frozen) BatchNorm layers
+    llmcompress.json lists (whatever layout later replaces them with), then every other parameter whose saved shape
+    differs (ConvNeXt V2's GRN)."""
     import torch
 
-    for name, (out_f, in_f) in ((meta.get("structured") or {}).get("modules") or {}).items():
+    for name, spec in ((meta.get("structured") or {}).get("modules") or {}).items():
         old = model.get_submodule(name)
+        if isinstance(spec, dict):  # conv pruning (vision/prune_conv.py): {"conv2d": [out, in, groups]} or BN
+            set_module(model, name, _resized_conv_or_norm(old, spec, dtype))
+            continue
+        out_f, in_f = spec
         set_module(model, name, torch.nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=dtype))
     resize_to_state_(model, state)
+
+
+def _resized_conv_or_norm(old: Any, spec: dict, dtype: Any):
+    """A Conv2d (``{"conv2d": [out, in, groups]}``), BatchNorm2d (``{"batchnorm2d": n}``) or frozen BatchNorm
+    (``{"frozen_norm": n}``) like ``old`` at the saved width."""
+    import torch
+
+    if "conv2d" in spec:
+        out_c, in_c, groups = spec["conv2d"]
+        return torch.nn.Conv2d(in_c, out_c, old.kernel_size, stride=old.stride, padding=old.padding,
+                               dilation=old.dilation, groups=groups, bias=old.bias is not None,
+                               padding_mode=old.padding_mode, dtype=dtype)
+    if "frozen_norm" in spec:  # transformers' FrozenBatchNorm2d(n) (DETR, RT-DETR backbones): buffers only
+        return type(old)(spec["frozen_norm"]).to(dtype)
+    return torch.nn.BatchNorm2d(spec["batchnorm2d"], eps=old.eps, momentum=old.momentum, affine=old.affine,
+                                track_running_stats=old.track_running_stats, dtype=dtype)
 
 
 def resize_to_state_(model: Any, state: dict) -> list[str]:

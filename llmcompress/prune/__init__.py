@@ -15,5 +15,8 @@ PRUNERS.register_lazy("wanda", "llmcompress.prune.wanda:WandaConfig")
 PRUNERS.register_lazy("sparsegpt", "llmcompress.prune.llmcompressor:SparseGPTConfig")
 PRUNERS.register_lazy("llmc-wanda", "llmcompress.prune.llmcompressor:LlmcWandaConfig")
 PRUNERS.register_lazy("structured", "llmcompress.vision.prune:StructuredConfig")
+PRUNERS.register_lazy("width", "llmcompress.prune.width:WidthConfig")
+PRUNERS.register_lazy("depth", "llmcompress.prune.depth:DepthConfig")
+PRUNERS.register_lazy("lowrank", "llmcompress.prune.lowrank:LowRankConfig")
 
 PruneStage = Annotated[Union[tuple(PRUNERS.get(name) for name in PRUNERS.names())], Field(discriminator="method")]

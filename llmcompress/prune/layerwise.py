@@ -85,11 +85,17 @@ def input_norms_sq(modules: dict[str, Any], run: Callable[[], None]) -> dict[str
     import torch
 
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for n, m in modules.items()}
+    return input_statistics(modules, run, sums, lambda x: (x * x).sum(0))
+
+
+def input_statistics(modules: dict[str, Any], run: Callable[[], None], sums: dict[str, "torch.Tensor"],
+                     stat: Callable[["torch.Tensor"], "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """Add ``stat(x)`` of each module's inputs ``x`` (tokens, in; float64) to ``sums[name]`` while ``run()`` runs."""
+    import torch
 
     def make_hook(name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, module.in_features).double()  # (tokens, in)
-            sums[name] += (x * x).sum(0)
+            sums[name] += stat(args[0].detach().reshape(-1, module.in_features).double())
 
         return hook
 

@@ -25,6 +25,7 @@ QUANTIZERS.register_lazy("llmc-w8a8", "llmcompress.quant.llmcompressor:LlmcW8A8C
 QUANTIZERS.register_lazy("llmc-fp8", "llmcompress.quant.llmcompressor:LlmcFP8Config")
 QUANTIZERS.register_lazy("gguf", "llmcompress.llamacpp.quant:GGUFConfig")
 QUANTIZERS.register_lazy("dynamic-int8", "llmcompress.quant.dynamic:DynamicInt8Config")
+QUANTIZERS.register_lazy("codebook", "llmcompress.quant.codebook:CodebookConfig")
 
 QuantizeStage = Annotated[
     Union[tuple(QUANTIZERS.get(name) for name in QUANTIZERS.names())], Field(discriminator="method")

@@ -31,6 +31,11 @@ def write_report(run_dir: Path, report: dict, plots: bool = True) -> dict:
         path = plot_load(report, run_dir / PLOTS_DIR / "load.png")  # benchmark `load:` curves, if any
         if path is not None:
             written.append(path)
+        from .distill import plot_distill
+
+        path = plot_distill(report, run_dir / PLOTS_DIR / "distill.png")  # distill stages' loss + held-out curves
+        if path is not None:
+            written.append(path)
     rel = [p.relative_to(run_dir).as_posix() for p in written]
     atomic_write_text(run_dir / REPORT_MD, render_markdown(report, rel))
     atomic_write_json(run_dir / REPORT_JSON, {**report, "files": {"markdown": REPORT_MD, "plots": rel}})

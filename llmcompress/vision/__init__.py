@@ -16,6 +16,8 @@ TASKS = ("image-classification", "object-detection")
 #: Builtin vision models: name -> (task, "module:function" building the cached folder).
 VISION_BUILTINS: dict[str, tuple[str, str]] = {
     "digits-convnext": ("image-classification", "llmcompress.vision.builtin:digits_convnext"),
+    "digits-resnet": ("image-classification", "llmcompress.vision.builtin:digits_resnet"),
+    "digits-mobilenet": ("image-classification", "llmcompress.vision.builtin:digits_mobilenet"),
     "tiny-random-convnext": ("image-classification", "llmcompress.vision.tiny:tiny_random_convnext"),
     "tiny-random-yolos": ("object-detection", "llmcompress.vision.tiny:tiny_random_yolos"),
 }

@@ -33,6 +33,9 @@ def _explicit(stage: Any, names: tuple[str, ...]) -> list[str]:
 def vision_problem(stage: Any, task: str | None) -> str | None:
     """What is wrong with ``stage`` on a vision model (an LLM-only setting), or None."""
     t = stage.type
+    if t == "distill":
+        return ("the distill stage trains a language model on a teacher's next-token log-probs. Fix: remove it; a "
+                "vision model recovers with `{type: lora, data: {source: builtin:digits, split: train}}`.")
     if t == "quantize" and stage.method not in VISION_QUANT_LAYERS:
         return (f"`{stage.method}` calibrates a causal LM on text and does not apply to vision models. "
                 f"Fix: use one of {', '.join(VISION_QUANT_LAYERS)}.")

@@ -1,5 +1,6 @@
 """The prune stage on vision models: magnitude (unstructured or N:M) over Linear and Conv2d weights, and
-``structured``, which removes whole MLP channels so the model really gets smaller and faster.
+``structured``, which removes whole MLP channels (or, on ResNet / MobileNetV2 / RT-DETR, whole conv channels: see
+``prune_conv.py``) so the model really gets smaller and faster.
 
     - {type: prune, method: magnitude, sparsity: 0.5}
     - {type: prune, method: structured, sparsity: 0.5, multiple_of: 64}
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from ..data.images import DIGITS, DIGITS_DETECT, ImageDataConfig
 from ..errors import RecipeError
 from ..prune.base import PruneConfig
 
@@ -48,8 +50,14 @@ class StructuredConfig(PruneConfig):
     """Remove MLP hidden channels of a vision model: ``{type: prune, method: structured, sparsity: 0.5}``."""
 
     method: Literal["structured"] = "structured"
-    multiple_of: int = Field(64, ge=1, description="Round each block's kept channels to a multiple of this.")
+    multiple_of: int = Field(64, ge=1, description="Round each block's kept channels to a multiple of this "
+                             "(conv models: 8 unless set).")
     skip: list[str] = Field(default_factory=list, description="MLP layers left whole: names or regexes.")
+    bn_calibration: ImageDataConfig | None = Field(
+        default_factory=lambda: ImageDataConfig(source=DIGITS, split="train", samples=256),
+        description="Conv models: images whose forward passes re-estimate every BatchNorm's running statistics "
+        "after pruning (the removed channels change what each BatchNorm sees; a detector's default is "
+        "builtin:digits-detect); null = keep the old statistics.")
 
     @model_validator(mode="after")
     def _no_pattern(self) -> "StructuredConfig":
@@ -79,7 +87,8 @@ def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
         model, processor = load_dense_copy(ctx)
         before = _weights(model)
         if stage.method == FORMAT:
-            info = prune_structured_(model, stage)
+            info = _prune_structured_any_(model, stage)
+            _recalibrate(model, processor, stage, ctx, info)
         else:
             info = prune_magnitude_vision_(model, stage)
     seconds = time.perf_counter() - t0
@@ -88,7 +97,7 @@ def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
             "source": ctx.current.describe()}
     if stage.method == FORMAT:
         meta.update(format=FORMAT, structured={"modules": info["shapes"]},
-                    note=f"structured: {info['removed_share']:.1%} of the MLP channels removed (the weights shrink)")
+                    note=f"structured: {info['removed_share']:.1%} of the {_unit(info)} removed (the weights shrink)")
     else:
         meta["note"] = f"pruned ({stage.describe()}); the zeros are stored dense, so the size on disk does not shrink"
     saved_dtype = storage_dtype_of(ctx.current.path)
@@ -100,12 +109,42 @@ def run_prune(stage: Any, ctx: "RunContext") -> "StageResult":
             "weights_before": before, "weights_after": after, **{k: v for k, v in info.items() if k != "shapes"}}
     summary = {"method": stage.describe(), "time": f"{seconds:.1f}s", "size": f"{data['size_bytes'] / 2**20:.1f} MiB"}
     if stage.method == FORMAT:
-        summary["removed"] = (f"{info['removed_share']:.1%} of MLP channels in {info['blocks']} blocks; "
+        summary["removed"] = (f"{info['removed_share']:.1%} of {_unit(info)} in {info['blocks']} "
+                              f"{'layers' if 'conv_channels_before' in info else 'blocks'}; "
                               f"{1 - after['parameters'] / before['parameters']:.1%} of all parameters")
     else:
         summary["sparsity"] = (f"{info['sparsity']['pruned_layers']:.1%} of pruned layers, "
                                f"{info['sparsity']['all_weights']:.1%} of all Linear/Conv weights")
     return StageResult(type="prune", label=stage.label, model_dir="model", data=data, summary=summary)
+
+
+def _prune_structured_any_(model: Any, stage: StructuredConfig) -> dict:
+    """Conv channels on a convolutional model (``prune_conv``), MLP channels on the rest."""
+    from .prune_conv import is_conv_model, prune_conv_
+
+    if is_conv_model(model):
+        return prune_conv_(model, stage, stage.multiple_of if "multiple_of" in stage.model_fields_set else None)
+    return prune_structured_(model, stage)
+
+
+def _recalibrate(model: Any, processor: Any, stage: StructuredConfig, ctx: "RunContext", info: dict) -> None:
+    """Conv models: BatchNorm statistics re-estimated on ``stage.bn_calibration`` (figures into ``info``)."""
+    from .data import load_images, model_input
+    from .prune_conv import is_conv_model, recalibrate_batchnorm_
+
+    if stage.bn_calibration is None or not is_conv_model(model):
+        return
+    cfg = stage.bn_calibration.with_split("train")
+    if ctx.model_task == "object-detection" and cfg.source == DIGITS:  # the default, for a detector
+        cfg = cfg.model_copy(update={"source": DIGITS_DETECT})
+    data = load_images(cfg, ctx.recipe.base_dir, ctx.model_task)
+    x = model_input(list(data.images), processor, model)
+    info["bn_calibration"] = {"data": f"{cfg.source} ({cfg.split} split)", "images": len(data),
+                              **recalibrate_batchnorm_(model, x)}
+
+
+def _unit(info: dict) -> str:
+    return "conv channels" if "conv_channels_before" in info else "MLP channels"
 
 
 def _weights(model: Any) -> dict:
@@ -173,7 +212,10 @@ def mlp_blocks(model: Any) -> list[tuple[str, str, str | None]]:
     """``(up, down, between)`` module names of every MLP block of a supported architecture."""
     model_type = getattr(model.config, "model_type", "")
     if model_type not in MLP_PAIRS:
-        raise RecipeError(f"`structured` knows the MLP blocks of {', '.join(sorted(MLP_PAIRS))}, not `{model_type}`. "
+        from .prune_conv import CONV_TYPES
+
+        raise RecipeError(f"`structured` knows the MLP blocks of {', '.join(sorted(MLP_PAIRS))} and the conv "
+                          f"channels of {', '.join(sorted(CONV_TYPES))}, not `{model_type}`. "
                           "Fix: use `method: magnitude` (unstructured or N:M) for this model.")
     up, down, mid = MLP_PAIRS[model_type]
     names = dict(model.named_modules())

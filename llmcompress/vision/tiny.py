@@ -53,6 +53,17 @@ def build_resnet(path: Path) -> None:
     digits_processor().save_pretrained(path)
 
 
+def build_mobilenet(path: Path) -> None:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    from .builtin import digits_processor
+
+    # initializer_range 0.3 (not 0.02): with 0.02 the 17 random blocks shrink the logits to ~1e-26
+    cfg = MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25, initializer_range=0.3, **_labels())
+    MobileNetV2ForImageClassification(cfg).save_pretrained(path)
+    digits_processor().save_pretrained(path)
+
+
 def build_yolos(path: Path) -> None:
     from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessorPil
 
@@ -75,15 +86,30 @@ def build_detr(path: Path) -> None:
     DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(path)
 
 
+def build_rtdetr(path: Path) -> None:
+    """RT-DETR: transformers' ResNet-vd backbone (basic blocks) and the conv hybrid encoder (a YOLO-style neck)."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor
+
+    backbone = {"model_type": "rt_detr_resnet", "embedding_size": 16, "hidden_sizes": [16, 32, 64, 128],
+                "depths": [1, 1, 1, 1], "layer_type": "basic", "out_features": ["stage2", "stage3", "stage4"]}
+    cfg = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128],
+                       d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, decoder_layers=1,
+                       encoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                       decoder_in_channels=[32, 32, 32], **_labels())
+    RTDetrForObjectDetection(cfg).save_pretrained(path)
+    RTDetrImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+
+
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "convnext": ("image-classification", build_convnext), "vit": ("image-classification", build_vit),
-    "resnet": ("image-classification", build_resnet), "yolos": ("object-detection", build_yolos),
-    "detr": ("object-detection", build_detr),
+    "resnet": ("image-classification", build_resnet), "mobilenet": ("image-classification", build_mobilenet),
+    "yolos": ("object-detection", build_yolos),
+    "detr": ("object-detection", build_detr), "rtdetr": ("object-detection", build_rtdetr),
 }
 
 
 def tiny_vision(arch: str, seed: int = 0) -> Path:
-    """Cached folder of a tiny random ``arch`` (convnext, vit, resnet, yolos, detr)."""
+    """Cached folder of a tiny random ``arch`` (convnext, vit, resnet, mobilenet, yolos, detr, rtdetr)."""
     import torch
 
     task, build = BUILDERS[arch]

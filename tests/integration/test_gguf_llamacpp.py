@@ -190,3 +190,46 @@ def test_target_bits_plan_is_measured_and_written_into_the_file(tmp_path):
     # bigger measured error -> the planner's own estimate is consistent with its choice under the budget
     assert all(c["q8_0"]["cost"] <= c["q4_0"]["cost"] for c in saved["candidates"].values() if "q4_0" in c)
     assert q["reload"]["top1_agreement"] >= 0.7
+
+
+def test_width_and_depth_pruned_model_converts_and_computes_the_same_in_llama_cpp(tmp_path):
+    """A structurally pruned model (6 of 9 heads, 1,024 MLP channels, 26 of 30 layers: a config.json with other
+    sizes and an explicit head_dim) goes through llama.cpp's own converter, and llama.cpp in a fresh process computes
+    what transformers computes on the folder (f16 file: greedy next tokens equal, logits within f16 rounding)."""
+    import os
+
+    import torch
+
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.llamacpp import runtime
+    from llmcompress.llamacpp.convert import to_gguf
+    from llmcompress.models.loading import load_model
+    from llmcompress.runs import final_model
+
+    cal = {"source": "builtin:pydoc", "samples": 4, "seq_len": 64}
+    recipe = load_recipe({"name": "gguf-shrunk", "model": "smollm2-135m", "threads": 1, "dtype": "float32",
+                          "stages": [{"type": "prune", "method": "width", "intermediate_size": 1024, "heads": 6,
+                                      "calibration": cal},
+                                     {"type": "prune", "method": "depth", "layers": 4, "calibration": cal}]})
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    folder = final_model(tmp_path / "run")
+    conf = json.loads((folder / "config.json").read_text())
+    assert (conf["num_attention_heads"], conf["intermediate_size"], conf["num_hidden_layers"]) == (6, 1024, 26)
+    gguf = to_gguf(folder, tmp_path / "shrunk-f16.gguf", "f16")
+    model, tok = load_model(folder, "cpu", "float32")
+    ids = tok("The capital of France is Paris. Python lists are", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0]
+    code = ("import json, sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, logits_all=True, "
+            "verbose=False); ids = json.loads(sys.argv[2]); llm.eval(ids); "
+            "print(json.dumps([list(map(float, row)) for row in llm.scores[: len(ids)]]))")
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir()), **runtime.repack_env()}
+    out = subprocess.run([sys.executable, "-c", code, str(gguf), json.dumps(ids)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # f16 weights: the distributions agree closely, not bit for bit (raw logits may differ by a constant)
+    p, q = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert kl.max() < 1e-3, kl

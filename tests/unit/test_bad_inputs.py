@@ -1049,6 +1049,110 @@ for _c in CLI_CASES:
         _c.setup = fifo("run/manifest.json")
 
 
+# prune lowrank (issue 20): a target that removes everything or nothing, both or neither of target / rank_fraction
+STAGE_CASES += [
+    C("lowrank-target-1", stage("{type: prune, method: lowrank, target: 1}"), "{file}", "target", "removes nothing"),
+    C("lowrank-target-0", stage("{type: prune, method: lowrank, target: 0}"), "{file}", "target", "e.g. target: 0.2"),
+    C("lowrank-target-neg", stage("{type: prune, method: lowrank, target: -0.2}"), "{file}", "target"),
+    C("lowrank-target-nan", stage("{type: prune, method: lowrank, target: .nan}"), "{file}", "target"),
+    C("lowrank-rank-fraction-1", stage("{type: prune, method: lowrank, rank_fraction: 1.0}"), "{file}",
+      "rank_fraction", "keeps everything"),
+    C("lowrank-both", stage("{type: prune, method: lowrank, target: 0.2, rank_fraction: 0.5}"), "{file}",
+      "exactly one of `target`", "both are set"),
+    C("lowrank-neither", stage("{type: prune, method: lowrank}"), "{file}", "exactly one of `target`",
+      "neither is set"),
+    C("lowrank-damp-0", stage("{type: prune, method: lowrank, target: 0.2, damp: 0}"), "{file}", "damp"),
+    C("lowrank-whitening-text", stage("{type: prune, method: lowrank, target: 0.2, whitening: maybe}"), "{file}",
+      "whitening"),
+    C("lowrank-sparsity-key", stage("{type: prune, method: lowrank, sparsity: 0.5}"), "{file}", "sparsity"),
+    C("lowrank-calib-missing", stage("{type: prune, method: lowrank, target: 0.2, calibration: {source: x.txt}}"),
+      "{file}", "x.txt"),
+]
+
+# quantize codebook (issue 20): bits outside 2..4, groups smaller than a codebook or not dividing the width, an unknown
+# weighting, no iterations, a missing calibration file
+STAGE_CASES += [
+    C("codebook-bits-1", stage("{type: quantize, method: codebook, bits: 1}"), "{file}", "bits", "2, 3 or 4"),
+    C("codebook-bits-9", stage("{type: quantize, method: codebook, bits: 9}"), "{file}", "bits", "got 9"),
+    C("codebook-group-0", stage("{type: quantize, method: codebook, group_size: 0}"), "{file}", "group_size",
+      "null"),
+    C("codebook-group-neg", stage("{type: quantize, method: codebook, group_size: -1}"), "{file}", "group_size"),
+    C("codebook-group-smaller-than-codebook", stage("{type: quantize, method: codebook, bits: 4, group_size: 8}"),
+      "{file}", "group_size 8", "16 centroids", "Fix"),
+    C("codebook-weighting-unknown", stage("{type: quantize, method: codebook, weighting: hessian}"), "{file}",
+      "weighting", "fisher"),
+    C("codebook-iterations-0", stage("{type: quantize, method: codebook, iterations: 0}"), "{file}", "iterations"),
+    C("codebook-centroids-key", stage("{type: quantize, method: codebook, centroids: 16}"), "{file}", "centroids"),
+    C("codebook-calib-missing", stage("{type: quantize, method: codebook, calibration: {source: x.txt}}"), "{file}",
+      "x.txt"),
+    C("codebook-group-not-dividing-run", stage("{type: quantize, method: codebook, weighting: none, group_size: 48}"),
+      "group_size 48 does not divide the input width 64", "Fix", args=("run", "{file}", "--output", "{dir}/out", "-q"),
+      kind="cli"),
+]
+
+# distill (issue 20)
+STAGE_CASES += [
+    C("distill-teacher-unknown", stage("{type: distill, teacher: nope}"), "{file}", "stages[0] (distill)",
+      "`teacher: nope` names no earlier stage", "Fix: `teacher: original`"),
+    C("distill-teacher-later", head("  - {type: distill, teacher: later}\n"
+                                    "  - {type: prune, method: magnitude, sparsity: 0.5, name: later}\n"),
+      "{file}", "stages[0] (distill)", "names no earlier stage"),
+    C("distill-teacher-writes-no-model", head("  - {type: evaluate, tasks: [], name: ev}\n"
+                                              "  - {type: distill, teacher: ev}\n"),
+      "{file}", "stages[1] (distill)", "writes no model"),
+    C("distill-data-empty-file", stage("{type: distill, data: {source: empty.txt}}"), "{file}", "is empty",
+      files={"empty.txt": ""}),
+    C("distill-samples-zero", stage("{type: distill, data: {samples: 0}}"), "{file}", "samples"),
+    C("distill-budget-zero", stage("{type: distill, budget: {minutes: 0}}"), "{file}", "`budget.minutes` must be > 0"),
+    C("distill-two-budgets", stage("{type: distill, budget: {minutes: 5, steps: 300}}"), "{file}", "exactly one"),
+    C("distill-no-budget", stage("{type: distill, budget: {}}"), "{file}", "exactly one"),
+    C("distill-top-k-zero", stage("{type: distill, top_k: 0}"), "{file}", "`top_k` must be between 1 and"),
+    C("distill-top-k-huge", stage("{type: distill, top_k: 100000}"), "{file}", "`top_k` must be between 1 and"),
+    C("distill-hidden-weight-negative", stage("{type: distill, hidden_weight: -0.5}"), "{file}",
+      "`hidden_weight` must be >= 0"),
+    C("distill-held-out-every-zero", stage("{type: distill, held_out: {every: 0}}"), "{file}", "every"),
+    C("distill-held-out-missing-file", stage("{type: distill, held_out: {source: nope.txt}}"), "{file}", "nope.txt"),
+    C("distill-lora-key-with-train-all", stage("{type: distill, r: 8}"), "{file}", "`r` applies to `train: lora`"),
+    C("distill-on-vision", "name: r\nmodel: tiny-random-convnext\nthreads: 1\nstages:\n  - {type: distill}\n",
+      "{file}", "stages[0] (distill)", "Fix: remove it"),
+]
+
+# vision conv pruning (issue 20): structured on the builtin digits ResNet / MobileNet, refused at validation
+STAGE_CASES += [
+    C("conv-structured-sparsity-0", stage("{type: prune, method: structured, sparsity: 0}").replace(
+        "tiny-random-llama", "digits-resnet"), "{file}", "sparsity", "strictly between 0 and 1"),
+    C("conv-structured-sparsity-1", stage("{type: prune, method: structured, sparsity: 1}").replace(
+        "tiny-random-llama", "digits-mobilenet"), "{file}", "sparsity", "strictly between 0 and 1"),
+    C("conv-structured-multiple-negative", stage(
+        "{type: prune, method: structured, sparsity: 0.3, multiple_of: -8}").replace(
+        "tiny-random-llama", "digits-resnet"), "{file}", "multiple_of"),
+    C("conv-structured-pattern", stage("{type: prune, method: structured, pattern: '2:4'}").replace(
+        "tiny-random-llama", "digits-resnet"), "{file}", "`pattern` is N:M sparsity within rows"),
+    C("conv-structured-then-bnb", head("  - {type: prune, method: structured, sparsity: 0.3}\n"
+                                       "  - {type: quantize, method: bnb-nf4}\n").replace(
+        "tiny-random-llama", "digits-resnet"), "{file}", "stages[1]", "Fix: use rtn, hqq or dynamic-int8"),
+]
+
+
+STAGE_CASES += [
+    # structural pruning (width, depth): checked against the model's config.json before any weights load
+    C("width-target-0", stage("{type: prune, method: width, target: 0}"), "{file}", "target", "between 0 and 1"),
+    C("width-target-1", stage("{type: prune, method: width, target: 1}"), "{file}", "target", "between 0 and 1"),
+    C("width-no-size", stage("{type: prune, method: width}"), "{file}", "say how much to remove"),
+    C("width-heads-over-groups", stage("{type: prune, method: width, heads: 3}"), "{file}", "stages[0]",
+      "at most 2 heads"),
+    C("width-kv-heads-more", stage("{type: prune, method: width, kv_heads: 2}"), "{file}", "more than the model's 1"),
+    C("width-own-size", stage("{type: prune, method: width, intermediate_size: 128}"), "{file}",
+      "nothing would be removed"),
+    C("width-removes-everything", stage("{type: prune, method: width, target: 0.95}"), "{file}",
+      "the rest of the model alone holds"),
+    C("width-target-and-size", stage("{type: prune, method: width, target: 0.2, intermediate_size: 64}"), "{file}",
+      "`target` sets `intermediate_size`"),
+    C("depth-too-deep", stage("{type: prune, method: depth, layers: 2}"), "{file}", "every decoder layer"),
+    C("depth-target-everything", stage("{type: prune, method: depth, target: 0.99}"), "{file}", "every decoder layer"),
+    C("depth-both", stage("{type: prune, method: depth, layers: 1, target: 0.2}"), "{file}", "exactly one"),
+]
+
 ALL = FILE_CASES + TOP_CASES + STAGE_CASES + SET_CASES + OUTPUT_CASES + SWEEP_CASES + CLI_CASES
 GROUPS = {"file": FILE_CASES, "top": TOP_CASES, "stage": STAGE_CASES, "set": SET_CASES, "output": OUTPUT_CASES,
           "sweep": SWEEP_CASES, "cli": CLI_CASES}
