@@ -72,24 +72,11 @@ def low_rank_pair(linear: Any, a: torch.Tensor, b: torch.Tensor) -> Any:
 
 def input_grams(modules: dict[str, Any], run: Callable[[], None]) -> dict[str, torch.Tensor]:
     """X^T X (in, in), float64, of each module's inputs over every calibration token while ``run()`` runs."""
+    from .layerwise import input_statistics
+
     grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
              for n, m in modules.items()}
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            x = args[0].detach().reshape(-1, module.in_features).double()  # (tokens, in)
-            grams[name] += x.T @ x
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return grams
+    return input_statistics(modules, run, grams, lambda x: x.T @ x)
 
 
 def factorize_model_(model, ranks: dict[str, int], ids: torch.Tensor | None, damp: float,
