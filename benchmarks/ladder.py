@@ -22,6 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import typer
 import yaml
@@ -45,7 +46,7 @@ def gguf(gguf_type: str, calibration: dict | None = PYDOC, **kw) -> dict:
 
 
 #: name -> (stages or a recipe path, chat answers measured, note)
-ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
+ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]] = {
     "rtn-g64": ("recipes/smollm2-rtn4.yaml", False, "round to nearest, the floor"),
     "bnb-nf4": ("recipes/smollm2-bnb-nf4.yaml", True, ""),
     "bnb-fp4": ("recipes/smollm2-bnb-fp4.yaml", False, ""),
@@ -69,6 +70,8 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
     "gguf-q4_0": ([gguf("Q4_0")], False, "llama.cpp, imatrix on Python's docs"),
     "gguf-iq4_nl": ([gguf("IQ4_NL")], False, "llama.cpp, imatrix on Python's docs"),
     "gguf-q4_k_m": ([gguf("Q4_K_M")], True, "llama.cpp's Q4_K_M + imatrix (Python's docs): the bar"),
+    "gguf-q3_k_m": ([gguf("Q3_K_M")], True, "llama.cpp's Q3_K_M + imatrix (Python's docs): the k-quant nearest "
+                    "prune-distill+best's size"),
     "gguf-q4_k_m-mixed": ([gguf("Q4_K_M", MIXED)], False, "the same, imatrix on mixed-domain text"),
     "gguf-q4_1": ([gguf("Q4_1")], False, "the source grid: the default model IS a dequantized Q4_1, so this "
                   "finds its weights again; not evidence about other models"),
@@ -82,20 +85,48 @@ ENTRIES: dict[str, tuple[list[dict] | str, bool, str]] = {
                  "MLP channels removed (21% of the parameters), no healing"),
     "depth-20": ([{"type": "prune", "method": "depth", "target": 0.2, "calibration": PYSOURCE}], True,
                  "7 of 30 decoder layers removed (ShortGPT block influence), no healing"),
+    "lowrank-20": ([{"type": "prune", "method": "lowrank", "target": 0.2, "allocation": "params",
+                     "calibration": {**PYDOC, "samples": 16, "seq_len": 256}}], True,
+                   "SVD-LLM (whitened SVD, one parameter ratio per layer), 20% of the parameters, no healing: against "
+                   "width-20 at the same parameter count"),
+    "codebook-4": ([{"type": "quantize", "method": "codebook", "bits": 4, "weighting": "fisher",
+                     "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False,
+                   "weight sharing: a learned 16-entry codebook per row, Fisher-weighted k-means (SqueezeLLM); our "
+                   "loader dequantizes (no runtime runs it natively)"),
+    "codebook-3": ([{"type": "quantize", "method": "codebook", "bits": 3, "weighting": "activation",
+                     "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False,
+                   "the same at 3 bits, activation-weighted"),
     "prune-distill": ("recipes/smollm2-prune-distill.yaml", True,
                       "depth 3 layers + MLP width (20% of the parameters) + 20 min of distillation from the "
-                      "original on the standard library's source (neither evaluated domain)"),
+                      "original on the standard library's source and the original's own chats and prose (neither "
+                      "evaluated domain)"),
+    # the healing budget's effect (issue 20: "2x and 4x the budget"): the 20-minute run's 380,928 tokens (186 steps
+    # of 8 x 256 at 316 tokens/s on an AMX Xeon) doubled and quadrupled, as token budgets so the figure does not
+    # depend on the machine's speed or load
+    "prune-distill-2x": (lambda: with_budget("recipes/smollm2-prune-distill.yaml", {"tokens": 2 * 380_928}), True,
+                         "prune-distill with twice the healing tokens"),
+    "prune-distill-4x": (lambda: with_budget("recipes/smollm2-prune-distill.yaml", {"tokens": 4 * 380_928}), True,
+                         "prune-distill with four times the healing tokens"),
     "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
                            "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
-SHRINK = ("width-20", "depth-20", "prune-distill", "prune-distill+best")
+SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-2x", "prune-distill-4x",
+          "prune-distill+best")
 SHRINK_THREADS = 2
 
 
-def compress_stages(spec: list | str) -> list[dict]:
-    """The compressing stages of an entry: inline stages, a recipe's, or several recipes' one after another."""
+def with_budget(recipe_path: str, budget: dict) -> list[dict]:
+    """A recipe's compressing stages with its distill stage's budget replaced."""
+    return [{**s, "budget": budget} if s["type"] == "distill" else s for s in compress_stages(recipe_path)]
+
+
+def compress_stages(spec: list | str | Callable[[], list[dict]]) -> list[dict]:
+    """The compressing stages of an entry: inline stages, a recipe's, several recipes' one after another, or a
+    function that builds them."""
+    if callable(spec):
+        return spec()
     if isinstance(spec, list):
         return [s for part in spec for s in ([part] if isinstance(part, dict) else compress_stages(part))]
     stages = yaml.safe_load((ROOT / spec).read_text())["stages"]
@@ -111,9 +142,47 @@ def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, ch
         evals.append({"type": "evaluate", "name": "chat", "tasks": [], "perplexity": None, "kl": False,
                       "chat": {"limit": chat_limit} if chat_limit else {}})
     if name in SHRINK:  # decode at batch 1 against the original, in the same process (paired rounds)
-        evals.append({"type": "benchmark", "batch_sizes": [1]})
-    return {"name": "ladder-" + name.replace("+", "-"), "model": model, "threads": threads,  # no "+" in a recipe name
+        stages = compress_stages(spec)
+        gguf_file = any(s["type"] == "quantize" and s.get("method") == "gguf" for s in stages)
+        # transformers cannot run a GGUF file: llama.cpp runs it, and the original as its F16 GGUF
+        evals.append({"type": "benchmark", "batch_sizes": [1], **({"backends": ["llamacpp"]} if gguf_file else {})})
+    return {"name": recipe_name(name), "model": model, "threads": threads,
             "stages": [*compress_stages(spec), *evals]}
+
+
+def reuse_prefix(name: str, runs: Path) -> str | None:
+    """Seed entry ``name``'s run folder with the finished stage folders it shares with another entry's run: the
+    longest run of leading compressing stages that are the same (prune-distill+best starts with prune-distill's 20
+    minutes of healing; prune-distill-2x with its two prune stages). Hard links, so the run resumes after them (a
+    stage's fingerprint is the model and the stages up to it, not the recipe's name). Returns the entry reused."""
+    import shutil
+
+    mine = compress_stages(ENTRIES[name][0])
+
+    def shared(other: str) -> int:
+        theirs, n = compress_stages(ENTRIES[other][0]), 0
+        while n < min(len(mine), len(theirs)) and mine[n] == theirs[n]:
+            n += 1
+        return n
+
+    candidates = [o for o in ENTRIES if o != name and (o in SHRINK) == (name in SHRINK)]  # same torch threads
+    best = max(candidates, key=shared, default=None)
+    n = shared(best) if best else 0
+    folders = sorted((runs / best).glob("[0-9][0-9]-*"))[:n] if n else []
+    if not n or len(folders) < n or not all((f / "result.json").is_file() for f in folders):
+        return None
+    from llmcompress import rundir
+
+    (runs / name).mkdir(parents=True, exist_ok=True)
+    rundir.start_manifest(runs / name, recipe_name(name))  # a run folder (an existing manifest is kept)
+    for f in folders:
+        if not (runs / name / f.name).exists():
+            shutil.copytree(f, runs / name / f.name, copy_function=os.link)
+    return best
+
+
+def recipe_name(entry: str) -> str:
+    return "ladder-" + entry.replace("+", "-")  # no "+" in a recipe name
 
 
 def collect(run: Path, texts: dict[str, Path]) -> dict:
@@ -146,8 +215,11 @@ def collect(run: Path, texts: dict[str, Path]) -> dict:
 
     row = run_row(report)
     if row.get("speedup") is not None:  # the benchmark stage: decode at batch 1, paired with the original
+        bench = next(iter(sorted(run.glob("*-benchmark*"))), None)
+        backend = (json.loads((bench / "result.json").read_text())["result"]["data"]["settings"]["table_backend"]
+                   if bench else "hf")
         out["decode"] = {"figure": row["speed_figure"], "original": row["speed_original"],
-                         "compressed": row["speed"], "speedup": row["speedup"]}
+                         "compressed": row["speed"], "speedup": row["speedup"], "backend": backend}
     if "chat" in evaluated:
         o, c = evaluated["chat"]["original"]["chat"], evaluated["chat"]["compressed"]["chat"]
         out["chat"] = {k: c.get(k) for k in ("correct", "n", "accuracy", "flips", "gains", "exact_agreement")}
@@ -188,10 +260,15 @@ def markdown(result: dict) -> str:
         cells.append(f"{ch['correct']} of {ch['n']} ({ch['flips']} flips; original {ch['original_correct']})"
                      if ch else "—")
         dec = e.get("decode")
-        cells.append(f"{dec['compressed']:.1f} tok/s ({dec['speedup']:.2f}x)" if dec else "—")
+        engine = " under llama.cpp, original as F16 GGUF" if dec and dec.get("backend") == "llamacpp" else ""
+        cells.append(f"{dec['compressed']:.1f} tok/s ({dec['speedup']:.2f}x{engine})" if dec else "—")
         heal = e.get("healing")
         cells.append(f"{heal['tokens_trained']:,} tokens, {heal['minutes']:.1f} min" if heal else "—")
-        cells.append(e.get("note", ""))
+        here = e.get("cpu_flags")
+        other = "" if here == result["machine"]["cpu_flags"] else (
+            f" [measured on another CPU: {', '.join(here)}]" if here else " [measured in an earlier run; its CPU "
+            "was not recorded]")
+        cells.append(e.get("note", "") + other)
         lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     orig = {d: next(e[d]["original"] for e in result["entries"].values() if d in e) for d in domains}
@@ -218,15 +295,19 @@ def markdown(result: dict) -> str:
     return "\n".join(intro + lines + tail) + "\n"
 
 
+def cpu_flags() -> list[str]:
+    from llmcompress.llamacpp import runtime
+
+    return sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS))
+
+
 def save(entries: dict, result_file: Path, write_doc: bool, model: Path | None, eval_tokens: int,
          texts: dict[str, Path], params: int, threads: int, t0: float) -> dict:
     """Write the results (and the doc's section) as they stand: an entry measured is never lost to a later one."""
-    from llmcompress.llamacpp import runtime
-
     result = {"date": time.strftime("%Y-%m-%d"), "model": str(model) if model else "smollm2-135m",
               "eval_tokens": eval_tokens, "domains": list(texts),
               "params": params, "wall_s": round(time.perf_counter() - t0),
-              "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
+              "machine": {"cpu_flags": cpu_flags(), "threads": threads,
                           "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)},
               "entries": {n: entries[n] for n in ENTRIES if n in entries}}
     result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +346,9 @@ def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: 
         print(f"== {name}", flush=True)
         try:
             entry_threads = SHRINK_THREADS if name in SHRINK else threads
+            reused = reuse_prefix(name, runs)
+            if reused:
+                print(f"   (its first stages are {reused}'s: reused from {runs / reused})", flush=True)
             run_recipe(load_recipe(recipe(name, spec, chat, texts, entry_threads, chat_limit or None,
                                           str(model) if model else "smollm2-135m")), run,
                        show_progress=False)
@@ -272,6 +356,7 @@ def main(eval_tokens: int = 8192, threads: int = 1, only: str = "", chat_limit: 
             e["bits_per_weight"] = e["size_bytes"] * 8 / params
             e["threads"] = entry_threads
             e["load_average"] = round(os.getloadavg()[0], 2)
+            e["cpu_flags"] = cpu_flags()
         except LLMCompressError as err:
             e = {"error": str(err).splitlines()[0]}
         entries[name] = {**e, "note": note}

@@ -575,6 +575,8 @@ def summarize(orig: dict, comp: dict, ratios: dict[str, float | None], same: boo
                 a = f"{value * scale:.{digits}f}"
                 if same:
                     out[name] = f"{a} {unit}"
+                elif comp.get(key) is None:  # measured for the original only (e.g. a GGUF file has no hf size)
+                    out[name] = f"{a} -> not measured {unit}"
                 else:
                     ratio = "n/a" if ratios.get(key) is None else f"{ratios[key]:.2f}x"
                     out[name] = f"{a} -> {comp[key] * scale:.{digits}f} {unit} ({ratio})"

@@ -79,8 +79,10 @@ class DistillSettings(StageConfig):
                                           "(r, alpha, target_modules), merged into the weights at the end.")
     train_embeddings: bool = Field(True, description="train: all: train the input embeddings (and a tied output "
                                    "layer) too.")
-    data: CalibrationConfig = Field(default_factory=lambda: CalibrationConfig(samples=512, seq_len=256, skip_tokens=0),
-                                    description="Training text (source, samples, seq_len, seed, skip_tokens).")
+    data: CalibrationConfig | list[CalibrationConfig] = Field(
+        default_factory=lambda: CalibrationConfig(samples=512, seq_len=256, skip_tokens=0),
+        description="Training text (source, samples, seq_len, seed, skip_tokens), or a list of such sources with "
+        "one seq_len: their windows are trained on together (shuffled across sources).")
     top_k: int | None = Field(64, description="Cache the teacher's top-k log-probs per token plus the remaining "
                               "mass as one bucket (the loss is the exact KL between the (k+1)-way distributions); "
                               "null: full logits.")
@@ -148,6 +150,29 @@ class DistillSettings(StageConfig):
         from ..lora.config import check_target_modules
 
         return check_target_modules(v)
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: CalibrationConfig | list[CalibrationConfig]) -> CalibrationConfig | list[CalibrationConfig]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("`data` is an empty list. Fix: one source, e.g. `data: {source: builtin:pysource, "
+                                 "samples: 512, seq_len: 256}`, or a list of them")
+            lengths = sorted({d.seq_len for d in v})
+            if len(lengths) > 1:
+                raise ValueError(f"`data` lists sources with different seq_len ({', '.join(map(str, lengths))}); "
+                                 f"the student trains on windows of one length. Fix: give every source the same "
+                                 f"`seq_len`, e.g. {lengths[-1]}")
+        return v
+
+    @property
+    def data_sources(self) -> list[CalibrationConfig]:
+        """``data`` as a list (one entry for a single source)."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
+
+    @property
+    def seq_len(self) -> int:
+        return self.data_sources[0].seq_len
 
     @model_validator(mode="after")
     def _combinations(self) -> "DistillSettings":

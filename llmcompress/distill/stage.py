@@ -26,7 +26,7 @@ class DistillStage(DistillSettings):
     - type: distill
       teacher: original          # or the `name:` of an earlier stage whose model teaches
       train: all                 # all (train_embeddings: false freezes the embeddings) | lora (r, alpha, ...)
-      data: {source: builtin:mixed, samples: 512, seq_len: 256, skip_tokens: 0}
+      data: {source: builtin:mixed, samples: 512, seq_len: 256, skip_tokens: 0}   # or a list of sources
       top_k: 64                  # the teacher's top-k log-probs + the rest's mass per token; null: full logits
       cache_dtype: float16       # the cached log-probs' dtype (float32 for KLs below ~1e-3)
       temperature: 1.0
@@ -54,7 +54,8 @@ class DistillStage(DistillSettings):
     def preflight(self, base_dir: "Path | None" = None) -> None:
         from ..data.calibration import check_calibration, check_text_file
 
-        check_calibration(self.data, base_dir)
+        for source in self.data_sources:
+            check_calibration(source, base_dir)
         if self.held_out is not None and not self.held_out.source.startswith("builtin:"):
             check_text_file(self.held_out.source, base_dir, f"held_out.source `{self.held_out.source}`")
         if self.train == "lora":
@@ -121,9 +122,10 @@ class DistillStage(DistillSettings):
         t = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.current.path))
         with ctx.task("distill: data"):
-            ids = load_calibration(self.data, tokenizer, ctx.recipe.base_dir, model=ctx.original)
+            ids = torch.cat([load_calibration(source, tokenizer, ctx.recipe.base_dir, model=ctx.original)
+                             for source in self.data_sources])  # (samples summed over the sources, seq_len)
         data = TrainData(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
-        windows = (held_out_windows(self.held_out, tokenizer, self.data.seq_len, ctx.recipe.base_dir)
+        windows = (held_out_windows(self.held_out, tokenizer, self.seq_len, ctx.recipe.base_dir)
                    if self.held_out is not None else None)
         root = ctx.checkpoint_dir / TEACHER_CACHE
         cache = TopKLogits.open(root / "train", key)
@@ -165,6 +167,7 @@ class DistillStage(DistillSettings):
             "minutes": round(pos.seconds / 60, 3), "tokens_per_second": round(pos.tokens / max(pos.seconds, 1e-9), 2),
             "train_wall_seconds_this_process": round(train_wall, 3),
             "data_sequences": len(data), "data_tokens": data_tokens,
+            "data_sources": [{"source": d.source, "samples": d.samples, "tokens": d.tokens} for d in self.data_sources],
             "epochs": round(pos.tokens / max(data_tokens, 1), 3),
             "loss_first": sum(pos.losses[:k]) / k if steps else None,
             "loss_last": sum(pos.losses[-k:]) / k if steps else None,

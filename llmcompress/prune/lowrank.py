@@ -2,19 +2,21 @@
 B (out, r) after A (r, in), which hold fewer weights when r (out + in) < out x in. The folder really shrinks.
 
     - {type: prune, method: lowrank, target: 0.2}
+    - {type: prune, method: lowrank, target: 0.2, allocation: rank}
     - {type: prune, method: lowrank, rank_fraction: 0.5, whitening: false}
     - {type: prune, method: lowrank, target: 0.1, calibration: {source: builtin:pydoc, samples: 16, seq_len: 256}}
 
 ``whitening: true`` is SVD-LLM (Wang et al., 2024): truncate the SVD of W S, S the Cholesky factor of the calibration
 inputs' X^T X, so the truncation minimizes the error of the layer's *outputs* on that text (layer by layer, each
 layer calibrated on the outputs of the factorized ones before it). ``whitening: false`` is plain truncated SVD of W,
-the baseline. ``target`` (a fraction of all the model's parameters to remove) is met with one rank fraction for every
-factorized layer (some layers one rank above it, to land on the target within one layer's rank step); layers whose
-pair would not be smaller stay dense. Embeddings are never factorized; nor is a Linear that shares its weight with
-one (a tied lm_head). The folder is llmcompress's own layout (``format: lowrank``): config.json is the original
-architecture, llmcompress.json lists each factorized module and its rank, the pairs are ``<module>.lowrank_a.weight``
-and ``<module>.lowrank_b.weight``; ``load_model`` rebuilds it (``load_lowrank``) and plain ``from_pretrained``
-refuses it.
+the baseline. ``target`` (a fraction of all the model's parameters to remove) is met by one share for every
+factorized layer (some layers one rank above it, to land on the target within one layer's rank step): by default
+(``allocation: params``, SVD-LLM's) every layer loses the same share of its weights; ``allocation: rank`` keeps the
+same share of every layer's rank, and layers whose pair would not be smaller stay dense. Embeddings are never
+factorized; nor is a Linear that shares its weight with one (a tied lm_head). The folder is llmcompress's own layout
+(``format: lowrank``): config.json is the original architecture, llmcompress.json lists each factorized module and
+its rank, the pairs are ``<module>.lowrank_a.weight`` and ``<module>.lowrank_b.weight``; ``load_model`` rebuilds it
+(``load_lowrank``) and plain ``from_pretrained`` refuses it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class LowRankConfig(StageConfig):
     rank_fraction: float | None = Field(
         None, description="Each factorized layer keeps this share of its full rank min(out, in), 0 < f < 1 "
         "(exclusive with `target`).",
+    )
+    allocation: Literal["params", "rank"] = Field(
+        "params", description="With `target`: `params`, every factorized layer loses the same share of its weights "
+        "(SVD-LLM's allocation; square layers are factorized too); `rank`, every layer keeps the same share of its "
+        "full rank (square layers pay only below half their rank, so they stay dense first).",
     )
     whitening: bool = Field(
         True, description="true: SVD-LLM (truncate the SVD of W S, S from the calibration inputs); false: plain "
@@ -89,6 +96,9 @@ class LowRankConfig(StageConfig):
                 f"`rank_fraction` (share of each layer's rank kept, e.g. rank_fraction: 0.5); "
                 f"{'both are' if both else 'neither is'} set. Fix: {'remove one' if both else 'add one'}"
             )
+        if self.rank_fraction is not None and "allocation" in self.model_fields_set:
+            raise ValueError("`allocation` shares a `target` among the layers, and `rank_fraction` sets each layer's "
+                             "rank directly. Fix: remove `allocation`, or use `target` instead of `rank_fraction`")
         return self
 
     def preflight(self, base_dir: "Path | None" = None) -> None:
@@ -121,7 +131,7 @@ class LowRankConfig(StageConfig):
         if self.rank_fraction is not None:
             ranks = {n: max(1, round(self.rank_fraction * min(s))) for n, s in shapes.items()}
             return {n: r for n, r in ranks.items() if saves(r, shapes[n])}
-        return plan_for_target(shapes, total, self.target)  # type: ignore[arg-type]
+        return plan_for_target(shapes, total, self.target, self.allocation)  # type: ignore[arg-type]
 
     @by_family
     def run(self, ctx: "RunContext") -> StageResult:

@@ -52,7 +52,8 @@ def run_lowrank(cfg: Any, ctx: "RunContext") -> StageResult:
     data = {
         "method": cfg.method,
         "whitening": cfg.whitening,
-        "requested": {"target": cfg.target, "rank_fraction": cfg.rank_fraction},
+        "requested": {"target": cfg.target, "rank_fraction": cfg.rank_fraction,
+                      "allocation": cfg.allocation if cfg.target is not None else None},
         "params_before": before,
         "params_after": after,
         "removed_share": (before - after) / before,

@@ -1051,6 +1051,10 @@ for _c in CLI_CASES:
 
 # prune lowrank (issue 20): a target that removes everything or nothing, both or neither of target / rank_fraction
 STAGE_CASES += [
+    C("lowrank-allocation-with-rank-fraction", stage("{type: prune, method: lowrank, rank_fraction: 0.5, "
+                                                     "allocation: params}"), "{file}", "Fix: remove `allocation`"),
+    C("lowrank-allocation-unknown", stage("{type: prune, method: lowrank, target: 0.2, allocation: layers}"),
+      "{file}", "allocation"),
     C("lowrank-target-1", stage("{type: prune, method: lowrank, target: 1}"), "{file}", "target", "removes nothing"),
     C("lowrank-target-0", stage("{type: prune, method: lowrank, target: 0}"), "{file}", "target", "e.g. target: 0.2"),
     C("lowrank-target-neg", stage("{type: prune, method: lowrank, target: -0.2}"), "{file}", "target"),
@@ -1113,6 +1117,12 @@ STAGE_CASES += [
     C("distill-held-out-every-zero", stage("{type: distill, held_out: {every: 0}}"), "{file}", "every"),
     C("distill-held-out-missing-file", stage("{type: distill, held_out: {source: nope.txt}}"), "{file}", "nope.txt"),
     C("distill-lora-key-with-train-all", stage("{type: distill, r: 8}"), "{file}", "`r` applies to `train: lora`"),
+    C("distill-data-list-empty", stage("{type: distill, data: []}"), "{file}", "`data` is an empty list"),
+    C("distill-data-list-seq-len", stage("{type: distill, data: [{source: builtin:pydoc, seq_len: 128}, "
+                                         "{source: builtin:pysource, seq_len: 256}]}"), "{file}",
+      "different seq_len (128, 256)", "Fix: give every source the same `seq_len`"),
+    C("distill-data-list-missing-file", stage("{type: distill, data: [{source: builtin:pysource}, "
+                                              "{source: nope.txt}]}"), "{file}", "nope.txt"),
     C("distill-on-vision", "name: r\nmodel: tiny-random-convnext\nthreads: 1\nstages:\n  - {type: distill}\n",
       "{file}", "stages[0] (distill)", "Fix: remove it"),
 ]

@@ -181,6 +181,16 @@ def test_a_minutes_budget_stops_on_time(tiny_model_dir, tmp_path):
     assert data["lr_curve"][0] == pytest.approx(3e-4) and data["lr_curve"][-1] < 0.1 * 3e-4  # cosine over the time
 
 
+def test_a_list_of_sources_trains_on_the_windows_of_each(tiny_model_dir, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text(" ".join(f"word{i % 97} and more words {i}" for i in range(3000)), encoding="utf-8")
+    sources = [{**DATA, "samples": 12}, {"source": str(text), "samples": 20, "seq_len": 64, "skip_tokens": 0}]
+    report = _run(tiny_model_dir, [{**DISTILL, "data": sources, "budget": {"steps": 2}}], tmp_path / "run")
+    data = report["stages"][0]["data"]
+    assert data["data_sequences"] == 32 and data["data_tokens"] == 32 * 64
+    assert [(d["source"], d["samples"]) for d in data["data_sources"]] == [("builtin:pydoc", 12), (str(text), 20)]
+
+
 def test_a_tokens_budget_stops_at_the_first_step_past_it(tiny_model_dir, tmp_path):
     report = _run(tiny_model_dir, [{**DISTILL, "budget": {"tokens": 1000}}], tmp_path / "run")
     data = report["stages"][0]["data"]

@@ -120,6 +120,20 @@ def test_the_target_is_met_within_one_layers_rank_step(target):
     assert max(fractions) - min(fractions) < 0.02  # one uniform fraction, up to rounding and one extra rank
 
 
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
+def test_params_allocation_takes_the_same_share_of_every_layers_weights(target):
+    total = 134_515_008
+    ranks = plan_for_target(SMOLLM2, total, target, "params")
+    got = removed(ranks, SMOLLM2)
+    assert target * total <= got < target * total + max(sum(s) for s in SMOLLM2.values())
+    assert set(ranks) == set(SMOLLM2)  # q_proj and o_proj too (the rank allocation leaves them dense)
+    kept = {r * sum(SMOLLM2[n]) / (SMOLLM2[n][0] * SMOLLM2[n][1]) for n, r in ranks.items()}
+    assert max(kept) - min(kept) < 0.01  # one share of the weights kept, up to a rank's rounding
+    by_rank = plan_for_target(SMOLLM2, total, target, "rank")
+    # at 10% and 20% one rank fraction leaves the square q_proj/o_proj dense (they pay only below half their rank)
+    assert len(by_rank) == (len(ranks) - 60 if target <= 0.2 else len(ranks))
+
+
 def test_an_unreachable_target_is_refused_with_the_most_that_can_go():
     with pytest.raises(RecipeError, match=r"removes only .* Fix: use a target below 0\.\d\d"):
         plan_for_target(SMOLLM2, 134_515_008, 0.9)  # the 28M-parameter embedding alone is 21%
@@ -145,7 +159,7 @@ def test_prune_lowrank_then_evaluate_finishes_and_reports(tmp_path):
     assert report["models"]["compressed"]["meta"]["format"] == "lowrank"
     assert report["models"]["compressed"]["size_bytes"] < report["models"]["original"]["size_bytes"]
     assert evaluate["data"]["compressed"]["kl"]["kl_mean"] > 0  # evaluated the factorized model, not the original
-    assert "params" in prune["summary"]["method"] and "-20.0%" in prune["summary"]["parameters"]
+    assert "params" in prune["summary"]["method"] and "(-20." in prune["summary"]["parameters"]
 
 
 FRESH = textwrap.dedent("""
@@ -235,7 +249,7 @@ def test_yaml_samples_in_the_docstring_validate():
     import llmcompress.prune.lowrank as mod
 
     samples = re.findall(r"^\s+- (\{type: prune.*\})$", mod.__doc__, re.MULTILINE)
-    assert len(samples) == 3
+    assert len(samples) == 4
     for s in samples:
         stage = load_recipe({"name": "x", "model": "tiny-random-llama", "stages": [__import__("yaml").safe_load(s)]})
         assert isinstance(stage.stages[0], LowRankConfig)

@@ -1,0 +1,54 @@
+"""benchmarks/ladder.py: every entry builds a recipe that validates, and an entry that begins with another's stages
+starts from that entry's finished stage folders (the 20-minute healing is not paid twice)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ladder as module
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_every_entry_is_a_valid_recipe(ladder, tmp_path):
+    from llmcompress.recipe import load_recipe
+
+    texts = {"pydoc": tmp_path / "pydoc.txt", "shakespeare": tmp_path / "shakespeare.txt"}
+    for name, (spec, chat, _) in ladder.ENTRIES.items():
+        recipe = load_recipe(ladder.recipe(name, spec, chat, texts, 2, None))
+        assert recipe.stages[-1].type == ("benchmark" if name in ladder.SHRINK else "evaluate"), name
+
+
+def test_the_budget_entries_change_only_the_distill_budget(ladder):
+    base = ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
+    for name, factor in (("prune-distill-2x", 2), ("prune-distill-4x", 4)):
+        stages = ladder.compress_stages(ladder.ENTRIES[name][0])
+        assert [s for s in stages if s["type"] != "distill"] == [s for s in base if s["type"] != "distill"]
+        (distill,) = [s for s in stages if s["type"] == "distill"]
+        assert distill["budget"] == {"tokens": factor * 380_928}
+
+
+def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path):
+    runs = tmp_path / "runs"
+    for i, kind in enumerate(["prune", "prune", "distill"]):
+        folder = runs / "prune-distill" / f"{i + 1:02d}-{kind}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"stage": i}))
+    assert ladder.reuse_prefix("prune-distill+best", runs) == "prune-distill"
+    assert sorted(p.name for p in (runs / "prune-distill+best").iterdir()) == ["01-prune", "02-prune", "03-distill",
+                                                                             "manifest.json"]
+    assert ladder.reuse_prefix("prune-distill-2x", runs) == "prune-distill"  # the two prune stages only
+    assert sorted(p.name for p in (runs / "prune-distill-2x").iterdir()) == ["01-prune", "02-prune", "manifest.json"]
+    assert ladder.reuse_prefix("lowrank-20", runs) is None and not (runs / "lowrank-20").exists()
