@@ -72,6 +72,8 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
     "gguf-q4_k_m": ([gguf("Q4_K_M")], True, "llama.cpp's Q4_K_M + imatrix (Python's docs): the bar"),
     "gguf-q3_k_m": ([gguf("Q3_K_M")], True, "llama.cpp's Q3_K_M + imatrix (Python's docs): the k-quant nearest "
                     "prune-distill+best's size"),
+    "gguf-q3_k_s": ([gguf("Q3_K_S")], True, "llama.cpp's Q3_K_S + imatrix (Python's docs): the smallest 3-bit "
+                    "k-quant, beside prune-distill+best"),
     "gguf-q4_k_m-mixed": ([gguf("Q4_K_M", MIXED)], False, "the same, imatrix on mixed-domain text"),
     "gguf-q4_1": ([gguf("Q4_1")], False, "the source grid: the default model IS a dequantized Q4_1, so this "
                   "finds its weights again; not evidence about other models"),
@@ -107,19 +109,28 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
                          "prune-distill with twice the healing tokens"),
     "prune-distill-4x": (lambda: with_budget("recipes/smollm2-prune-distill.yaml", {"tokens": 4 * 380_928}), True,
                          "prune-distill with four times the healing tokens"),
+    # the learning rate: the held-out curve of the 1e-4 run is flat after ~100 steps (and 2x the tokens bought
+    # 0.03x): does a larger step reach a lower plateau in the same 20 minutes?
+    "prune-distill-lr3e-4": (lambda: with_distill("recipes/smollm2-prune-distill.yaml", lr=3e-4), True,
+                             "prune-distill with a learning rate of 3e-4 (the recipe: 1e-4)"),
     "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
                            "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
 SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-2x", "prune-distill-4x",
-          "prune-distill+best")
+          "prune-distill-lr3e-4", "prune-distill+best")
 SHRINK_THREADS = 2
 
 
 def with_budget(recipe_path: str, budget: dict) -> list[dict]:
     """A recipe's compressing stages with its distill stage's budget replaced."""
-    return [{**s, "budget": budget} if s["type"] == "distill" else s for s in compress_stages(recipe_path)]
+    return with_distill(recipe_path, budget=budget)
+
+
+def with_distill(recipe_path: str, **settings) -> list[dict]:
+    """A recipe's compressing stages with these settings of its distill stage replaced."""
+    return [{**s, **settings} if s["type"] == "distill" else s for s in compress_stages(recipe_path)]
 
 
 def compress_stages(spec: list | str | Callable[[], list[dict]]) -> list[dict]:

@@ -57,10 +57,7 @@ def tool(name: str) -> str:
 
 
 def call(cmd: list[str], log: Path) -> str:
-    from llmcompress.llamacpp import runtime
-
-    env = {**os.environ, **runtime.repack_env()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed; see {log}")
@@ -127,8 +124,7 @@ def main(threads: int = 1, eval_tokens: int = 14500, repeats: int = 5,
     result = {
         "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
                     "cores": os.cpu_count(), "load_average_before": round(load0, 2),
-                    "load_average_after": round(os.getloadavg()[0], 2), "llama_cpp": runtime.LLAMA_CPP_COMMIT,
-                    "repack": runtime.repack_note()},
+                    "load_average_after": round(os.getloadavg()[0], 2), "llama_cpp": runtime.LLAMA_CPP_COMMIT},
         "eval_tokens": eval_tokens,
         "sizes_mib": {k: round(f.stat().st_size / 2**20, 2) for k, f in files.items()},
         "llama_perplexity": ppl,

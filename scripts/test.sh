@@ -21,4 +21,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LLMCOMPRESS_TEST_ALL_EXTRAS=1  # every extra is installed above: a skip other than "no GPU" fails the run
 # Two workers, one test file each at a time (a file's fixtures, such as its vLLM server, stay in one process): the
 # tests run one torch thread each, so the two cores halve the wall time (13.6 -> 8.7 min here). `-n 0` runs serially.
-python -m pytest -n 2 --dist loadfile "$@"
+python -m pytest -n 2 --dist loadfile --durations=30 "$@"

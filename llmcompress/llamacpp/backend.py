@@ -99,4 +99,4 @@ class LlamaCppBackend(ServedBackend):
         return {"engine": f"llama.cpp {runtime.LLAMA_CPP_COMMIT} llama-server", "model": self.what,
                 "batching": f"continuous ({o.parallel} slots of {o.slot_ctx} tokens)", "threads": o.threads,
                 "flash_attention": "auto (llama.cpp's default: on for CPU)",
-                "repack": runtime.repack_note(), **({"lora": list(o.lora)} if o.lora else {})}
+                **({"lora": list(o.lora)} if o.lora else {})}

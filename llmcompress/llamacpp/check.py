@@ -23,11 +23,10 @@ _CODE = """
 import json, sys
 import numpy as np
 import llama_cpp
-from llmcompress.llamacpp.runtime import open_llama
 args = json.loads(sys.argv[1])
 kw = {"lora_path": args["lora"]} if args.get("lora") else {}
-llm = open_llama(llama_cpp, model_path=args["file"], n_ctx=max(64, len(args["ids"])), logits_all=True,
-                 verbose=False, n_threads=args["threads"], n_threads_batch=args["threads"], **kw)
+llm = llama_cpp.Llama(model_path=args["file"], n_ctx=max(64, len(args["ids"])), logits_all=True,
+                      verbose=False, n_threads=args["threads"], n_threads_batch=args["threads"], **kw)
 llm.eval(args["ids"])
 np.save(args["out"], np.array(llm.scores[: len(args["ids"])], dtype=np.float32))
 """
@@ -43,7 +42,7 @@ def fresh_logits(gguf: Path, ids: list[int], threads: int = 1, lora: Path | None
 
     folder = runtime.require("the GGUF reload check")
     out = Path(gguf).parent / f".{Path(gguf).name}.probe.npy"
-    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir(folder)), **runtime.repack_env()}
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir(folder))}
     args = json.dumps({"file": str(gguf), "ids": list(map(int, ids)), "threads": threads, "out": str(out),
                        "lora": str(lora) if lora else None})
     try:

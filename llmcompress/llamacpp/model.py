@@ -64,17 +64,16 @@ class LlamaCppModel(torch.nn.Module):
             self.n_ctx = min(n_ctx, limit)
         # A parameter of no size: callers take the model's device and dtype from its parameters.
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
-        self.llm = runtime.open_llama(llama_cpp, model_path=str(gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
-                                      n_ubatch=self.n_ctx, logits_all=True, n_threads=threads,
-                                      n_threads_batch=threads, seed=0, verbose=False)
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                                   logits_all=True, n_threads=threads, n_threads_batch=threads, seed=0,
+                                   verbose=False)
         # Freed before interpreter shutdown: llama-cpp-python's __del__ at shutdown finds its ctypes gone and prints
         # a TypeError (close() is idempotent, so its own __del__ later is a no-op).
         weakref.finalize(self, self.llm.close)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": f"llama.cpp {runtime.LLAMA_CPP_COMMIT} (llama-cpp-python {runtime.PIN})",
-                "threads": self.llm.n_threads, "n_ctx": self.n_ctx, "flash_attention": "off",
-                "repack": runtime.repack_note()}
+                "threads": self.llm.n_threads, "n_ctx": self.n_ctx, "flash_attention": "off"}
 
     def row_logits(self, ids: list[int]):
         """Logits (len(ids), vocab) float32 numpy for one sequence, from an empty context."""

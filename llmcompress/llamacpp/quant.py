@@ -15,7 +15,6 @@ calibration text, the imatrix and every tool's log, so the file can be made agai
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -191,11 +190,10 @@ class GGUFConfig(QuantizeConfig):
 
 def _run_tool(cmd: list[str], log: Path, what: str) -> str:
     """Run a llama.cpp tool, its output into ``log``; LLMCompressError (with the log's tail) on failure."""
-    env = {**os.environ, **runtime.repack_env()}
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-10:])
@@ -218,7 +216,7 @@ def _quantize(cfg: GGUFConfig, ctx: "RunContext", out: Path) -> dict[str, Any]:
     f16 = stage / "model-f16.gguf"  # scaffolding: removed once the quantized file exists
     ctx.log(f"gguf: converting {source} to F16 with llama.cpp's convert_hf_to_gguf.py")
     cmd = [str(runtime.tool("llama-quantize", "method gguf"))]
-    info: dict[str, Any] = {"llama_cpp": runtime.LLAMA_CPP_COMMIT, "repack": runtime.repack_note()}
+    info: dict[str, Any] = {"llama_cpp": runtime.LLAMA_CPP_COMMIT}
     try:
         to_gguf(source, f16, "f16", log_path=stage / "convert.log")
         ids = None

@@ -37,12 +37,17 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF",
                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
+#: x86: AMX compiled out of the native build. ggml's AMX weight layout (its "AMX" extra buffer type, llama.cpp
+#: 0c1e570) segfaults on the first quantized matmul on AMX Xeons (Q4_K_M/Q4_0/Q8_0 of SmolLM2 in llama-bench,
+#: llama-perplexity and a plain ``llama_cpp.Llama(...)``; F16 is fine): a build without it serves every tool and the
+#: bindings as a user calls them, and keeps the AVX-512/AVX2 repacking. Explicit ``-mno-*`` wins over -march=native.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 #: What the converter needs beyond transformers/torch (it imports sentencepiece even for BPE tokenizers).
 CONVERTER_PACKAGES = ("sentencepiece",)
 STAMP = "llmcompress-setup.json"
 #: CPU flags a native ggml build may use: a machine must have every one the build machine had.
 _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+              "avx_vnni")  # AMX is compiled out (NO_AMX)
 
 
 def root() -> Path:
@@ -59,43 +64,6 @@ def bin_dir(folder: Path | None = None) -> Path:
     return (folder or root()) / "build" / "bin"
 
 
-def cpu_has_amx() -> bool:
-    return "amx_tile" in cpu_flags()
-
-
-def repack_env() -> dict[str, str]:
-    """llama.cpp's CPU weight repacking is off on AMX CPUs: there this build segfaulted repacking quantized weights
-    (llama-perplexity and llama-bench on Q4_K_M/Q4_0/Q8_0; F16 was fine), and ``--no-repack`` avoided it.
-    ``LLAMA_ARG_REPACK=0`` is that flag for every tool that takes llama.cpp's common arguments."""
-    return {"LLAMA_ARG_REPACK": "0"} if cpu_has_amx() else {}
-
-
-def repack_note() -> str:
-    return ("weight repacking off (AMX CPU: this llama.cpp build segfaults repacking quantized weights)"
-            if cpu_has_amx() else "weight repacking on (llama.cpp's default)")
-
-
-def open_llama(llama_cpp, **kwargs):
-    """``llama_cpp.Llama(**kwargs)``, with weight repacking off on AMX CPUs (``use_extra_bufts = False``, the
-    bindings' ``--no-repack``; see ``repack_env``). llama-cpp-python has no argument for it, so its default-params
-    factory is wrapped while the model loads."""
-    if not cpu_has_amx():
-        return llama_cpp.Llama(**kwargs)
-    module = llama_cpp.llama_cpp
-    original = module.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    module.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(**kwargs)
-    finally:
-        module.llama_model_default_params = original
-
-
 def installed(folder: Path | None = None) -> dict | None:
     """What ``setup`` recorded in ``folder`` (None when it never finished)."""
     try:
@@ -105,9 +73,19 @@ def installed(folder: Path | None = None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def cmake_flags() -> tuple[str, ...]:
+    """``CMAKE_FLAGS``, plus AMX compiled out on x86 (``NO_AMX``)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return CMAKE_FLAGS
+    return (*CMAKE_FLAGS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
+
+
 def _built(folder: Path, stamp: dict | None) -> bool:
-    """``setup`` finished in ``folder`` for this pin, and every tool is there."""
-    return bool(stamp) and stamp.get("pin") == PIN and all((bin_dir(folder) / t).is_file() for t in TOOLS)
+    """``setup`` finished in ``folder`` for this pin with these CMake options, and every tool is there."""
+    return (bool(stamp) and stamp.get("pin") == PIN and stamp.get("cmake") == list(cmake_flags())
+            and all((bin_dir(folder) / t).is_file() for t in TOOLS))
 
 
 def require(what: str) -> Path:
@@ -176,8 +154,8 @@ def setup(force: bool = False, folder: Path | None = None, jobs: int | None = No
     _unpack(sdist, folder / "src", log)
     jobs = jobs or os.cpu_count() or 2
     build = folder / "build"
-    log(f"configuring llama.cpp ({' '.join(CMAKE_FLAGS)})")
-    _call(["cmake", "-S", str(source_dir(folder)), "-B", str(build), *CMAKE_FLAGS], folder)
+    log(f"configuring llama.cpp ({' '.join(cmake_flags())})")
+    _call(["cmake", "-S", str(source_dir(folder)), "-B", str(build), *cmake_flags()], folder)
     log(f"building {', '.join(TOOLS)} with {jobs} jobs (~7 min on 2 cores)")
     _call(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], folder)
     log(f"installing llama-cpp-python {PIN} (bindings only, bound to that build) and {', '.join(CONVERTER_PACKAGES)}")
@@ -187,7 +165,7 @@ def setup(force: bool = False, folder: Path | None = None, jobs: int | None = No
     if not _bindings_ok(folder):
         raise LLMCompressError(f"setup llamacpp: llama-cpp-python does not load the libraries in {bin_dir(folder)}. "
                                "Fix: run `llmcompress setup llamacpp --force`.")
-    (folder / STAMP).write_text(json.dumps({"pin": PIN, "llama_cpp": LLAMA_CPP_COMMIT, "cmake": list(CMAKE_FLAGS),
+    (folder / STAMP).write_text(json.dumps({"pin": PIN, "llama_cpp": LLAMA_CPP_COMMIT, "cmake": list(cmake_flags()),
                                             "cpu_flags": flags, "build_s": round(time.perf_counter() - t0)}))
     log(f"llama.cpp ready in {folder} ({time.perf_counter() - t0:.0f} s)")
     return folder

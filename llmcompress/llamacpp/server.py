@@ -34,7 +34,7 @@ class LlamaServerOptions(KeyedOptions):
         return out + list(self.extra_args)
 
     def env(self) -> dict[str, str]:
-        env = {"OMP_NUM_THREADS": str(self.threads), **runtime.repack_env()}
+        env = {"OMP_NUM_THREADS": str(self.threads)}
         if self.api_key:
             env["LLAMA_API_KEY"] = self.api_key
         return env

@@ -107,7 +107,7 @@ def test_the_gguf_loads_in_llama_cpp_python_in_a_fresh_process(run):
     _, out = run
     code = ("import llama_cpp, sys; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False); "
             "print(llm('The capital of France is', max_tokens=8, temperature=0)['choices'][0]['text'])")
-    env = {"LLAMA_CPP_LIB_PATH": str(runtime.bin_dir()), **runtime.repack_env()}
+    env = {"LLAMA_CPP_LIB_PATH": str(runtime.bin_dir())}
     import os
 
     run_ = subprocess.run([sys.executable, "-c", code, str(out / "04-export" / "model" / "model.gguf")],
@@ -223,7 +223,7 @@ def test_width_and_depth_pruned_model_converts_and_computes_the_same_in_llama_cp
     code = ("import json, sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, logits_all=True, "
             "verbose=False); ids = json.loads(sys.argv[2]); llm.eval(ids); "
             "print(json.dumps([list(map(float, row)) for row in llm.scores[: len(ids)]]))")
-    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir()), **runtime.repack_env()}
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(runtime.bin_dir())}
     out = subprocess.run([sys.executable, "-c", code, str(gguf), json.dumps(ids)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -50,17 +50,37 @@ def fake_build(folder: Path, flags: list[str], arch_names=("LlamaForCausalLM",))
     regs = "\n".join(f'@ModelBase.register("{a}", "Other{a}")\nclass X: pass' for a in arch_names)
     (src / "convert_hf_to_gguf.py").write_text("")
     (src / "conversion" / "llama.py").write_text(regs)
-    (folder / runtime.STAMP).write_text(json.dumps({"pin": runtime.PIN, "cpu_flags": flags}))
+    (folder / runtime.STAMP).write_text(json.dumps({"pin": runtime.PIN, "cmake": list(runtime.cmake_flags()),
+                                                    "cpu_flags": flags}))
 
 
 def test_a_build_for_another_cpu_is_refused_with_the_rebuild(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCOMPRESS_LLAMACPP_DIR", str(tmp_path))
-    fake_build(tmp_path, ["avx2", "amx_tile"])
+    fake_build(tmp_path, ["avx2", "avx512_vnni"])
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
-    with pytest.raises(LLMCompressError, match=r"amx_tile.*setup llamacpp --force"):
+    with pytest.raises(LLMCompressError, match=r"avx512_vnni.*setup llamacpp --force"):
         runtime.require("the llamacpp backend")
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_tile", "avx512f"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_vnni", "avx512f"})
     assert runtime.require("x") == tmp_path
+
+
+def test_a_build_with_other_cmake_options_is_rebuilt(tmp_path, monkeypatch):
+    """A build from before AMX was compiled out (its AMX weight layout segfaulted on AMX Xeons) is not used."""
+    monkeypatch.setenv("LLMCOMPRESS_LLAMACPP_DIR", str(tmp_path))
+    fake_build(tmp_path, ["avx2"])
+    stamp = json.loads((tmp_path / runtime.STAMP).read_text())
+    (tmp_path / runtime.STAMP).write_text(json.dumps({**stamp, "cmake": list(runtime.CMAKE_FLAGS)}))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    with pytest.raises(LLMCompressError, match="incomplete or another version.*llmcompress setup llamacpp"):
+        runtime.require("method gguf")
+
+
+def test_amx_is_compiled_out_on_x86_only(monkeypatch):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert runtime.cmake_flags()[-2:] == (f"-DCMAKE_C_FLAGS={runtime.NO_AMX}", f"-DCMAKE_CXX_FLAGS={runtime.NO_AMX}")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert runtime.cmake_flags() == runtime.CMAKE_FLAGS
 
 
 def test_unsupported_architecture_is_refused_before_weights_load(tmp_path, monkeypatch):
@@ -75,13 +95,6 @@ def test_unsupported_architecture_is_refused_before_weights_load(tmp_path, monke
         check_convertible(model, "method gguf")
     (model / "config.json").write_text(json.dumps({"architectures": ["OtherLlamaForCausalLM"]}))
     check_convertible(model, "method gguf")  # every name of a register() call counts
-
-
-def test_amx_turns_repacking_off(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "amx_tile"})
-    assert runtime.repack_env() == {"LLAMA_ARG_REPACK": "0"} and "off" in runtime.repack_note()
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
-    assert runtime.repack_env() == {} and "on" in runtime.repack_note()
 
 
 def test_setup_refuses_a_folder_it_did_not_make(tmp_path):
@@ -117,19 +130,3 @@ def test_gguf_transformers_tokenizer_is_written_as_plain_byte_level(tmp_path):
     out = json.loads((tmp_path / "tokenizer.json").read_text())
     assert out["model"]["byte_fallback"] is False
     assert out["decoder"] == {"type": "ByteLevel", "add_prefix_space": True}
-
-
-def test_open_llama_turns_repacking_off_on_amx_only(monkeypatch):
-    """The bindings have no --no-repack: their default-params factory is wrapped while the model loads."""
-    from types import SimpleNamespace
-
-    seen = []
-    bindings = SimpleNamespace(llama_model_default_params=lambda: SimpleNamespace(use_extra_bufts=True))
-    fake = SimpleNamespace(llama_cpp=bindings,
-                           Llama=lambda **kw: seen.append(bindings.llama_model_default_params().use_extra_bufts) or kw)
-    original = bindings.llama_model_default_params
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "amx_tile"})
-    assert runtime.open_llama(fake, model_path="m.gguf") == {"model_path": "m.gguf"}
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
-    runtime.open_llama(fake, model_path="m.gguf")
-    assert seen == [False, True] and bindings.llama_model_default_params is original
