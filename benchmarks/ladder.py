@@ -113,13 +113,17 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
     # 0.03x): does a larger step reach a lower plateau in the same 20 minutes?
     "prune-distill-lr3e-4": (lambda: with_distill("recipes/smollm2-prune-distill.yaml", lr=3e-4), True,
                              "prune-distill with a learning rate of 3e-4 (the recipe: 1e-4)"),
+    "prune-distill-prose": (lambda: with_distill("recipes/smollm2-prune-distill.yaml", data=[
+        {"source": "builtin:pysource", "samples": 256, "seq_len": 256, "skip_tokens": 0},
+        {"source": "builtin:selfgen", "samples": 768, "seq_len": 256}]), True,
+        "prune-distill with three quarters of the healing windows the original's own text (the recipe: 3/8)"),
     "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
                            "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
 SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-2x", "prune-distill-4x",
-          "prune-distill-lr3e-4", "prune-distill+best")
+          "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill+best")
 SHRINK_THREADS = 2
 
 

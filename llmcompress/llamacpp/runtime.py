@@ -45,9 +45,12 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 #: What the converter needs beyond transformers/torch (it imports sentencepiece even for BPE tokenizers).
 CONVERTER_PACKAGES = ("sentencepiece",)
 STAMP = "llmcompress-setup.json"
-#: CPU flags a native ggml build may use: a machine must have every one the build machine had.
+#: The CPU's vector ISA flags, as benchmarks report them beside their figures.
 _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "avx_vnni")  # AMX is compiled out (NO_AMX)
+              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+#: Those a native ggml build may use (AMX is compiled out: NO_AMX): a machine must have every one the build
+#: machine had.
+_BUILD_FLAGS = tuple(f for f in _ISA_FLAGS if not f.startswith("amx"))
 
 
 def root() -> Path:
@@ -141,7 +144,7 @@ def setup(force: bool = False, folder: Path | None = None, jobs: int | None = No
     """Build (or reuse) llama.cpp; return its folder. Idempotent: built for this pin and CPU -> nothing to do."""
     folder = Path(folder or root())
     stamp = installed(folder)
-    flags = sorted(cpu_flags() & set(_ISA_FLAGS))
+    flags = sorted(cpu_flags() & set(_BUILD_FLAGS))
     if (not force and _built(folder, stamp) and set(stamp.get("cpu_flags", [])) <= set(flags)
             and _bindings_ok(folder)):
         log(f"llama.cpp in {folder} is up to date (llama-cpp-python {PIN}, llama.cpp {LLAMA_CPP_COMMIT})")

@@ -163,10 +163,15 @@ def test_evaluate_keeps_one_model_in_memory_and_reuses_the_original_logits(tiny_
     load = ModelHandle.load
 
     import gc
+    import weakref
+
+    # Handles other tests left alive in this process are not this run's: count only the ones made from here on.
+    before = weakref.WeakSet(o for o in gc.get_objects() if isinstance(o, ModelHandle))
 
     def count_handles(self):
         out = load(self)
-        loaded_at_once.append(sum(1 for o in gc.get_objects() if isinstance(o, ModelHandle) and o._loaded is not None))
+        loaded_at_once.append(sum(1 for o in gc.get_objects()
+                                  if isinstance(o, ModelHandle) and o._loaded is not None and o not in before))
         return out
 
     monkeypatch.setattr(ModelHandle, "load", count_handles)

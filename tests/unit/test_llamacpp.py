@@ -87,7 +87,7 @@ def test_unsupported_architecture_is_refused_before_weights_load(tmp_path, monke
     from llmcompress.llamacpp.convert import check_convertible
 
     monkeypatch.setenv("LLMCOMPRESS_LLAMACPP_DIR", str(tmp_path / "lc"))
-    fake_build(tmp_path / "lc", sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)))
+    fake_build(tmp_path / "lc", sorted(runtime.cpu_flags() & set(runtime._BUILD_FLAGS)))
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
