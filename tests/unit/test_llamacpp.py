@@ -83,6 +83,13 @@ def test_amx_is_compiled_out_on_x86_only(monkeypatch):
     assert runtime.cmake_flags() == runtime.CMAKE_FLAGS
 
 
+def test_reports_name_amx_but_the_build_stamp_does_not():
+    """Benchmarks write the CPU's AMX flags beside their figures; the build, compiled without AMX, never asks for it."""
+    amx = {"amx_tile", "amx_int8", "amx_bf16"}
+    assert amx <= set(runtime._ISA_FLAGS)
+    assert not amx & set(runtime._BUILD_FLAGS) and set(runtime._BUILD_FLAGS) == set(runtime._ISA_FLAGS) - amx
+
+
 def test_unsupported_architecture_is_refused_before_weights_load(tmp_path, monkeypatch):
     from llmcompress.llamacpp.convert import check_convertible
 
