@@ -117,13 +117,19 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
         {"source": "builtin:pysource", "samples": 256, "seq_len": 256, "skip_tokens": 0},
         {"source": "builtin:selfgen", "samples": 768, "seq_len": 256}]), True,
         "prune-distill with three quarters of the healing windows the original's own text (the recipe: 3/8)"),
+    "prune-distill-depth2": (lambda: [{**s, "layers": 2} if s.get("method") == "depth" else
+                                      {**s, "target": 0.157} if s.get("method") == "width" else s
+                                      for s in compress_stages("recipes/smollm2-prune-distill.yaml")], True,
+                             "prune-distill with 2 whole layers cut instead of 3 and more MLP channels (the same "
+                             "parameter count)"),
     "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
                            "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
 SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-2x", "prune-distill-4x",
-          "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill+best")
+          "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill-depth2",
+          "prune-distill+best")
 SHRINK_THREADS = 2
 
 
