@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
 def cpu_flags() -> list[str]:
     from llmcompress.llamacpp import runtime
 
-    return sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS))
+    return runtime.isa_flags()
 
 
 def save(entries: dict, result_file: Path, write_doc: bool, model: Path | None, eval_tokens: int,

@@ -122,7 +122,7 @@ def main(threads: int = 1, eval_tokens: int = 14500, repeats: int = 5,
     gptq_key = next(k for k in per if k.startswith("hf/") and k not in ("hf/original", "hf/compressed"))
     fig = "decode_tok_s_bs1"
     result = {
-        "machine": {"cpu_flags": sorted(runtime.cpu_flags() & set(runtime._ISA_FLAGS)), "threads": threads,
+        "machine": {"cpu_flags": runtime.isa_flags(), "threads": threads,
                     "cores": os.cpu_count(), "load_average_before": round(load0, 2),
                     "load_average_after": round(os.getloadavg()[0], 2), "llama_cpp": runtime.LLAMA_CPP_COMMIT},
         "eval_tokens": eval_tokens,

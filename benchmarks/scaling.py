@@ -155,13 +155,12 @@ def run_job(pipeline: str, shape: str, layers: int | None, threads: int, limit_f
 
 
 def machine() -> dict:
-    from llmcompress.llamacpp.runtime import _ISA_FLAGS
-    from llmcompress.serving.support import cpu_flags
+    from llmcompress.llamacpp.runtime import isa_flags
     from llmcompress.utils.memory import machine_memory
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    return {"cpu": model, "cores": os.cpu_count(), "flags": sorted(cpu_flags() & set(_ISA_FLAGS)),
+    return {"cpu": model, "cores": os.cpu_count(), "flags": isa_flags(),
             "memory_bytes": (machine_memory() or {}).get("total"), "python": platform.python_version()}
 
 

@@ -53,6 +53,11 @@ _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "
 _BUILD_FLAGS = tuple(f for f in _ISA_FLAGS if not f.startswith("amx"))
 
 
+def isa_flags() -> list[str]:
+    """This CPU's vector ISA flags (of ``_ISA_FLAGS``), sorted: what benchmarks write beside their figures."""
+    return sorted(cpu_flags() & set(_ISA_FLAGS))
+
+
 def root() -> Path:
     from ..utils.cache import cache_dir
 
