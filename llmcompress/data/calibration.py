@@ -217,6 +217,38 @@ def load_calibration(
     return stream[picked].contiguous()  # (samples, seq_len)
 
 
+def as_sources(value: "CalibrationConfig | list[CalibrationConfig]") -> list[CalibrationConfig]:
+    """One source or a list of them, as a list."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def check_source_list(value: "CalibrationConfig | list[CalibrationConfig]", field: str) -> None:
+    """A list of sources must be non-empty and share one ``seq_len`` (its windows go into one tensor); ValueError
+    with the fix otherwise (pydantic turns it into the recipe error)."""
+    if not isinstance(value, list):
+        return
+    if not value:
+        raise ValueError(f"`{field}` is an empty list. Fix: one source, e.g. `{field}: {{source: builtin:pysource, "
+                         f"samples: 32, seq_len: 256}}`, or a list of them")
+    lengths = sorted({d.seq_len for d in value})
+    if len(lengths) > 1:
+        raise ValueError(f"`{field}` lists sources with different seq_len ({', '.join(map(str, lengths))}); their "
+                         f"windows are used together. Fix: give every source the same `seq_len`, e.g. {lengths[-1]}")
+
+
+def load_sources(value: "CalibrationConfig | list[CalibrationConfig]", tokenizer: Any, base_dir: Path | None = None,
+                 model: Any = None) -> "torch.Tensor":
+    """``load_calibration`` of every source, one after another: ``(samples summed over the sources, seq_len)``."""
+    import torch
+
+    return torch.cat([load_calibration(c, tokenizer, base_dir, model=model) for c in as_sources(value)])
+
+
+def record_sources(value: "CalibrationConfig | list[CalibrationConfig]", ids: "torch.Tensor") -> Any:
+    """``record`` for one source (with ``ids``' size), or a list of the sources' records (their own sizes)."""
+    return value.record(ids) if not isinstance(value, list) else [c.record() for c in value]
+
+
 def to_records(ids: "torch.Tensor") -> list[dict[str, list[int]]]:
     """``(N, L)`` token ids -> ``[{"input_ids": [...], "attention_mask": [1, ...]}]`` (gptqmodel, datasets)."""
     return [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]

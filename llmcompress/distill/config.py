@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..data.calibration import CalibrationConfig
+from ..data.calibration import CalibrationConfig, as_sources, check_source_list
 from ..data.corpora import BUILTIN_PREFIX, check_builtin
 from ..stage import StageConfig
 
@@ -154,21 +154,13 @@ class DistillSettings(StageConfig):
     @field_validator("data")
     @classmethod
     def _data(cls, v: CalibrationConfig | list[CalibrationConfig]) -> CalibrationConfig | list[CalibrationConfig]:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("`data` is an empty list. Fix: one source, e.g. `data: {source: builtin:pysource, "
-                                 "samples: 512, seq_len: 256}`, or a list of them")
-            lengths = sorted({d.seq_len for d in v})
-            if len(lengths) > 1:
-                raise ValueError(f"`data` lists sources with different seq_len ({', '.join(map(str, lengths))}); "
-                                 f"the student trains on windows of one length. Fix: give every source the same "
-                                 f"`seq_len`, e.g. {lengths[-1]}")
+        check_source_list(v, "data")
         return v
 
     @property
     def data_sources(self) -> list[CalibrationConfig]:
         """``data`` as a list (one entry for a single source)."""
-        return list(self.data) if isinstance(self.data, list) else [self.data]
+        return as_sources(self.data)
 
     @property
     def seq_len(self) -> int:

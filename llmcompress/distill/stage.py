@@ -114,7 +114,7 @@ class DistillStage(DistillSettings):
         import torch
         from transformers import AutoTokenizer
 
-        from ..data.calibration import load_calibration
+        from ..data.calibration import load_sources
         from ..lora.data import TrainData
         from .heldout import HeldOut, held_out_windows
         from .topk import TopKLogits
@@ -122,8 +122,7 @@ class DistillStage(DistillSettings):
         t = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.current.path))
         with ctx.task("distill: data"):
-            ids = torch.cat([load_calibration(source, tokenizer, ctx.recipe.base_dir, model=ctx.original)
-                             for source in self.data_sources])  # (samples summed over the sources, seq_len)
+            ids = load_sources(self.data, tokenizer, ctx.recipe.base_dir, model=ctx.original)  # (samples, seq_len)
         data = TrainData(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
         windows = (held_out_windows(self.held_out, tokenizer, self.seq_len, ctx.recipe.base_dir)
                    if self.held_out is not None else None)

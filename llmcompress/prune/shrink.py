@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from ..data.calibration import CalibrationConfig
+from ..data.calibration import (CalibrationConfig, as_sources, check_calibration, check_source_list, load_sources,
+                                record_sources)
 from ..errors import RecipeError
 from ..stage import StageConfig, StageResult, by_family
 from ..utils.io import read_config
@@ -97,18 +98,24 @@ class ShrinkConfig(StageConfig):
 
     type: Literal["prune"] = "prune"
     method: str
-    calibration: CalibrationConfig = Field(
+    calibration: CalibrationConfig | list[CalibrationConfig] = Field(
         default_factory=lambda: CalibrationConfig(samples=32, seq_len=256),
-        description="Text whose activations rank the pieces (the default: builtin:mixed, 32 x 256 tokens).")
+        description="Text whose activations rank the pieces (the default: builtin:mixed, 32 x 256 tokens), or a "
+        "list of sources with one seq_len, used together.")
+
+    @field_validator("calibration")
+    @classmethod
+    def _sources(cls, v: CalibrationConfig | list[CalibrationConfig]) -> CalibrationConfig | list[CalibrationConfig]:
+        check_source_list(v, "calibration")
+        return v
 
     changes_model: ClassVar[bool] = True
     #: The model's architecture changes: later stages are checked against the original's config.json no further.
     reshapes_model: ClassVar[bool] = True
 
     def preflight(self, base_dir: "Path | None" = None) -> None:
-        from ..data import check_calibration
-
-        check_calibration(self.calibration, base_dir)
+        for source in as_sources(self.calibration):
+            check_calibration(source, base_dir)
 
     def check_model(self, model_dir: Path) -> None:
         """The cut fits the model (its config.json; no weights): RecipeError with the fix otherwise."""
@@ -127,7 +134,6 @@ class ShrinkConfig(StageConfig):
 
     @by_family
     def run(self, ctx: "RunContext") -> StageResult:
-        from ..data import load_calibration
         from ..models.loading import save_model, storage_dtype_of
         from .base import check_dense, load_dense_copy
 
@@ -138,7 +144,7 @@ class ShrinkConfig(StageConfig):
         t0 = time.perf_counter()
         model, tokenizer = load_dense_copy(ctx)
         before = sum(p.numel() for p in model.parameters())
-        ids = load_calibration(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)
+        ids = load_sources(self.calibration, tokenizer, ctx.recipe.base_dir, model=ctx.original)
         with ctx.task(f"prune {self.describe()}", total=None):
             info = self.shrink_(model, ids, shape, new, ctx)
         seconds = time.perf_counter() - t0
@@ -155,7 +161,7 @@ class ShrinkConfig(StageConfig):
             "method": self.method, "shape_before": asdict(shape), "shape_after": asdict(new),
             "params_before": before, "params_after": after, "params_removed": 1 - after / before,
             "prune_seconds": round(seconds, 3), "size_bytes": ctx.current.size_bytes,
-            "calibration": self.calibration.record(ids), **info,
+            "calibration": record_sources(self.calibration, ids), **info,
         }
         summary = {"method": self.describe(), "shape": f"{shape.describe()} -> {new.describe()}",
                    "parameters": f"{before / 1e6:.1f}M -> {after / 1e6:.1f}M ({1 - after / before:.1%} fewer)",

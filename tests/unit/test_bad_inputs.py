@@ -1123,6 +1123,13 @@ STAGE_CASES += [
       "different seq_len (128, 256)", "Fix: give every source the same `seq_len`"),
     C("distill-data-list-missing-file", stage("{type: distill, data: [{source: builtin:pysource}, "
                                               "{source: nope.txt}]}"), "{file}", "nope.txt"),
+    C("prune-calibration-list-seq-len", stage("{type: prune, method: width, target: 0.2, calibration: ["
+                                              "{source: builtin:pydoc, seq_len: 128}, {source: builtin:pysource, "
+                                              "seq_len: 256}]}"), "{file}", "`calibration` lists sources with "
+      "different seq_len (128, 256)", "Fix: give every source the same `seq_len`"),
+    C("prune-calibration-list-missing-file", stage("{type: prune, method: depth, layers: 2, calibration: ["
+                                                   "{source: builtin:pysource}, {source: nope.txt}]}"), "{file}",
+      "nope.txt"),
     C("distill-on-vision", "name: r\nmodel: tiny-random-convnext\nthreads: 1\nstages:\n  - {type: distill}\n",
       "{file}", "stages[0] (distill)", "Fix: remove it"),
 ]

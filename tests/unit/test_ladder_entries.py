@@ -32,7 +32,7 @@ def test_every_entry_is_a_valid_recipe(ladder, tmp_path):
 
 
 def test_the_budget_entries_change_only_the_distill_budget(ladder):
-    base = ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
+    base = ladder.first_prune_distill()
     for name, factor in (("prune-distill-2x", 2), ("prune-distill-4x", 4)):
         stages = ladder.compress_stages(ladder.ENTRIES[name][0])
         assert [s for s in stages if s["type"] != "distill"] == [s for s in base if s["type"] != "distill"]
@@ -42,13 +42,24 @@ def test_the_budget_entries_change_only_the_distill_budget(ladder):
 
 def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path):
     runs = tmp_path / "runs"
-    for i, kind in enumerate(["prune", "prune", "distill"]):
-        folder = runs / "prune-distill" / f"{i + 1:02d}-{kind}"
-        folder.mkdir(parents=True)
-        (folder / "result.json").write_text(json.dumps({"stage": i}))
+    for entry in ("prune-distill", "prune-distill-first"):
+        for i, kind in enumerate(["prune", "prune", "distill"]):
+            folder = runs / entry / f"{i + 1:02d}-{kind}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({"stage": i}))
     assert ladder.reuse_prefix("prune-distill+best", runs) == "prune-distill"
     assert sorted(p.name for p in (runs / "prune-distill+best").iterdir()) == ["01-prune", "02-prune", "03-distill",
                                                                              "manifest.json"]
-    assert ladder.reuse_prefix("prune-distill-2x", runs) == "prune-distill"  # the two prune stages only
+    assert ladder.reuse_prefix("prune-distill-2x", runs) == "prune-distill-first"  # the two prune stages only
     assert sorted(p.name for p in (runs / "prune-distill-2x").iterdir()) == ["01-prune", "02-prune", "manifest.json"]
     assert ladder.reuse_prefix("lowrank-20", runs) is None and not (runs / "lowrank-20").exists()
+
+
+def test_the_first_recipe_is_kept_as_it_was_measured(ladder):
+    """The healing entries (2x, lr, prose, depth2, frozen-emb) were measured from the first recipe: it is written out
+    in the ladder, and the recipe differs from it only in how the prune ranks what it cuts."""
+    first, now = ladder.first_prune_distill(), ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
+    assert [s["method"] for s in first[:2]] == [s["method"] for s in now[:2]] == ["depth", "width"]
+    assert (first[0]["layers"], first[1]["target"]) == (now[0]["layers"], now[1]["target"])
+    assert "importance" not in first[0] and now[0]["importance"] == "perplexity"
+    assert first[1]["calibration"] == ladder.PYSOURCE and now[1]["calibration"] == [ladder.PYSOURCE, ladder.SELFGEN]

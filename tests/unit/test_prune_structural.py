@@ -160,6 +160,29 @@ def test_depth_keeps_the_most_influential_layers_and_generates_like_the_reload(g
     assert torch.allclose(_fresh_process_logits(tmp_path, ids), expected, atol=1e-5)
 
 
+def test_depth_by_perplexity_removes_the_layers_whose_absence_costs_least(gqa_model):
+    """Greedy by loss: the first layer removed is the one whose absence alone gives the lowest loss (checked against
+    each single removal measured here), the second the best given the first; the model keeps its other layers."""
+    ids = _ids(8, 32, seed=1)
+
+    def loss_without(gone):
+        m = _load(gqa_model)
+        m.model.layers = torch.nn.ModuleList([x for i, x in enumerate(m.model.layers) if i not in gone])
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss)
+
+    first = min(range(4), key=lambda i: loss_without({i}))
+    second = min((i for i in range(4) if i != first), key=lambda i: loss_without({first, i}))
+    model = _load(gqa_model)
+    shape = Shape.of_config(json.loads((gqa_model / "config.json").read_text()))
+    cfg = DepthConfig(layers=2, importance="perplexity", calibration=CAL)
+    info = cfg.shrink_(model, ids, shape, cfg.plan(shape), None)
+    assert info["layers_removed"] == sorted([first, second])
+    assert info["loss_after_each_removal"] == pytest.approx([loss_without({first}), loss_without({first, second})],
+                                                            rel=1e-4)
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+
+
 def test_a_recipe_run_writes_a_smaller_plain_checkpoint(make_ctx):
     ctx = make_ctx(stages=[{"type": "prune", "method": "width", "target": 0.2, "multiple_of": 8,
                             "calibration": CAL}])
@@ -168,3 +191,13 @@ def test_a_recipe_run_writes_a_smaller_plain_checkpoint(make_ctx):
     assert result.data["params_after"] == Shape(**result.data["shape_after"]).params()
     assert ctx.current.size_bytes < ctx.original.size_bytes
     assert "plain transformers" in json.loads((ctx.current.path / "llmcompress.json").read_text())["note"]
+
+
+def test_a_list_of_calibration_sources_is_used_together(make_ctx):
+    """``calibration`` takes several sources with one seq_len: their windows rank the pieces together, and the
+    result records each source."""
+    ctx = make_ctx(stages=[{"type": "prune", "method": "width", "target": 0.2, "multiple_of": 8,
+                            "calibration": [CAL, {**CAL, "source": "builtin:pysource", "samples": 3}]}])
+    data = ctx.recipe.stages[0].run(ctx).data
+    assert [(c["source"], c["tokens"]) for c in data["calibration"]] == [("builtin:pydoc", 4 * 64),
+                                                                         ("builtin:pysource", 3 * 64)]
