@@ -140,8 +140,7 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
 SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-first", "prune-distill-2x",
           "prune-distill-4x", "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill-depth2",
-          "prune-distill-frozen-emb", "prune-distill-first+best",
-          "prune-distill+best")
+          "prune-distill-frozen-emb", "prune-distill-first+best", "prune-distill+best")
 SHRINK_THREADS = 2
 
 
@@ -152,8 +151,8 @@ def with_distill(spec, **settings) -> list[dict]:
 
 def first_prune_distill() -> list[dict]:
     """recipes/smollm2-prune-distill.yaml as first written (until 2026-12-05): layers by block influence, MLP channels
-    ranked on code only. The recipe now ranks both differently; the healing runs that
-    measured tokens, data and learning rate started from this one."""
+    ranked on code only. The recipe now ranks both differently; the healing runs that measured tokens, data and
+    learning rate started from this one."""
     return [{"type": "prune", "method": "depth", "layers": 3, "calibration": PYSOURCE},
             {"type": "prune", "method": "width", "target": 0.13, "calibration": PYSOURCE},
             {"type": "distill", "teacher": "original",
