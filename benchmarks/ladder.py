@@ -100,9 +100,16 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
                      "calibration": {**MIXED, "samples": 16, "seq_len": 256}}], False,
                    "the same at 3 bits, activation-weighted"),
     "prune-distill": ("recipes/smollm2-prune-distill.yaml", True,
-                      "the recipe: 3 layers chosen by removal loss + MLP width ranked on code and the original's own "
-                      "text (20% of the parameters) + 20 min of distillation from the original on the standard "
-                      "library's source and the original's own chats and prose (neither evaluated domain)"),
+                      "the recipe: 3 layers chosen by removal loss + MLP width ranked on a quarter code, three "
+                      "quarters the original's own text (20% of the parameters) + 20 min of distillation from the "
+                      "original, embeddings frozen, on the standard library's source and the original's own chats "
+                      "and prose (neither evaluated domain)"),
+    # run to run: the same stages, the healing windows in another order (the only randomness of `train: all`)
+    "prune-distill-seed1": (lambda: with_distill("recipes/smollm2-prune-distill.yaml", seed=1), True,
+                            "prune-distill with the healing data in another order (distill seed 1)"),
+    "prune-distill-second": (lambda: second_prune_distill(), True,
+                             "the second recipe: 3 layers by removal loss + MLP width ranked on code and the "
+                             "original's own text half and half, embeddings trained, the same healing"),
     "prune-distill-first": (lambda: first_prune_distill(), True,
                             "the first recipe: 3 layers by block influence + MLP width ranked on code, the same "
                             "healing"),
@@ -128,19 +135,23 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
                              "same parameter count)"),
     # the tied embedding is also the output layer: trained on code and chat only, it may push down tokens those never
     # use (the other domain's words); frozen, 28.3M fewer weights train and the output layer stays the original's
-    "prune-distill-frozen-emb": (lambda: with_distill("recipes/smollm2-prune-distill.yaml", train_embeddings=False),
-                                 True, "prune-distill with the (tied) embeddings frozen during healing"),
+    "prune-distill-frozen-emb": (lambda: with_distill(second_prune_distill(), train_embeddings=False),
+                                 True, "prune-distill-second with the (tied) embeddings frozen during healing"),
     "prune-distill-first+best": (lambda: [*first_prune_distill(), *compress_stages("recipes/smollm2-best-4bit.yaml")],
                                  True, "prune-distill-first, then the best 4-bit recipe's GGUF plan on the pruned "
                                  "model"),
+    "prune-distill-second+best": (lambda: [*second_prune_distill(),
+                                           *compress_stages("recipes/smollm2-best-4bit.yaml")], True,
+                                  "prune-distill-second, then the best 4-bit recipe's GGUF plan on the pruned model"),
     "prune-distill+best": (["recipes/smollm2-prune-distill.yaml", "recipes/smollm2-best-4bit.yaml"], True,
                            "prune-distill, then the best 4-bit recipe's GGUF plan on the pruned model"),
 }
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
-SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-first", "prune-distill-2x",
-          "prune-distill-4x", "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill-depth2",
-          "prune-distill-frozen-emb", "prune-distill-first+best", "prune-distill+best")
+SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-seed1", "prune-distill-first",
+          "prune-distill-2x", "prune-distill-4x", "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill-depth2",
+          "prune-distill-second", "prune-distill-frozen-emb", "prune-distill-first+best", "prune-distill-second+best",
+          "prune-distill+best")
 SHRINK_THREADS = 2
 
 
@@ -159,6 +170,14 @@ def first_prune_distill() -> list[dict]:
              "data": [{**PYSOURCE, "samples": 640}, {**SELFGEN, "samples": 384}],
              "top_k": 64, "budget": {"minutes": 20}, "lr": 0.0001, "batch_size": 8,
              "held_out": {"source": "builtin:pydoc", "tokens": 2048, "every": 100}}]
+
+
+def second_prune_distill() -> list[dict]:
+    """recipes/smollm2-prune-distill.yaml as it was on 2026-12-05 evening: layers by removal loss, MLP channels ranked
+    on code and the original's own text half and half, the embeddings trained. The recipe now ranks on a quarter code
+    and freezes the embeddings."""
+    first = first_prune_distill()
+    return [{**first[0], "importance": "perplexity"}, {**first[1], "calibration": [PYSOURCE, SELFGEN]}, first[2]]
 
 
 def compress_stages(spec: list | str | Callable[[], list[dict]]) -> list[dict]:

@@ -55,11 +55,18 @@ def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path)
     assert ladder.reuse_prefix("lowrank-20", runs) is None and not (runs / "lowrank-20").exists()
 
 
-def test_the_first_recipe_is_kept_as_it_was_measured(ladder):
-    """The healing entries (2x, lr, prose, depth2, frozen-emb) were measured from the first recipe: it is written out
-    in the ladder, and the recipe differs from it only in how the prune ranks what it cuts."""
-    first, now = ladder.first_prune_distill(), ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
+def test_the_earlier_recipes_are_kept_as_they_were_measured(ladder):
+    """The healing entries (2x, lr, prose, depth2) were measured from the first recipe, frozen-emb from the second:
+    both are written out in the ladder, and the recipe differs from them only in how the prune ranks what it cuts
+    and in the frozen embeddings."""
+    first, second = ladder.first_prune_distill(), ladder.second_prune_distill()
+    now = ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
     assert [s["method"] for s in first[:2]] == [s["method"] for s in now[:2]] == ["depth", "width"]
     assert (first[0]["layers"], first[1]["target"]) == (now[0]["layers"], now[1]["target"])
-    assert "importance" not in first[0] and now[0]["importance"] == "perplexity"
-    assert first[1]["calibration"] == ladder.PYSOURCE and now[1]["calibration"] == [ladder.PYSOURCE, ladder.SELFGEN]
+    assert "importance" not in first[0] and second[0]["importance"] == now[0]["importance"] == "perplexity"
+    assert first[1]["calibration"] == ladder.PYSOURCE and second[1]["calibration"] == [ladder.PYSOURCE, ladder.SELFGEN]
+    assert now[1]["calibration"] == [{**ladder.PYSOURCE, "samples": 16}, {**ladder.SELFGEN, "samples": 48}]
+    assert first[2] == second[2] == {k: v for k, v in now[2].items() if k != "train_embeddings"}
+    assert now[2]["train_embeddings"] is False
+    assert ladder.compress_stages(ladder.ENTRIES["prune-distill-frozen-emb"][0])[2] == {**second[2],
+                                                                                       "train_embeddings": False}
