@@ -1,6 +1,6 @@
 """Issue 20 on a GPU: the prune-distill recipe's healing at 1x, 2x, 4x, 8x... its 2-core CPU budget, in one run.
 
-The recipe heals for 20 minutes on 2 CPU cores (466,944 tokens on an AMX Xeon). "How does the figure move with 2x and
+The recipe heals for 20 minutes on 2 CPU cores (495,616 tokens on an AMX Xeon). "How does the figure move with 2x and
 4x the budget" costs hours there and minutes on a GPU. This runs `recipes/smollm2-prune-distill.yaml`'s stages with
 `device: cuda` and the distill budget set in tokens (multiples of the CPU run's), each followed by the ladder's
 evaluation (perplexity and KL on the first 4,096 tokens of Python's docs and of tinyshakespeare) and, for the first,
@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import typer
-from ladder import collect, recipe, with_distill  # benchmarks/ is on sys.path when run as a script
+from ladder import RECIPE_TOKENS, collect, recipe, with_distill  # benchmarks/ is on sys.path when run as a script
 
 app = typer.Typer(add_completion=False)
 RECIPE = "recipes/smollm2-prune-distill.yaml"
-CPU_TOKENS = 466_944  # the recipe's 20 minutes on 2 cores (AMX Xeon, 2026-12-05): benchmarks/results/ladder.json
 
 FRESH_CHECK = r"""
 import json, math, sys, torch
@@ -67,7 +66,7 @@ def gpu_name() -> str:
 @app.command()
 def main(texts: Path = typer.Option(..., help="Folder with eval-pydoc.txt and eval-shakespeare.txt."),
          out: Path = typer.Option(..., help="Where the runs and gpu_heal_budget.json go."),
-         budgets: str = typer.Option("1,2,4,8", help="Multiples of the CPU run's 466,944 healing tokens."),
+         budgets: str = typer.Option("1,2,4,8", help="Multiples of the CPU run's 495,616 healing tokens."),
          time_limit_s: float = typer.Option(420, help="Start no further budget after this many seconds."),
          device: str = typer.Option("cuda", help="cuda; cpu or auto only to try the script (with --smoke)."),
          threads: int = typer.Option(8, help="torch CPU threads (part of the stages' fingerprints)."),
@@ -77,7 +76,7 @@ def main(texts: Path = typer.Option(..., help="Folder with eval-pydoc.txt and ev
 
     t0 = time.perf_counter()
     evals = {d: texts / f"eval-{d}.txt" for d in ("pydoc", "shakespeare")}
-    result: dict = {"device": gpu_name() if device == "cuda" else "cpu", "recipe": RECIPE, "cpu_tokens": CPU_TOKENS,
+    result: dict = {"device": gpu_name() if device == "cuda" else "cpu", "recipe": RECIPE, "cpu_tokens": RECIPE_TOKENS,
                     "runs": {}}
     out.mkdir(parents=True, exist_ok=True)
     first_run: Path | None = None
@@ -86,7 +85,7 @@ def main(texts: Path = typer.Option(..., help="Folder with eval-pydoc.txt and ev
             result["stopped"] = f"time limit {time_limit_s:.0f} s reached before budget {k:g}x"
             break
         name = f"heal-{k:g}x"
-        stages = with_distill(RECIPE, budget={"tokens": int(k * CPU_TOKENS)})
+        stages = with_distill(RECIPE, budget={"tokens": int(k * RECIPE_TOKENS)})
         if smoke:
             stages = [{**s, "data": [{**d, "samples": 4} for d in s["data"]], "held_out": {**s["held_out"],
                        "tokens": 256}} if s["type"] == "distill" else s for s in stages]

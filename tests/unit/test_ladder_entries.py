@@ -32,12 +32,14 @@ def test_every_entry_is_a_valid_recipe(ladder, tmp_path):
 
 
 def test_the_budget_entries_change_only_the_distill_budget(ladder):
-    base = ladder.first_prune_distill()
-    for name, factor in (("prune-distill-2x", 2), ("prune-distill-4x", 4)):
+    first, now = ladder.first_prune_distill(), ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
+    for name, base, factor, tokens in (("prune-distill-first-2x", first, 2, 380_928),
+                                       ("prune-distill-first-4x", first, 4, 380_928),
+                                       ("prune-distill-2x", now, 2, ladder.RECIPE_TOKENS)):
         stages = ladder.compress_stages(ladder.ENTRIES[name][0])
-        assert [s for s in stages if s["type"] != "distill"] == [s for s in base if s["type"] != "distill"]
+        assert [{**s, "budget": None} for s in stages] == [{**s, "budget": None} for s in base], name
         (distill,) = [s for s in stages if s["type"] == "distill"]
-        assert distill["budget"] == {"tokens": factor * 380_928}
+        assert distill["budget"] == {"tokens": factor * tokens}
 
 
 def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path):
@@ -50,8 +52,9 @@ def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path)
     assert ladder.reuse_prefix("prune-distill+best", runs) == "prune-distill"
     assert sorted(p.name for p in (runs / "prune-distill+best").iterdir()) == ["01-prune", "02-prune", "03-distill",
                                                                              "manifest.json"]
-    assert ladder.reuse_prefix("prune-distill-2x", runs) == "prune-distill-first"  # the two prune stages only
-    assert sorted(p.name for p in (runs / "prune-distill-2x").iterdir()) == ["01-prune", "02-prune", "manifest.json"]
+    assert ladder.reuse_prefix("prune-distill-first-2x", runs) == "prune-distill-first"  # the two prune stages only
+    assert sorted(p.name for p in (runs / "prune-distill-first-2x").iterdir()) == ["01-prune", "02-prune",
+                                                                                 "manifest.json"]
     assert ladder.reuse_prefix("lowrank-20", runs) is None and not (runs / "lowrank-20").exists()
 
 
