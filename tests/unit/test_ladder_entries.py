@@ -59,9 +59,9 @@ def test_a_longer_entry_starts_from_the_shared_finished_stages(ladder, tmp_path)
 
 
 def test_the_earlier_recipes_are_kept_as_they_were_measured(ladder):
-    """The healing entries (2x, lr, prose, depth2) were measured from the first recipe, frozen-emb from the second:
-    both are written out in the ladder, and the recipe differs from them only in how the prune ranks what it cuts
-    and in the frozen embeddings."""
+    """The healing entries (first-2x, lr, prose, depth2) were measured from the first recipe, frozen-emb from the
+    second: both are written out in the ladder, and the recipe differs from them only in how the prune ranks what it
+    cuts and in the frozen embeddings."""
     first, second = ladder.first_prune_distill(), ladder.second_prune_distill()
     now = ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
     assert [s["method"] for s in first[:2]] == [s["method"] for s in now[:2]] == ["depth", "width"]
