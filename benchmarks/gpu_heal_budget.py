@@ -16,15 +16,13 @@ checkout, not in it). OUT gets gpu_heal_budget.json after every run (so a run cu
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import typer
-from ladder import RECIPE_TOKENS, collect, recipe, with_distill  # benchmarks/ is on sys.path when run as a script
+from ladder import RECIPE_TOKENS, collect, recipe, seed_run, with_distill  # benchmarks/ is on sys.path
 
 app = typer.Typer(add_completion=False)
 RECIPE = "recipes/smollm2-prune-distill.yaml"
@@ -95,13 +93,7 @@ def main(texts: Path = typer.Option(..., help="Folder with eval-pydoc.txt and ev
         rec.update(name=name, device=device)
         run = out / name
         if first_run is not None:  # the same two prune stages: reuse them (a stage's fingerprint is its inputs)
-            from llmcompress import rundir
-
-            run.mkdir(parents=True, exist_ok=True)
-            rundir.start_manifest(run, name)
-            for f in sorted(first_run.glob("0[12]-prune")):
-                if not (run / f.name).exists():
-                    shutil.copytree(f, run / f.name, copy_function=os.link)
+            seed_run(run, name, sorted(first_run.glob("0[12]-prune")))
         t = time.perf_counter()
         run_recipe(load_recipe(rec), run, show_progress=False)
         entry = collect(run, evals)

@@ -217,8 +217,6 @@ def reuse_prefix(name: str, runs: Path) -> str | None:
     longest run of leading compressing stages that are the same (prune-distill+best starts with prune-distill's 20
     minutes of healing; prune-distill-first-2x with its two prune stages). Hard links, so the run resumes after them (a
     stage's fingerprint is the model and the stages up to it, not the recipe's name). Returns the entry reused."""
-    import shutil
-
     mine = compress_stages(ENTRIES[name][0])
 
     def shared(other: str) -> int:
@@ -233,14 +231,22 @@ def reuse_prefix(name: str, runs: Path) -> str | None:
     folders = sorted((runs / best).glob("[0-9][0-9]-*"))[:n] if n else []
     if not n or len(folders) < n or not all((f / "result.json").is_file() for f in folders):
         return None
+    seed_run(runs / name, recipe_name(name), folders)
+    return best
+
+
+def seed_run(run: Path, name: str, folders: list[Path]) -> None:
+    """Make ``run`` a run folder (an existing manifest is kept) holding hard links of these finished stage folders,
+    so a run of the same stages resumes after them."""
+    import shutil
+
     from llmcompress import rundir
 
-    (runs / name).mkdir(parents=True, exist_ok=True)
-    rundir.start_manifest(runs / name, recipe_name(name))  # a run folder (an existing manifest is kept)
+    run.mkdir(parents=True, exist_ok=True)
+    rundir.start_manifest(run, name)
     for f in folders:
-        if not (runs / name / f.name).exists():
-            shutil.copytree(f, runs / name / f.name, copy_function=os.link)
-    return best
+        if not (run / f.name).exists():
+            shutil.copytree(f, run / f.name, copy_function=os.link)
 
 
 def recipe_name(entry: str) -> str:
