@@ -120,6 +120,9 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
     "prune-distill-2x": (lambda: with_distill("recipes/smollm2-prune-distill.yaml",
                                               budget={"tokens": 2 * RECIPE_TOKENS}), False,
                          "prune-distill with twice the healing tokens"),
+    "prune-distill-4x": (lambda: with_distill("recipes/smollm2-prune-distill.yaml",
+                                              budget={"tokens": 4 * RECIPE_TOKENS}), False,
+                         "prune-distill with four times the healing tokens"),
     "prune-distill-first-2x": (lambda: with_distill(first_prune_distill(), budget={"tokens": 2 * 380_928}), True,
                                "prune-distill-first with twice the healing tokens"),
     "prune-distill-first-4x": (lambda: with_distill(first_prune_distill(), budget={"tokens": 4 * 380_928}), True,
@@ -153,9 +156,9 @@ ENTRIES: dict[str, tuple[list[dict] | str | Callable[[], list[dict]], bool, str]
 #: Entries that shrink the model: a benchmark stage times their decode against the original's. They run on 2 torch
 #: threads (the distill budget is "20 minutes on 2 cores"), the other entries on --threads.
 SHRINK = ("width-20", "depth-20", "lowrank-20", "prune-distill", "prune-distill-seed1", "prune-distill-2x",
-          "prune-distill-first", "prune-distill-first-2x", "prune-distill-first-4x", "prune-distill-lr3e-4",
-          "prune-distill-prose", "prune-distill-depth2", "prune-distill-second", "prune-distill-frozen-emb",
-          "prune-distill-first+best", "prune-distill-second+best", "prune-distill+best")
+          "prune-distill-4x", "prune-distill-first", "prune-distill-first-2x", "prune-distill-first-4x",
+          "prune-distill-lr3e-4", "prune-distill-prose", "prune-distill-depth2", "prune-distill-second",
+          "prune-distill-frozen-emb", "prune-distill-first+best", "prune-distill-second+best", "prune-distill+best")
 SHRINK_THREADS = 2
 
 

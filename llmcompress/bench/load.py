@@ -140,6 +140,13 @@ def figures(result: dict, slo: bool) -> dict[str, Any]:
         out[f"{m}_mean_ms"] = _round(result.get(f"mean_{m}_ms"))
         for p in PERCENTILES:
             out[f"{m}_p{p}_ms"] = _round(result.get(f"p{p}_{m}_ms"))
+    # The tool writes 0 for TPOT and ITL when every request's whole output reached the client in its first chunk (a
+    # tiny model at rate inf): then nothing was timed per token, and 0 ms would read as infinitely fast.
+    unmeasured = [m for m in ("tpot", "itl") if out[f"{m}_mean_ms"] == 0]
+    for m in unmeasured:
+        out.update({f"{m}_mean_ms": None, **{f"{m}_p{p}_ms": None for p in PERCENTILES}})
+    if unmeasured:
+        out["not_per_token"] = unmeasured
     return out
 
 

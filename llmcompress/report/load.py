@@ -54,12 +54,16 @@ def load_markdown(report: dict, table: Any) -> str:
                          M.fmt_number(p["output_throughput"]), _trio(p, "ttft"), _trio(p, "tpot"), _trio(p, "itl"),
                          e2e, *([M.fmt_number(p.get("request_goodput"))] if slo else []), p.get("failed", 0)])
     unserved = ((_stage(report).get("backends") or {}).get("vllm") or {}).get("unsupported") or {}
+    untimed = sorted({f"{_rate(rate)} ({key.split('/', 1)[1]})" for key in keys
+                      for rate, p in zip(s["rates"], load["curves"][key]) if p.get("not_per_token")})
     limits = ", ".join(f"{k[:-3].upper()} ≤ {v:g} ms" for k, v in (slo or {}).items() if v is not None)
     runtime = ", ".join(str(s[k]) for k in ("device", "dtype") if s.get(k))
     return "\n".join([
         "## Load curves (vLLM)", "", table(header, rows), "",
         *[f"- **{role}** has no curve: vLLM does not serve it here ({why})" for role, why in unserved.items()],
-        *([""] if unserved else []),
+        *([f"- TPOT and ITL at {', '.join(untimed)}: not measured (—): each request's whole output reached the "
+           "client in one streamed chunk, so no time per token was seen"] if untimed else []),
+        *([""] if unserved or untimed else []),
         f"*Measured with {s['tool']} against each model's vLLM server, one run per rate and model, rate by rate "
         f"(every model in turn): {s['num_prompts']} requests per run, random prompts of {s['input_len']} tokens, "
         f"exactly {s['output_len']} output tokens each (greedy, ignore_eos), {s['arrivals']} arrivals"

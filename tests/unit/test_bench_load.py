@@ -102,7 +102,26 @@ def test_figures_from_the_tools_json():
     assert (f["ttft_p50_ms"], f["ttft_p90_ms"], f["ttft_p99_ms"]) == (10.31, 18.69, 21.92)
     assert (f["tpot_p99_ms"], f["itl_p90_ms"], f["e2el_p50_ms"]) == (3.23, 3.15, 22.62)
     assert f["completed"] == 4 and f["failed"] == 0
-    assert "request_goodput" not in L.figures(RESULT, slo=False)
+    assert "request_goodput" not in L.figures(RESULT, slo=False) and "not_per_token" not in f
+
+
+def test_tpot_and_itl_of_zero_are_not_measured():
+    """vllm bench serve writes 0 when each request's whole output came in its first chunk (seen with a tiny model at
+    rate inf): the figures say "not measured" rather than 0 ms, and the table says why."""
+    from llmcompress.report.load import load_markdown
+    from llmcompress.report.markdown import _table
+
+    zero = {**RESULT, **{f"{k}_{m}_ms": 0.0 for m in ("tpot", "itl") for k in ("mean", "p50", "p90", "p99")}}
+    f = L.figures(zero, slo=False)
+    assert f["not_per_token"] == ["tpot", "itl"] and f["tpot_p99_ms"] is None and f["itl_mean_ms"] is None
+    assert f["ttft_p50_ms"] == 10.31 and f["e2el_p99_ms"] == 44.51
+    report = _report()
+    report["stages"][0]["data"]["load"]["curves"]["vllm/compressed"][1] = {"rate": "inf", **f}
+    md = load_markdown(report, _table)
+    row = [r for r in md.splitlines() if r.startswith("| ∞ (all at once) | compressed |")][0]
+    assert "| — | — |" in row
+    assert ("- TPOT and ITL at ∞ (all at once) (compressed): not measured (—): each request's whole output reached "
+            "the client in one streamed chunk") in md
 
 
 @pytest.fixture

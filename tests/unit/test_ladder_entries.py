@@ -35,7 +35,8 @@ def test_the_budget_entries_change_only_the_distill_budget(ladder):
     first, now = ladder.first_prune_distill(), ladder.compress_stages("recipes/smollm2-prune-distill.yaml")
     for name, base, factor, tokens in (("prune-distill-first-2x", first, 2, 380_928),
                                        ("prune-distill-first-4x", first, 4, 380_928),
-                                       ("prune-distill-2x", now, 2, ladder.RECIPE_TOKENS)):
+                                       ("prune-distill-2x", now, 2, ladder.RECIPE_TOKENS),
+                                       ("prune-distill-4x", now, 4, ladder.RECIPE_TOKENS)):
         stages = ladder.compress_stages(ladder.ENTRIES[name][0])
         assert [{**s, "budget": None} for s in stages] == [{**s, "budget": None} for s in base], name
         (distill,) = [s for s in stages if s["type"] == "distill"]
