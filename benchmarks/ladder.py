@@ -206,13 +206,13 @@ def recipe(name: str, spec, chat: bool, texts: dict[str, Path], threads: int, ch
     if chat:
         evals.append({"type": "evaluate", "name": "chat", "tasks": [], "perplexity": None, "kl": False,
                       "chat": {"limit": chat_limit} if chat_limit else {}})
+    stages = compress_stages(spec)
     if name in SHRINK:  # decode at batch 1 against the original, in the same process (paired rounds)
-        stages = compress_stages(spec)
         gguf_file = any(s["type"] == "quantize" and s.get("method") == "gguf" for s in stages)
         # transformers cannot run a GGUF file: llama.cpp runs it, and the original as its F16 GGUF
         evals.append({"type": "benchmark", "batch_sizes": [1], **({"backends": ["llamacpp"]} if gguf_file else {})})
     return {"name": recipe_name(name), "model": model, "threads": threads,
-            "stages": [*compress_stages(spec), *evals]}
+            "stages": [*stages, *evals]}
 
 
 def reuse_prefix(name: str, runs: Path) -> str | None:

@@ -131,21 +131,14 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
     ``ids``. Returns the layers in the order removed and the loss after each removal."""
     import torch
 
-    from .layerwise import BATCH
-
     base, layers = decoder(model)
-    device = next(model.parameters()).device
 
     def loss_without(gone: set[int]) -> float:
         base.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in gone])
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for batch in ids.split(BATCH):
-                batch = batch.to(device)
-                out = model(input_ids=batch, labels=batch, use_cache=False)
-                tokens = batch[:, 1:].numel()
-                total, n = total + float(out.loss) * tokens, n + tokens
-        return total / n
+        loss = calibrate(model, ids, {}, loss=True)
+        if loss is None:
+            raise RecipeError("depth: the calibration text gave no tokens. Fix: check `calibration`")
+        return loss
 
     drop: list[int] = []
     losses: list[float] = []
