@@ -5,7 +5,7 @@ The calibration text itself comes from ``llmcompress.data`` (shared with GPTQ, A
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import RecipeError
 
@@ -109,6 +109,41 @@ def input_statistics(modules: dict[str, Any], run: Callable[[], None], sums: dic
     return sums
 
 
+def float_layers(model, ids: "torch.Tensor") -> Iterator[tuple[str, Any, Callable[[], None]]]:
+    """Walk the decoder layers in order as ``(prefix, work, run)``: ``work`` is a float32 copy of the layer, and
+    ``run()`` passes the layer's calibration inputs through it (hooks on its modules see them). Once the caller has
+    changed ``work`` (pruned, factorized), its outputs become the next layer's inputs, so each layer is calibrated on
+    what the already-changed layers before it output, as in the Wanda and SparseGPT code. float32: bf16 matmuls on CPUs
+    without native bf16 are ~6x slower, and float32 statistics are more exact."""
+    import copy
+
+    import torch
+
+    list_name, layers = decoder_layers(model)
+    batches = [(_as_float32(h), _as_float32(kw)) for h, kw in first_layer_inputs(model, layers[0], ids)]
+    for i, layer in enumerate(layers):
+        work = copy.deepcopy(layer).float()
+
+        def run(work: Any = work, batches: list = batches) -> None:
+            for h, kw in batches:
+                _call(work, h, kw)
+
+        yield f"{list_name}.{i}.", work, run
+        with torch.no_grad():
+            batches = [(_call(work, h, kw), kw) for h, kw in batches]
+
+
+def full_passes(model, ids: "torch.Tensor") -> Callable[[], None]:
+    """A ``run`` for the statistics helpers: whole forward passes of ``model`` over ``ids`` in batches of BATCH."""
+
+    def run() -> None:
+        device = next(model.parameters()).device
+        for batch in ids.split(BATCH):
+            model(input_ids=batch.to(device), use_cache=False)
+
+    return run
+
+
 def layer_by_layer(
     model,
     ids: "torch.Tensor",
@@ -120,36 +155,21 @@ def layer_by_layer(
 
     For each layer, ``prune_layer(modules, norms_sq)`` gets the layer's targets (name -> nn.Linear of ``model``) and
     their input statistics on the calibration windows (see ``input_norms_sq``), prunes them in place and returns
-    name -> mask (True = pruned); the layer's outputs are then recomputed with that pruning for the next layer.
-    The passes run on a float32 copy of each layer: bf16 matmuls on CPUs without native bf16 are ~6x slower, and
-    float32 statistics are more exact.
+    name -> mask (True = pruned); the layer's outputs are then recomputed with that pruning for the next layer (the
+    passes run on a float32 copy of each layer, see ``float_layers``).
     """
-    import copy
-
     import torch
 
-    list_name, layers = decoder_layers(model)
-    batches = [(_as_float32(h), _as_float32(kw)) for h, kw in first_layer_inputs(model, layers[0], ids)]
-    for i, layer in enumerate(layers):
-        prefix = f"{list_name}.{i}."
+    for prefix, work, run in float_layers(model, ids):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        work = copy.deepcopy(layer).float()
         work_mods = {n: work.get_submodule(n[len(prefix):]) for n in mine}
-        norms = input_norms_sq(work_mods, lambda: [_call(work, h, kw) for h, kw in batches])
-        masks = prune_layer(mine, norms)
+        masks = prune_layer(mine, input_norms_sq(work_mods, run))
         with torch.no_grad():
             for n, mask in masks.items():
                 work_mods[n].weight.masked_fill_(mask.to(work_mods[n].weight.device), 0)
-            batches = [(_call(work, h, kw), kw) for h, kw in batches]
         advance(1)
 
 
 def outside_layers_norms(model, ids: "torch.Tensor", modules: dict[str, Any]) -> dict[str, "torch.Tensor"]:
     """Input statistics of targets outside the decoder layers (an unskipped lm_head), from full forward passes."""
-    device = next(model.parameters()).device
-
-    def run() -> None:
-        for batch in ids.split(BATCH):
-            model(input_ids=batch.to(device), use_cache=False)
-
-    return input_norms_sq(modules, run)
+    return input_norms_sq(modules, full_passes(model, ids))

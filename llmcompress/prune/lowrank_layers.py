@@ -88,51 +88,30 @@ def factorize_model_(model, ranks: dict[str, int], ids: torch.Tensor | None, dam
     calibrate), in float32 on a copy of the layer; modules outside the decoder layers (an unskipped lm_head) are
     whitened on full forward passes of the factorized model.
     """
-    from .layerwise import decoder_layers
+    from .layerwise import decoder_layers, float_layers, full_passes
 
     if ids is None:
         for name, rank in ranks.items():
             _replace(model, name, factorize(model.get_submodule(name).weight, rank))
         return
-    list_name, layers = decoder_layers(model)
-    _whiten_layer_by_layer_(model, list_name, layers, ranks, ids, damp, advance)
+    list_name, _ = decoder_layers(model)
+    for prefix, work, run in float_layers(model, ids):
+        mine = {n: r for n, r in ranks.items() if n.startswith(prefix)}
+        if mine:
+            work_mods = {n: work.get_submodule(n[len(prefix):]) for n in mine}
+            grams = input_grams(work_mods, run)
+            for name, rank in mine.items():
+                a, b = factorize(work_mods[name].weight, rank, whitening_factor(grams[name], damp))
+                _replace(model, name, (a, b))
+                with torch.no_grad():  # the next layer calibrates on what this factorized layer outputs
+                    work_mods[name].weight.copy_((b @ a).to(torch.float32))
+        advance(1)
     outside = {n: r for n, r in ranks.items() if not n.startswith(list_name + ".")}
     if outside:
-        from .layerwise import BATCH
-
-        device = next(model.parameters()).device
         mods = {n: model.get_submodule(n) for n in outside}
-
-        def run() -> None:
-            for batch in ids.split(BATCH):
-                model(input_ids=batch.to(device), use_cache=False)
-
-        grams = input_grams(mods, run)
+        grams = input_grams(mods, full_passes(model, ids))
         for name, rank in outside.items():
             _replace(model, name, factorize(mods[name].weight, rank, whitening_factor(grams[name], damp)))
-
-
-def _whiten_layer_by_layer_(model, list_name: str, layers, ranks: dict[str, int], ids, damp: float, advance) -> None:
-    import copy
-
-    from .layerwise import _as_float32, _call, first_layer_inputs
-
-    batches = [(_as_float32(h), _as_float32(kw)) for h, kw in first_layer_inputs(model, layers[0], ids)]
-    for i, layer in enumerate(layers):
-        prefix = f"{list_name}.{i}."
-        mine = {n: r for n, r in ranks.items() if n.startswith(prefix)}
-        work = copy.deepcopy(layer).float()
-        work_mods = {n: work.get_submodule(n[len(prefix):]) for n in mine}
-        grams = input_grams(work_mods, lambda: [_call(work, h, kw) for h, kw in batches])
-        for name, rank in mine.items():
-            a, b = factorize(work_mods[name].weight, rank, whitening_factor(grams[name], damp))
-            _replace(model, name, (a, b))
-            with torch.no_grad():  # the next layer calibrates on what this factorized layer outputs
-                work_mods[name].weight.copy_((b @ a).to(torch.float32))
-        if mine:
-            with torch.no_grad():
-                batches = [(_call(work, h, kw), kw) for h, kw in batches]
-        advance(1)
 
 
 def _replace(model, name: str, factors: tuple) -> None:

@@ -99,6 +99,27 @@ def test_whitening_lowers_the_output_error_on_the_tiny_models_calibration_inputs
         assert white < plain, (name, white, plain)
 
 
+def test_a_layer_left_whole_still_hands_its_output_to_the_next(tiny_model_dir):
+    """Whitening layer by layer with layer 0 skipped: layer 1 is factorized on what layer 0 outputs (measured here with
+    hooks on the unchanged model), not on layer 0's own inputs (the walk once kept those when a layer had no target)."""
+    from llmcompress.data import CalibrationConfig, load_calibration
+    from llmcompress.models.loading import load_model
+    from llmcompress.prune.lowrank_layers import factorize_model_
+
+    model, tok = load_model(tiny_model_dir, "cpu", "float32")
+    ids = load_calibration(CalibrationConfig(**FAST_CAL), tok, None)
+    name = "model.layers.1.self_attn.q_proj"
+    lin = model.get_submodule(name)
+    weight = lin.weight.detach().clone()
+    grams = input_grams({name: lin}, lambda: model(input_ids=ids, use_cache=False))
+    rank = min(weight.shape) // 4
+    a, b = factorize(weight, rank, whitening_factor(grams[name], 0.01))
+    factorize_model_(model, {name: rank}, ids, 0.01)
+    pair = model.get_submodule(name)
+    assert isinstance(pair, LowRankLinear)
+    assert torch.allclose(pair(torch.eye(weight.shape[1])), (b @ a).T.float(), atol=1e-4)
+
+
 # --- planning ranks for a parameter target ---------------------------------------------------------------------------
 
 SMOLLM2 = {  # SmolLM2-135M: 30 layers, hidden 576, 3 KV heads of 64, MLP 1536; 134,515,008 parameters (tied)
