@@ -109,11 +109,15 @@ def refit_gptq_(model: Any, grids: dict[str, Grid], ids: "torch.Tensor", batch_s
     returns figures for result.json."""
     import torch
 
+    from ..models.walk import call_layer, first_layer_inputs, layer_types
+
     t0 = time.perf_counter()
     layers = _decoder_layers(model)
-    inputs, kwargs = _first_inputs(model, layers[0], ids, batch_size)
+    captured = first_layer_inputs(model, layers, ids, batch_size)
+    inputs = [h for h, _ in captured]
     refitted, err_rtn, err_gptq = 0, 0.0, 0.0
-    for layer in layers:
+    for layer, kind in zip(layers, layer_types(model, layers)):
+        kwargs = [by_type[kind] for _, by_type in captured]
         prefix = _prefix(model, layer)
         names = [n[len(prefix) + 1:] for n in grids if n.startswith(prefix + ".")]
         for members, h in _input_stats(layer, names, inputs, kwargs):
@@ -126,7 +130,7 @@ def refit_gptq_(model: Any, grids: dict[str, Grid], ids: "torch.Tensor", batch_s
                 m.weight.data = part.to(m.weight.dtype)
             refitted += len(mods)
         with torch.no_grad():
-            inputs = [_out(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
+            inputs = [call_layer(layer, x, kw) for x, kw in zip(inputs, kwargs)]
         if advance is not None:
             advance(1)
     return {"layers": refitted, "seconds": round(time.perf_counter() - t0, 3), "calibration_tokens": int(ids.numel()),
@@ -236,34 +240,6 @@ def _prefix(model: Any, layer: Any) -> str:
     return next(n for n, m in model.named_modules() if m is layer)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _first_inputs(model: Any, first: Any, ids: "torch.Tensor", batch_size: int) -> tuple[list, list]:
-    """The hidden states (and keyword arguments: rotary embeddings, masks) the first decoder layer receives."""
-    import torch
-
-    inputs, kwargs = [], []
-
-    def catch(module: Any, args: tuple, kw: dict) -> None:
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch_size):
-                try:
-                    model(input_ids=ids[i: i + batch_size], use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return inputs, kwargs
-
-
 def _input_stats(layer: Any, names: list[str], inputs: list, kwargs: list) -> list[tuple[list[str], Any]]:
     """``[(names of the linears that read the same input, H = 2/n·XᵀX)]`` over every batch of ``inputs``."""
     groups, feats = _collect(layer, names, inputs, kwargs)
@@ -309,7 +285,3 @@ def _collect(layer: Any, names: list[str], inputs: list, kwargs: list) -> tuple[
     for name in names:
         groups.setdefault(shared.get(name, name), []).append(name)
     return groups, feats
-
-
-def _out(output: Any) -> Any:
-    return output[0] if isinstance(output, tuple) else output

@@ -8,16 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import RecipeError
+from ..models.walk import call_layer, first_layer_inputs, layer_types
 
 if TYPE_CHECKING:
     import torch
 
 #: Samples per forward pass while calibrating (activations of 8 x seq_len tokens are small at these sizes).
 BATCH = 8
-
-
-class _Stop(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are in hand."""
 
 
 def decoder_layers(model) -> tuple[str, Any]:
@@ -47,37 +44,6 @@ def _as_float32(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _as_float32(v) for k, v in obj.items()}
     return obj
-
-
-def first_layer_inputs(model, layer, ids: "torch.Tensor") -> list[tuple["torch.Tensor", dict]]:
-    """Run the model up to ``layer`` on ``ids`` in batches of BATCH; return each batch's ``(hidden, kwargs)`` there."""
-    import torch
-
-    device = next(model.parameters()).device
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in ids.split(BATCH):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _call(layer, hidden: "torch.Tensor", kwargs: dict) -> "torch.Tensor":
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def input_norms_sq(modules: dict[str, Any], run: Callable[[], None]) -> dict[str, "torch.Tensor"]:
@@ -120,17 +86,20 @@ def float_layers(model, ids: "torch.Tensor") -> Iterator[tuple[str, Any, Callabl
     import torch
 
     list_name, layers = decoder_layers(model)
-    batches = [(_as_float32(h), _as_float32(kw)) for h, kw in first_layer_inputs(model, layers[0], ids)]
-    for i, layer in enumerate(layers):
+    captured = first_layer_inputs(model, layers, ids, BATCH)
+    hiddens = [_as_float32(h) for h, _ in captured]
+    by_type = [_as_float32(kw) for _, kw in captured]
+    for i, (layer, kind) in enumerate(zip(layers, layer_types(model, layers))):
         work = copy.deepcopy(layer).float()
+        batches = [(h, kw[kind]) for h, kw in zip(hiddens, by_type)]
 
         def run(work: Any = work, batches: list = batches) -> None:
             for h, kw in batches:
-                _call(work, h, kw)
+                call_layer(work, h, kw)
 
         yield f"{list_name}.{i}.", work, run
         with torch.no_grad():
-            batches = [(_call(work, h, kw), kw) for h, kw in batches]
+            hiddens = [call_layer(work, h, kw) for h, kw in batches]
 
 
 def full_passes(model, ids: "torch.Tensor") -> Callable[[], None]:

@@ -342,3 +342,35 @@ def test_a_prune_run_reports_sparsity_and_resumes(tmp_path):
     assert "zeros are stored dense" in report["models"]["compressed"]["meta"]["note"]
     run_recipe(load_recipe(raw), tmp_path / "run", show_progress=False)
     assert all(s["resumed"] for s in json.loads((tmp_path / "run" / "report.json").read_text())["stages"])
+
+
+MIXED_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("types", [None, MIXED_TYPES])
+def test_the_layer_walk_hands_each_layer_what_the_model_does(types):
+    """Untouched, the layer-by-layer walk (Wanda, lowrank whitening; the LoRA stage's GPTQ refit captures its inputs
+    the same way) feeds every decoder layer the hidden state the whole model feeds it, also where layers of two
+    attention types get different masks (a sliding window of 8 on 32-token windows): each layer gets its own type's
+    arguments, not layer 0's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmcompress.prune.layerwise import float_layers
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      **({"layer_types": types, "sliding_window": 8, "use_sliding_window": True} if types else {}))
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (10, 32))
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    for i, (prefix, work, run) in enumerate(float_layers(model, ids)):
+        seen: list[torch.Tensor] = []
+        handle = work.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0] if args else
+                                                                                kw["hidden_states"]), with_kwargs=True)
+        with torch.no_grad():
+            run()
+        handle.remove()
+        assert prefix == f"model.layers.{i}."
+        assert torch.allclose(torch.cat(seen), expected[i], atol=1e-5), i
