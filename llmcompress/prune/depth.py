@@ -131,10 +131,19 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
     ``ids``. Returns the layers in the order removed and the loss after each removal."""
     import torch
 
+    from ..models.walk import layer_types
+
     base, layers = decoder(model)
+    types = layer_types(model, layers)
+    configs = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+               if getattr(c, "layer_types", None) is not None]
+    saved = [c.layer_types for c in configs]
 
     def loss_without(gone: set[int]) -> float:
-        base.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in gone])
+        kept = [i for i in range(len(layers)) if i not in gone]
+        base.layers = torch.nn.ModuleList([layers[i] for i in kept])
+        for c in configs:  # the model hands the i-th layer it runs the mask of layer_types[i]
+            c.layer_types = [types[i] for i in kept]
         loss = calibrate(model, ids, {}, loss=True)
         if loss is None:
             raise RecipeError("depth: the calibration text gave no tokens. Fix: check `calibration`")
@@ -150,4 +159,6 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
             losses.append(round(tried[best], 6))
     finally:
         base.layers = layers
+        for c, t in zip(configs, saved):
+            c.layer_types = t
     return drop, losses

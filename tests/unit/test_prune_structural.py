@@ -201,3 +201,39 @@ def test_a_list_of_calibration_sources_is_used_together(make_ctx):
     data = ctx.recipe.stages[0].run(ctx).data
     assert [(c["source"], c["tokens"]) for c in data["calibration"]] == [("builtin:pydoc", 4 * 64),
                                                                          ("builtin:pysource", 3 * 64)]
+
+
+def test_depth_by_perplexity_keeps_each_layers_own_mask_when_attention_types_mix():
+    """A Qwen2 with full and sliding-window layers (a window of 8 on 32-token windows): each candidate's loss is that
+    of the model without the layer, every kept layer run with the mask of its own type (computed here layer by layer,
+    not through the model's forward), not with the mask of whichever layer stood at its index before."""
+    import torch.nn.functional as F
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmcompress.models.walk import call_layer, first_layer_inputs, layer_types
+    from llmcompress.prune.depth import greedy_by_loss
+
+    torch.manual_seed(0)
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, layer_types=types, sliding_window=8,
+        use_sliding_window=True)).eval()
+    ids = torch.randint(0, 128, (8, 32))
+    layers = list(model.model.layers)
+    ((hidden, kwargs),) = first_layer_inputs(model, layers, ids)
+
+    def loss_without(gone: int) -> float:
+        h = hidden
+        with torch.no_grad():
+            for i, kind in enumerate(layer_types(model, layers)):
+                if i != gone:
+                    h = call_layer(layers[i], h, kwargs[kind])
+            logits = model.lm_head(model.model.norm(h))
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)))
+
+    expected = {i: loss_without(i) for i in range(4)}
+    drop, losses = greedy_by_loss(model, ids, 1)
+    assert drop == [min(expected, key=expected.__getitem__)]
+    assert losses[0] == pytest.approx(min(expected.values()), rel=1e-4)
+    assert model.config.layer_types == types and len(model.model.layers) == 4  # the model is handed back whole
