@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
-from .shrink import Shape, ShrinkConfig, calibrate, decoder, fraction_target, with_
+from .shrink import Shape, ShrinkConfig, calibrate, configs, decoder, fraction_target, with_
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -88,7 +88,7 @@ class DepthConfig(ShrinkConfig):
             for mod in layer.modules():
                 if hasattr(mod, "layer_idx"):
                     mod.layer_idx = j
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        for cfg in configs(model):
             cfg.num_hidden_layers = new.layers
             if getattr(cfg, "layer_types", None) and len(cfg.layer_types) == shape.layers:
                 cfg.layer_types = [cfg.layer_types[i] for i in keep]
@@ -142,13 +142,12 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
 
     base, layers = decoder(model)
     types = layer_types(model, layers)
-    configs = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-               if getattr(c, "layer_types", None) is not None]
-    saved = [c.layer_types for c in configs]
+    typed = [c for c in configs(model) if getattr(c, "layer_types", None) is not None]
+    saved = [c.layer_types for c in typed]
 
     def run(kept: list[int], pre_hooks: dict[Any, Any]) -> float:
         base.layers = torch.nn.ModuleList([layers[i] for i in kept])
-        for c in configs:  # the model hands the i-th layer it runs the mask of layer_types[i]
+        for c in typed:  # the model hands the i-th layer it runs the mask of layer_types[i]
             c.layer_types = [types[i] for i in kept]
         handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in pre_hooks.items()]
         try:
@@ -192,6 +191,6 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
             losses.append(round(tried[best], 6))
     finally:
         base.layers = layers
-        for c, t in zip(configs, saved):
+        for c, t in zip(typed, saved):
             c.layer_types = t
     return drop, losses

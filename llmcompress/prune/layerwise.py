@@ -102,15 +102,26 @@ def float_layers(model, ids: "torch.Tensor") -> Iterator[tuple[str, Any, Callabl
             hiddens = [call_layer(work, h, kw) for h, kw in batches]
 
 
-def full_passes(model, ids: "torch.Tensor") -> Callable[[], None]:
-    """A ``run`` for the statistics helpers: whole forward passes of ``model`` over ``ids`` in batches of BATCH."""
+def forward_passes(model, ids: "torch.Tensor", loss: bool = False) -> float | None:
+    """Whole forward passes of ``model`` over ``ids`` in batches of BATCH (no gradients); with ``loss``, return the
+    mean next-token loss over every predicted token."""
+    import torch
 
-    def run() -> None:
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    with torch.no_grad():
         for batch in ids.split(BATCH):
-            model(input_ids=batch.to(device), use_cache=False)
+            batch = batch.to(device)
+            out = model(input_ids=batch, use_cache=False, **({"labels": batch} if loss else {}))
+            if loss:
+                tokens = batch[:, 1:].numel()
+                total, n = total + float(out.loss) * tokens, n + tokens
+    return total / n if loss and n else None
 
-    return run
+
+def full_passes(model, ids: "torch.Tensor") -> Callable[[], None]:
+    """A ``run`` for the statistics helpers: whole forward passes of ``model`` over ``ids``."""
+    return lambda: forward_passes(model, ids)  # None: no loss asked
 
 
 def layer_by_layer(

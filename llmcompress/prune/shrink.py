@@ -210,25 +210,19 @@ def decoder(model: Any) -> tuple[Any, Any]:
     return base, base.layers
 
 
+def configs(model: Any) -> list[Any]:
+    """The model's config and its text config (one object in a text-only model), each once: where new sizes go."""
+    return list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+
+
 def calibrate(model: Any, ids: Any, hooks: dict[Any, Any], loss: bool = False) -> float | None:
     """Run ``model`` over the calibration ``ids`` (batches of 8) with forward hooks ``{module: hook}`` attached;
     with ``loss``, return the mean next-token loss over every predicted token."""
-    import torch
+    from .layerwise import forward_passes
 
-    from .layerwise import BATCH
-
-    device = next(model.parameters()).device
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
-    total, n = 0.0, 0
     try:
-        with torch.no_grad():
-            for batch in ids.split(BATCH):
-                batch = batch.to(device)
-                out = model(input_ids=batch, use_cache=False, **({"labels": batch} if loss else {}))
-                if loss:
-                    tokens = batch[:, 1:].numel()
-                    total, n = total + float(out.loss) * tokens, n + tokens
+        return forward_passes(model, ids, loss)
     finally:
         for h in handles:
             h.remove()
-    return total / n if loss and n else None

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
-from .shrink import Shape, ShrinkConfig, calibrate, decoder, fraction_target, keep_cols_, keep_rows_, with_
+from .shrink import (Shape, ShrinkConfig, calibrate, configs, decoder, fraction_target, keep_cols_, keep_rows_,
+                     with_)
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +251,7 @@ def _cut_hidden_(model: Any, idx: "torch.Tensor") -> None:
 
 def _write_config(model: Any, new: Shape) -> None:
     """The new sizes into the model's config (the text config of a multimodal one), head_dim written explicitly."""
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for cfg in configs(model):
         cfg.hidden_size = new.hidden
         cfg.intermediate_size = new.intermediate
         cfg.num_attention_heads = new.heads
