@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gradio_helpers import close
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "TOPSECRET-not-for-visitors"
@@ -181,7 +182,7 @@ def hardened_app(tiny_pool, evil_runs, tmp_path_factory):
     finally:
         os.environ.pop("GRADIO_TEMP_DIR") if old is None else os.environ.__setitem__("GRADIO_TEMP_DIR", old)
     yield url.rstrip("/"), uploads
-    demo.close()
+    close(demo)
 
 
 def _files(folder: Path) -> list[Path]:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from gradio_helpers import close
 from ui_fakes import SlowBackend
 
 
@@ -25,7 +26,7 @@ def _serve(pool, runs_dir, **limits):
 def tiny_app(tiny_pool, tiny_runs_dir):
     demo, url = _serve(tiny_pool, tiny_runs_dir, max_new_tokens=32, default_new_tokens=8, max_prompt_chars=200)
     yield url
-    demo.close()
+    close(demo)
 
 
 def _chat(client, prompt, keys, greedy=False, max_new_tokens=8):
@@ -113,7 +114,7 @@ def test_a_full_queue_refuses_cleanly_and_loses_nothing(make_fake_pool, tiny_run
         with cf.ThreadPoolExecutor(5) as ex:
             results = list(ex.map(ask, clients))
     finally:
-        demo.close()
+        close(demo)
     answered = [r for r in results if r[0] == "answered"]
     refused = [r for r in results if r[0] == "refused"]
     assert len(answered) + len(refused) == 5

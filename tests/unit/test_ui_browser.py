@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from gradio_helpers import close
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -53,4 +54,4 @@ def test_a_prompt_in_the_browser_gets_both_replies(browser, tiny_pool, tiny_runs
         assert shot.stat().st_size > 20_000
         print(f"screenshot: {shot}")
     finally:
-        demo.close()
+        close(demo)
