@@ -70,7 +70,8 @@ class ServerOptions(KeyedOptions):
         binding off, so nothing is lost, and a server is ready one interpreter start (torch + vLLM imports) sooner:
         tiny model, 2-core AMX Xeon, paired: 94.6 / 106.2 s -> 77.5 / 70.8 s. The engine process still runs apart
         from the API server. Measured on SmolLM2 bf16, 2 threads, alternately: decode at batch 1 and 16 concurrent
-        requests no slower (6.5 vs 4.6 and 16.2 vs 8.1 tok/s; 111.6 vs 44.3 and 174.6 vs 94.7 tok/s, a noisy machine)."""
+        requests no slower (6.5 vs 4.6 and 16.2 vs 8.1 tok/s; 111.6 vs 44.3 and 174.6 vs 94.7 tok/s, a noisy machine).
+        lm-eval's vllm.LLM child follows the same rule (``eval.vllm.child_env``): engine and worker in its own process."""
         return (self.device != "cuda" and self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1
                 and "--distributed-executor-backend" not in self.extra_args)
 
