@@ -71,7 +71,7 @@ class ServerOptions(KeyedOptions):
         tiny model, 2-core AMX Xeon, paired: 94.6 / 106.2 s -> 77.5 / 70.8 s. The engine process still runs apart
         from the API server. Measured on SmolLM2 bf16, 2 threads, alternately: decode at batch 1 and 16 concurrent
         requests no slower (6.5 vs 4.6 and 16.2 vs 8.1 tok/s; 111.6 vs 44.3 and 174.6 vs 94.7 tok/s, a noisy machine).
-        lm-eval's vllm.LLM child follows the same rule (``eval.vllm.child_env``): engine and worker in its own process."""
+        lm-eval's vllm.LLM child follows the same rule (``eval.vllm.child_env``): engine and worker in its process."""
         return (self.device != "cuda" and self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1
                 and "--distributed-executor-backend" not in self.extra_args)
 
@@ -132,7 +132,8 @@ class VLLMServer(ServerProcess):
     def child_env(self) -> dict[str, str]:
         env = super().child_env()
         if self.options.worker_in_engine():
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # ServerOptions.worker_in_engine; the server only, not lm-eval
+            # ServerOptions.worker_in_engine; not in env(), which the `vllm bench serve` client shares
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if self.options.api_key:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_auth_dir()), env.get("PYTHONPATH")]))
         return env
