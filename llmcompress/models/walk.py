@@ -18,6 +18,11 @@ class _Stop(Exception):
     """Raised by the capture hook once every needed layer's arguments are in hand."""
 
 
+def configs(model: Any) -> list[Any]:
+    """The model's config and its text config (one object in a text-only model), each once: where new sizes go."""
+    return list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+
+
 def layer_types(model: Any, layers: Any) -> list[Any]:
     """Each decoder layer's attention type ("full_attention", "sliding_attention", ...), or None for every layer
     where the config names none."""

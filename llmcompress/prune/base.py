@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
+from ..models.walk import configs
 from ..utils.patterns import check_regexes, matches_any
 from ..stage import StageConfig, StageResult, by_family
 
@@ -234,7 +235,7 @@ def untie_(model, targets: list[tuple[str, Any]]) -> list[str]:
             lin.weight = torch.nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
             untied.append(name)
     if untied:
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        for cfg in configs(model):
             cfg.tie_word_embeddings = False
     return untied
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
-from .shrink import Shape, ShrinkConfig, calibrate, configs, decoder, fraction_target, with_
+from ..models.walk import configs, layer_types
+from .shrink import Shape, ShrinkConfig, calibrate, decoder, fraction_target, with_
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -137,8 +138,6 @@ def greedy_by_loss(model: Any, ids: Any, cut: int) -> tuple[list[int], list[floa
     the output layer and the loss over 49,152 words are a large part of each pass. A candidate that is the last layer
     gets a whole pass."""
     import torch
-
-    from ..models.walk import layer_types
 
     base, layers = decoder(model)
     types = layer_types(model, layers)

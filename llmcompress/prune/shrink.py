@@ -210,11 +210,6 @@ def decoder(model: Any) -> tuple[Any, Any]:
     return base, base.layers
 
 
-def configs(model: Any) -> list[Any]:
-    """The model's config and its text config (one object in a text-only model), each once: where new sizes go."""
-    return list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
-
-
 def calibrate(model: Any, ids: Any, hooks: dict[Any, Any], loss: bool = False) -> float | None:
     """Run ``model`` over the calibration ``ids`` (batches of 8) with forward hooks ``{module: hook}`` attached;
     with ``loss``, return the mean next-token loss over every predicted token."""

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import RecipeError
-from .shrink import (Shape, ShrinkConfig, calibrate, configs, decoder, fraction_target, keep_cols_, keep_rows_,
-                     with_)
+from ..models.walk import configs
+from .shrink import Shape, ShrinkConfig, calibrate, decoder, fraction_target, keep_cols_, keep_rows_, with_
 
 if TYPE_CHECKING:
     import torch
