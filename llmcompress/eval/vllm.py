@@ -60,9 +60,7 @@ def child_env(runtime: "Runtime", config: "VLLMConfig", tasks: Sequence[str]) ->
 
     options = ServerOptions(device=runtime.device, threads=runtime.threads, kv_cache_gib=config.kv_cache_gib,
                             tensor_parallel_size=config.tensor_parallel_size)
-    env = {**os.environ, **options.env()}
-    if options.worker_in_engine():  # vllm.LLM then runs engine and worker in lm-eval's own process: two fewer starts
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env = {**os.environ, **options.env(), **options.engine_env()}  # on one CPU worker: vllm.LLM all in this child
     if needs_hub(tasks):
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             env.pop(var, None)

@@ -75,6 +75,11 @@ class ServerOptions(KeyedOptions):
         return (self.device != "cuda" and self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1
                 and "--distributed-executor-backend" not in self.extra_args)
 
+    def engine_env(self) -> dict[str, str]:
+        """What a process that starts vLLM's engine needs for ``worker_in_engine`` (not in ``env()``, which the
+        `vllm bench serve` client shares)."""
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if self.worker_in_engine() else {}
+
     def env(self) -> dict[str, str]:
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1"}
@@ -130,10 +135,7 @@ class VLLMServer(ServerProcess):
         return cmd
 
     def child_env(self) -> dict[str, str]:
-        env = super().child_env()
-        if self.options.worker_in_engine():
-            # ServerOptions.worker_in_engine; not in env(), which the `vllm bench serve` client shares
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env = {**super().child_env(), **self.options.engine_env()}
         if self.options.api_key:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_auth_dir()), env.get("PYTHONPATH")]))
         return env
